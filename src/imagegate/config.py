@@ -1,0 +1,182 @@
+"""Settings (environment, prefix IMAGEGATE_) and the model config file (imagegate.yaml).
+
+`Settings` is the only reader of the environment; tests construct it explicitly.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from imagegate.errors import ConfigError
+from imagegate.types import Size
+
+DEMO_MODEL_NAME = "imagegate-demo"
+DEMO_WEIGHTS = Path(__file__).parent / "demo" / "weights"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IMAGEGATE_", extra="ignore")
+
+    env: Literal["dev", "prod"] = "dev"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    config_file: Path | None = None
+    """Model config; default: ./imagegate.yaml when it exists, else the built-in demo model."""
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    """Default: SQLite file data_dir/imagegate.db. PostgreSQL: postgresql+asyncpg://..."""
+    storage_dir: Path | None = None
+    secret_key: SecretStr | None = None
+    """HMAC key for signed URLs. Default: generated once and kept in data_dir/secret.key (dev)."""
+    public_url: str | None = None
+    """Base of absolute image links; default: the URL the request came in on."""
+    url_ttl_seconds: int = Field(default=24 * 3600, gt=0)
+    v1_response_shape: Literal["nebula", "openai"] = "nebula"
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    fetch_timeout_seconds: float = Field(default=15.0, gt=0)
+    fetch_allow_networks: list[str] = Field(default_factory=list)
+    """CIDRs the URL fetcher may reach although private/loopback (e.g. ["127.0.0.1/32"])."""
+    auto_migrate: bool = True
+    bootstrap_admin: bool = True
+    preload_models: bool = False
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'imagegate.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "images"
+
+    def signing_key(self) -> bytes:
+        """The URL-signing key; outside dev it must be set explicitly."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        if self.env != "dev":
+            raise ConfigError("IMAGEGATE_SECRET_KEY is not set: outside dev, set it to a long "
+                              "random string (e.g. `python -c 'import secrets; "
+                              "print(secrets.token_urlsafe(48))'`).")
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_urlsafe(48))
+            path.chmod(0o600)
+        return path.read_text().strip().encode()
+
+
+class ModelDefaultsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    size: str | None = None
+    steps: int | None = Field(default=None, gt=0, le=500)
+    guidance_scale: float | None = Field(default=None, ge=0)
+    strength: float | None = Field(default=None, gt=0, le=1)
+
+    @field_validator("size")
+    @classmethod
+    def _valid_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            Size.parse(value)
+        return value
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    provider: str = Field(min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    defaults: ModelDefaultsConfig = Field(default_factory=ModelDefaultsConfig)
+    description: str = ""
+
+
+class FileConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(default_factory=list)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for model in models:
+            if model.name in seen:
+                raise ValueError(f"model name {model.name!r} is declared twice")
+            seen.add(model.name)
+        return models
+
+
+def demo_model() -> ModelConfig:
+    return ModelConfig(
+        name=DEMO_MODEL_NAME,
+        provider="diffusers",
+        options={"path": str(DEMO_WEIGHTS), "pipeline_class": "imagegate.demo.pipeline:DemoPipeline"},
+        description="Small demo model trained by the project, for trying the API offline.",
+    )
+
+
+def load_models(settings: Settings) -> list[ModelConfig]:
+    """The configured models: from the config file, else the built-in demo model."""
+    path = settings.config_file
+    if path is None and Path("imagegate.yaml").exists():
+        path = Path("imagegate.yaml")
+    if path is None:
+        return [demo_model()] if DEMO_WEIGHTS.exists() else []
+    return load_config_file(path).models
+
+
+def load_config_file(path: Path) -> FileConfig:
+    """Parse and validate a config file; errors name the file, the line and the field."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config file {path}: {exc.strerror}. Create it or set "
+                          "IMAGEGATE_CONFIG_FILE to an existing file.") from exc
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    try:
+        return FileConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, node, exc)) from None
+
+
+def _describe(path: Path, root: yaml.Node | None, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"]]
+        line = _line_of(root, list(error["loc"]))
+        where = f"{path}:{line}" if line else str(path)
+        lines.append(f"{where}: field {'.'.join(loc) or '(top level)'}: {error['msg']}")
+    return "Invalid config file:\n  " + "\n  ".join(lines)
+
+
+def _line_of(node: yaml.Node | None, loc: list[Any]) -> int | None:
+    """Follow a pydantic error location through the YAML node tree to a 1-based line."""
+    best = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if getattr(k, "value", None) == str(key)]
+            if not match:
+                break
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            break
+        best = node.start_mark.line + 1
+    return best

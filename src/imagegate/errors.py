@@ -1,0 +1,83 @@
+"""One error hierarchy for the whole service.
+
+Every failure a client can cause or see is one of these. Each carries the HTTP status it maps
+to and a message that says what was wrong and how to fix it; each dialect renders them through
+one function into its own error body.
+"""
+
+from __future__ import annotations
+
+
+class ImagegateError(Exception):
+    """Base of every error imagegate reports to a client."""
+
+    status: int = 500
+    kind: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ImagegateError):
+    """A parameter is missing, malformed or not supported by the chosen model."""
+
+    status = 400
+    kind = "invalid_request_error"
+
+
+class AuthenticationFailed(ImagegateError):
+    status = 401
+    kind = "authentication_error"
+
+
+class PermissionDenied(ImagegateError):
+    status = 403
+    kind = "permission_error"
+
+
+class UnknownModel(ImagegateError):
+    status = 404
+    kind = "not_found_error"
+
+
+class NotFound(ImagegateError):
+    status = 404
+    kind = "not_found_error"
+
+
+class PayloadTooLarge(ImagegateError):
+    status = 413
+    kind = "payload_too_large"
+
+
+class UnreadableImage(ImagegateError):
+    status = 422
+    kind = "unreadable_image"
+
+
+class RateLimited(ImagegateError):
+    status = 429
+    kind = "rate_limit_error"
+
+
+class InternalError(ImagegateError):
+    status = 500
+    kind = "internal_error"
+
+
+class ProviderError(ImagegateError):
+    """The backend that generates images failed."""
+
+    status = 502
+    kind = "provider_error"
+
+
+class ProviderTimeout(ProviderError):
+    status = 504
+    kind = "provider_timeout"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; raised at startup, never to a client."""

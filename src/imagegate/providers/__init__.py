@@ -1,0 +1,1 @@
+"""Image backends: one module per provider behind the Provider protocol (see base.py)."""

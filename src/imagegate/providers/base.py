@@ -1,0 +1,93 @@
+"""The provider contract: declared capabilities, strict options, one generate call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from imagegate.errors import InvalidRequest
+from imagegate.types import GenerationResult, ImageRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a provider can do; the service refuses anything else with a clear 400."""
+
+    text_to_image: bool = True
+    image_edit: bool = False
+    multi_turn: bool = False
+    max_n: int = 1
+    max_input_images: int = 0
+    accepts: frozenset[str] = field(default_factory=frozenset)
+    """Optional ImageRequest fields this provider honours (e.g. "seed", "negative_prompt")."""
+
+
+class ProviderOptions(BaseModel):
+    """Base of every provider's options: unknown keys are an error, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """One configured model served by one backend.
+
+    Constructed as `cls(name=..., options=..., defaults=..., settings=...)` where `options` is
+    the raw `options` mapping of the model in the config file (validate it with a
+    ProviderOptions subclass), `defaults` a config.ModelDefaultsConfig and `settings` the
+    config.Settings.
+    """
+
+    capabilities: Capabilities
+
+    async def start(self) -> None:
+        """Prepare (load weights, open connections); called at startup or on first use."""
+
+    async def generate(self, request: ImageRequest) -> GenerationResult: ...
+
+    async def close(self) -> None: ...
+
+
+_FIELD_PRESENT: dict[str, Any] = {
+    "seed": lambda r: r.seed is not None,
+    "negative_prompt": lambda r: bool(r.negative_prompt),
+    "num_inference_steps": lambda r: r.num_inference_steps is not None,
+    "guidance_scale": lambda r: r.guidance_scale is not None,
+    "strength": lambda r: r.strength is not None,
+    "quality": lambda r: r.quality is not None,
+    "watermark": lambda r: r.watermark is not None,
+    "output_format": lambda r: r.output_format is not None,
+    "size": lambda r: r.size is not None,
+    "sequential_image_generation": lambda r: r.sequential is not None,
+}
+
+
+def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) -> None:
+    """Refuse what the model cannot do, naming the parameter and the model."""
+    if request.n < 1 or request.n > caps.max_n:
+        raise InvalidRequest(
+            f"Invalid parameter n={request.n}: model {model} makes 1 to {caps.max_n} images "
+            "per request.", param="n")
+    if request.images and not caps.image_edit:
+        raise InvalidRequest(
+            f"Model {model} does not accept reference images: send a text prompt only, "
+            "or choose a model that edits images.", param="image")
+    if len(request.images) > caps.max_input_images and caps.image_edit:
+        raise InvalidRequest(
+            f"Too many reference images ({len(request.images)}): model {model} accepts at most "
+            f"{caps.max_input_images}.", param="image")
+    if not request.images and not caps.text_to_image:
+        raise InvalidRequest(f"Model {model} needs a reference image.", param="image")
+    if len([t for t in request.conversation if t.role == "model"]) and not caps.multi_turn:
+        raise InvalidRequest(f"Model {model} does not support multi-turn conversations.",
+                             param="contents")
+    for name, present in _FIELD_PRESENT.items():
+        if present(request) and name not in caps.accepts:
+            raise InvalidRequest(f"Parameter {name} is not supported by model {model}: "
+                                 "remove it from the request.", param=name)
+    unknown = sorted(set(request.extras) - caps.accepts)
+    if unknown:
+        raise InvalidRequest(f"Parameter {unknown[0]} is not supported by model {model}: "
+                             "remove it from the request.", param=unknown[0])

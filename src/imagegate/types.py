@@ -1,0 +1,140 @@
+"""The normalized request and result that every dialect and every provider share."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Literal
+
+from imagegate.errors import InvalidRequest
+
+Role = Literal["user", "model"]
+ResponseFormat = Literal["url", "b64_json"]
+
+
+@dataclass(frozen=True, slots=True)
+class InputImage:
+    """A reference image, decoded and verified once (see images.py)."""
+
+    data: bytes
+    mime: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One part of a conversation turn: text or an image, never both."""
+
+    text: str | None = None
+    image: InputImage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    role: Role
+    parts: tuple[Part, ...]
+
+
+class SizeKind(Enum):
+    PIXELS = "pixels"
+    RATIO = "ratio"
+    TIER = "tier"
+
+
+_PIXELS = re.compile(r"^\s*(\d{1,5})\s*[xX*×]\s*(\d{1,5})\s*$")
+_RATIO = re.compile(r"^\s*(\d{1,3})\s*:\s*(\d{1,3})\s*$")
+_TIER = re.compile(r"^\s*([1-8])[kK]\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Size:
+    """A requested size: exact pixels (WxH or W*H), an aspect ratio (16:9) or a tier (2K)."""
+
+    kind: SizeKind
+    width: int = 0
+    height: int = 0
+    tier: int = 0
+    raw: str = ""
+
+    @classmethod
+    def parse(cls, raw: str) -> Size:
+        if m := _PIXELS.match(raw):
+            width, height = int(m[1]), int(m[2])
+            if width <= 0 or height <= 0:
+                raise InvalidRequest(f"Invalid size {raw!r}: width and height must be positive.",
+                                     param="size")
+            return cls(SizeKind.PIXELS, width, height, raw=raw)
+        if m := _RATIO.match(raw):
+            width, height = int(m[1]), int(m[2])
+            if width <= 0 or height <= 0:
+                raise InvalidRequest(f"Invalid size {raw!r}: both sides of a ratio must be positive.",
+                                     param="size")
+            return cls(SizeKind.RATIO, width, height, raw=raw)
+        if m := _TIER.match(raw):
+            return cls(SizeKind.TIER, tier=int(m[1]), raw=raw)
+        raise InvalidRequest(
+            f"Invalid size {raw!r}: use pixels like '1024x1024' or '1024*1024', "
+            "an aspect ratio like '16:9', or a tier like '1K', '2K' or '4K'.",
+            param="size",
+        )
+
+    def to_pixels(self, default_side: int) -> tuple[int, int]:
+        """Pixel dimensions; ratios keep the area of a default_side square, tiers set the long side."""
+        if self.kind is SizeKind.PIXELS:
+            return self.width, self.height
+        if self.kind is SizeKind.TIER:
+            return self.tier * 1024, self.tier * 1024
+        area = default_side * default_side
+        height = (area * self.height / self.width) ** 0.5
+        return round(height * self.width / self.height), round(height)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    """One generation request, whatever dialect it arrived in.
+
+    `prompt` is the resolved instruction (the latest user text in a conversation);
+    `images` are the reference images in the order given (for a conversation: every image,
+    oldest first, so the latest image is images[-1]).
+    """
+
+    model: str
+    prompt: str
+    conversation: tuple[Turn, ...] = ()
+    images: tuple[InputImage, ...] = ()
+    n: int = 1
+    size: Size | None = None
+    quality: str | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    strength: float | None = None
+    watermark: bool | None = None
+    output_format: str | None = None
+    response_format: ResponseFormat = "url"
+    sequential: str | None = None
+    max_images: int | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latest_image(self) -> InputImage | None:
+        return self.images[-1] if self.images else None
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    data: bytes
+    mime: str
+    width: int
+    height: int
+    seed: int | None = None
+    revised_prompt: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    images: tuple[GeneratedImage, ...]
+    usage: dict[str, Any] = field(default_factory=dict)
