@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from imagegate.errors import ConfigError
+from imagegate.errors import ConfigError, InvalidRequest
 from imagegate.types import Size
 
 DEMO_MODEL_NAME = "imagegate-demo"
@@ -63,9 +63,11 @@ class Settings(BaseSettings):
         if self.secret_key is not None:
             return self.secret_key.get_secret_value().encode()
         if self.env != "dev":
-            raise ConfigError("IMAGEGATE_SECRET_KEY is not set: outside dev, set it to a long "
-                              "random string (e.g. `python -c 'import secrets; "
-                              "print(secrets.token_urlsafe(48))'`).")
+            raise ConfigError(
+                "IMAGEGATE_SECRET_KEY is not set: outside dev, set it to a long "
+                "random string (e.g. `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(48))'`)."
+            )
         path = self.data_dir / "secret.key"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +88,10 @@ class ModelDefaultsConfig(BaseModel):
     @classmethod
     def _valid_size(cls, value: str | None) -> str | None:
         if value is not None:
-            Size.parse(value)
+            try:
+                Size.parse(value)
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from None
         return value
 
 
@@ -120,7 +125,10 @@ def demo_model() -> ModelConfig:
     return ModelConfig(
         name=DEMO_MODEL_NAME,
         provider="diffusers",
-        options={"path": str(DEMO_WEIGHTS), "pipeline_class": "imagegate.demo.pipeline:DemoPipeline"},
+        options={
+            "path": str(DEMO_WEIGHTS),
+            "pipeline_class": "imagegate.demo.pipeline:DemoPipeline",
+        },
         description="Small demo model trained by the project, for trying the API offline.",
     )
 
@@ -140,8 +148,10 @@ def load_config_file(path: Path) -> FileConfig:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"Cannot read config file {path}: {exc.strerror}. Create it or set "
-                          "IMAGEGATE_CONFIG_FILE to an existing file.") from exc
+        raise ConfigError(
+            f"Cannot read config file {path}: {exc.strerror}. Create it or set "
+            "IMAGEGATE_CONFIG_FILE to an existing file."
+        ) from exc
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

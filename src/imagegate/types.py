@@ -43,7 +43,7 @@ class SizeKind(Enum):
     TIER = "tier"
 
 
-_PIXELS = re.compile(r"^\s*(\d{1,5})\s*[xX*×]\s*(\d{1,5})\s*$")
+_PIXELS = re.compile(r"^\s*(\d{1,5})\s*[xX*×]\s*(\d{1,5})\s*$")  # noqa: RUF001
 _RATIO = re.compile(r"^\s*(\d{1,3})\s*:\s*(\d{1,3})\s*$")
 _TIER = re.compile(r"^\s*([1-8])[kK]\s*$")
 
@@ -63,14 +63,16 @@ class Size:
         if m := _PIXELS.match(raw):
             width, height = int(m[1]), int(m[2])
             if width <= 0 or height <= 0:
-                raise InvalidRequest(f"Invalid size {raw!r}: width and height must be positive.",
-                                     param="size")
+                raise InvalidRequest(
+                    f"Invalid size {raw!r}: width and height must be positive.", param="size"
+                )
             return cls(SizeKind.PIXELS, width, height, raw=raw)
         if m := _RATIO.match(raw):
             width, height = int(m[1]), int(m[2])
             if width <= 0 or height <= 0:
-                raise InvalidRequest(f"Invalid size {raw!r}: both sides of a ratio must be positive.",
-                                     param="size")
+                raise InvalidRequest(
+                    f"Invalid size {raw!r}: both sides of a ratio must be positive.", param="size"
+                )
             return cls(SizeKind.RATIO, width, height, raw=raw)
         if m := _TIER.match(raw):
             return cls(SizeKind.TIER, tier=int(m[1]), raw=raw)
@@ -81,7 +83,7 @@ class Size:
         )
 
     def to_pixels(self, default_side: int) -> tuple[int, int]:
-        """Pixel dimensions; ratios keep the area of a default_side square, tiers set the long side."""
+        """Pixels; a ratio keeps the area of a default_side square, a tier sets the side."""
         if self.kind is SizeKind.PIXELS:
             return self.width, self.height
         if self.kind is SizeKind.TIER:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -69,25 +69,37 @@ def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) ->
     if request.n < 1 or request.n > caps.max_n:
         raise InvalidRequest(
             f"Invalid parameter n={request.n}: model {model} makes 1 to {caps.max_n} images "
-            "per request.", param="n")
+            "per request.",
+            param="n",
+        )
     if request.images and not caps.image_edit:
         raise InvalidRequest(
             f"Model {model} does not accept reference images: send a text prompt only, "
-            "or choose a model that edits images.", param="image")
+            "or choose a model that edits images.",
+            param="image",
+        )
     if len(request.images) > caps.max_input_images and caps.image_edit:
         raise InvalidRequest(
             f"Too many reference images ({len(request.images)}): model {model} accepts at most "
-            f"{caps.max_input_images}.", param="image")
+            f"{caps.max_input_images}.",
+            param="image",
+        )
     if not request.images and not caps.text_to_image:
         raise InvalidRequest(f"Model {model} needs a reference image.", param="image")
     if len([t for t in request.conversation if t.role == "model"]) and not caps.multi_turn:
-        raise InvalidRequest(f"Model {model} does not support multi-turn conversations.",
-                             param="contents")
+        raise InvalidRequest(
+            f"Model {model} does not support multi-turn conversations.", param="contents"
+        )
     for name, present in _FIELD_PRESENT.items():
         if present(request) and name not in caps.accepts:
-            raise InvalidRequest(f"Parameter {name} is not supported by model {model}: "
-                                 "remove it from the request.", param=name)
+            raise InvalidRequest(
+                f"Parameter {name} is not supported by model {model}: remove it from the request.",
+                param=name,
+            )
     unknown = sorted(set(request.extras) - caps.accepts)
     if unknown:
-        raise InvalidRequest(f"Parameter {unknown[0]} is not supported by model {model}: "
-                             "remove it from the request.", param=unknown[0])
+        raise InvalidRequest(
+            f"Parameter {unknown[0]} is not supported by model {model}: "
+            "remove it from the request.",
+            param=unknown[0],
+        )

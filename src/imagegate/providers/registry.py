@@ -46,8 +46,11 @@ def load_class(name: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = " Install the local extra: pip install 'imagegate[local]'." if (
-            name == "diffusers") else ""
+        hint = (
+            " Install the local extra: pip install 'imagegate[local]'."
+            if (name == "diffusers")
+            else ""
+        )
         raise ConfigError(f"Provider {name!r} cannot be imported ({exc}).{hint}") from exc
     try:
         return getattr(module, attr)

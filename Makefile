@@ -1,0 +1,27 @@
+# The two commands of the README's quick start: `make serve` and `make test`.
+# Both set up a virtual environment on first use (and again when pyproject.toml changes).
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: serve test lint install
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[local,dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+serve: $(BIN)/.installed
+	$(BIN)/imagegate serve
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q

@@ -1,0 +1,1 @@
+"""HTTP dialects: one folder per wire format (protocol.py + routes.py)."""

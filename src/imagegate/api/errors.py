@@ -1,0 +1,106 @@
+"""The one mapping from errors to responses; each dialect registers its renderer by prefix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from imagegate.errors import (
+    AuthenticationFailed,
+    ImagegateError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+)
+
+logger = logging.getLogger(__name__)
+Renderer = Callable[[ImagegateError], Response]
+
+
+class ErrorRenderers:
+    """Longest matching path prefix wins; the default renders the Nebula envelope."""
+
+    def __init__(self, default: Renderer) -> None:
+        self._default = default
+        self._by_prefix: list[tuple[str, Renderer]] = []
+
+    def register(self, prefix: str, renderer: Renderer) -> None:
+        self._by_prefix.append((prefix, renderer))
+        self._by_prefix.sort(key=lambda item: -len(item[0]))
+
+    def render(self, path: str, error: ImagegateError) -> Response:
+        for prefix, renderer in self._by_prefix:
+            if path.startswith(prefix):
+                return renderer(error)
+        return self._default(error)
+
+
+def describe_validation(errors: Sequence[Any]) -> InvalidRequest:
+    """Pydantic errors -> one 400 naming the first bad field and what it needs."""
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or "body"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        message = (
+            f"Unknown parameter {field!r}: remove it, or check its spelling against "
+            "the API reference."
+        )
+    elif kind == "missing":
+        message = f"Missing required parameter {field!r}."
+    elif kind in ("json_invalid", "model_attributes_type") or field == "body":
+        message = "The request body must be a JSON object (Content-Type: application/json)."
+    else:
+        message = f"Invalid parameter {field!r}: {first.get('msg', 'invalid value')}."
+    return InvalidRequest(message, param=field)
+
+
+def install(app: FastAPI, renderers: ErrorRenderers) -> None:
+    async def on_imagegate(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ImagegateError)
+        return renderers.render(request.url.path, exc)
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return renderers.render(request.url.path, describe_validation(exc.errors()))
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        return renderers.render(request.url.path, _from_http(exc, request))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return renderers.render(
+            request.url.path,
+            InternalError(
+                "Internal server error; the x-request-id header identifies it in the server log."
+            ),
+        )
+
+    app.add_exception_handler(ImagegateError, on_imagegate)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def _from_http(exc: StarletteHTTPException, request: Request) -> ImagegateError:
+    if exc.status_code == 404:
+        return NotFound(f"No such endpoint: {request.method} {request.url.path}.")
+    if exc.status_code == 405:
+        error = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}.")
+        error.status = 405
+        return error
+    if exc.status_code == 401:
+        return AuthenticationFailed(str(exc.detail))
+    if exc.status_code == 413:
+        return PayloadTooLarge(str(exc.detail))
+    error = ImagegateError(str(exc.detail))
+    error.status = exc.status_code
+    return error

@@ -1,0 +1,28 @@
+"""Signed, expiring links to stored images: GET /files/{key}?expires=..&signature=.."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import FileResponse
+
+from imagegate.errors import NotFound, PermissionDenied
+
+router = APIRouter(tags=["files"])
+
+
+@router.get("/files/{key:path}")
+async def get_file(
+    key: str, request: Request, expires: int = 0, signature: str = ""
+) -> FileResponse:
+    service = request.app.state.service
+    if not service.signer.verify(key, expires, signature):
+        raise PermissionDenied(
+            "This image link is invalid or has expired: request the image "
+            "again to get a fresh link."
+        )
+    stored = await service.storage.open(key)
+    if stored is None:
+        raise NotFound("This image no longer exists: request the image again.")
+    return FileResponse(
+        stored.path, media_type=stored.mime, headers={"Cache-Control": "private, max-age=3600"}
+    )

@@ -1,0 +1,58 @@
+"""ASGI middleware: request ids and the request body size limit."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContext:
+    """Gives every request an id (echoed as x-request-id) and refuses oversized bodies."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        limit = self.max_body_bytes
+        length = headers.get(b"content-length", b"")
+        declared = int(length) if length.isdigit() else 0
+        received = 0
+
+        async def limited_receive() -> Message:
+            # Raised as HTTPException so FastAPI's body reader passes it through untouched.
+            nonlocal received
+            if declared > limit:
+                raise HTTPException(413, detail=_too_large(limit))
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, detail=_too_large(limit))
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, limited_receive, send_with_id)
+
+
+def _too_large(limit: int) -> str:
+    return (
+        f"Request body is larger than {limit // (1024 * 1024)} MB: send smaller or fewer "
+        "images, or pass image URLs instead of inline data."
+    )

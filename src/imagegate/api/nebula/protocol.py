@@ -1,0 +1,99 @@
+"""Nebula v1 wire models, field for field (see reference/nebula-api.md §3)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InlineData(_Wire):
+    mime_type: str | None = Field(
+        default=None, validation_alias=AliasChoices("mime_type", "mimeType")
+    )
+    data: str
+
+
+class ContentPart(_Wire):
+    text: str | None = None
+    image: str | None = None
+    inline_data: InlineData | None = Field(
+        default=None, validation_alias=AliasChoices("inline_data", "inlineData")
+    )
+    thought_signature: str | None = Field(
+        default=None, validation_alias=AliasChoices("thought_signature", "thoughtSignature")
+    )
+
+
+class Content(_Wire):
+    role: str = "user"
+    parts: list[ContentPart]
+
+
+class ImageGenerationRequest(_Wire):
+    model: str
+    prompt: str | None = None
+    response_format: str = "url"
+    contents: list[Content] | None = None
+    image: str | list[str] | None = None
+    images: list[str] | None = None
+    n: int | None = None
+    size: str | None = None
+    quality: str | None = None
+    seed: int | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    strength: float | None = None
+    watermark: bool | None = None
+    output_format: str | None = None
+    user: str | None = None
+    # Provider-specific fields Nebula's clients send; the chosen model accepts them or
+    # the request is refused naming the field (never silently dropped).
+    image_size: str | None = None
+    mime_type: str | None = None
+    response_modalities: str | list[str] | None = None
+    style: str | None = None
+    temperature: float | None = None
+    input_fidelity: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_compression: int | None = None
+    sequential_image_generation: str | None = None
+    sequential_image_generation_options: dict[str, Any] | None = None
+    optimize_prompt_options: dict[str, Any] | None = None
+    parameters: dict[str, Any] | None = None
+    extra: dict[str, Any] | None = None
+
+
+class ImageItem(BaseModel):
+    url: str
+    b64_json: str
+    revised_prompt: str
+
+
+class ImagesData(BaseModel):
+    data: list[ImageItem]
+    created: int
+
+
+class Envelope(BaseModel):
+    code: int
+    msg: str
+    data: Any
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,62 @@
+"""Nebula v1 bodies: the {code,msg,data} envelope, or the bare OpenAI shape when configured."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from starlette.responses import Response
+
+from imagegate.api.responses import JSON
+from imagegate.config import ModelConfig
+from imagegate.errors import ImagegateError
+from imagegate.service import DeliveredImage
+
+
+def render_images(images: list[DeliveredImage], shape: Literal["nebula", "openai"]) -> Response:
+    created = int(time.time())
+    if shape == "openai":
+        items = [_openai_item(i) for i in images]
+        return JSON({"created": created, "data": items})
+    # All three keys are always present; the unused one is "" (reference/nebula-api.md §3.2).
+    items = [
+        {"url": i.url, "b64_json": i.b64_json, "revised_prompt": i.revised_prompt} for i in images
+    ]
+    return JSON({"code": 200, "msg": "Success", "data": {"data": items, "created": created}})
+
+
+def _openai_item(image: DeliveredImage) -> dict[str, str]:
+    item = {"url": image.url} if image.url else {"b64_json": image.b64_json}
+    if image.revised_prompt:
+        item["revised_prompt"] = image.revised_prompt
+    return item
+
+
+def render_models(models: list[ModelConfig], *, created: int) -> Response:
+    data = [
+        {"id": m.name, "object": "model", "created": created, "owned_by": _owner(m.provider)}
+        for m in models
+    ]
+    return JSON({"object": "list", "data": data})
+
+
+def _owner(provider: str) -> str:
+    return "imagegate" if provider == "diffusers" else provider.split(":")[0]
+
+
+def render_error(error: ImagegateError) -> Response:
+    return JSON(
+        {"code": error.status, "msg": error.message, "data": None}, status_code=error.status
+    )
+
+
+def render_openai_error(error: ImagegateError) -> Response:
+    body = {
+        "error": {
+            "message": error.message,
+            "type": error.kind,
+            "param": error.param,
+            "code": error.kind,
+        }
+    }
+    return JSON(body, status_code=error.status)

@@ -1,0 +1,245 @@
+"""Nebula v1 body -> ImageRequest.
+
+Reference images come from `contents[].parts[]` (`image` as data URI / URL / base64, or
+Gemini-style `inline_data`), from flat `image` (string or list) and from `images`. Flat images
+count as the first user turn's images. Qwen-style `parameters` / `extra.parameters` may carry
+the standard fields (size, n, seed, negative_prompt, watermark); anything else they carry is
+passed on as a provider extra.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagegate.api.nebula.protocol import Content, ContentPart, ImageGenerationRequest
+from imagegate.errors import InvalidRequest
+from imagegate.images import ImageLoader
+from imagegate.types import ImageRequest, InputImage, Part, Role, Size, Turn
+
+MAX_REFERENCE_IMAGES = 16
+_STANDARD_IN_PARAMETERS = ("size", "n", "seed", "negative_prompt", "watermark")
+_EXTRA_FIELDS = (
+    "image_size",
+    "mime_type",
+    "response_modalities",
+    "style",
+    "temperature",
+    "input_fidelity",
+    "background",
+    "moderation",
+    "output_compression",
+    "optimize_prompt_options",
+)
+_OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+
+
+async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) -> ImageRequest:
+    fields = _merge_parameters(body)
+    turns = await _conversation(body, loader)
+    prompt = _resolve_prompt(turns, body.prompt)
+    images = tuple(p.image for t in turns for p in t.parts if p.image is not None)
+    return ImageRequest(
+        model=body.model,
+        prompt=prompt,
+        conversation=turns,
+        images=images,
+        n=_n(fields.get("n")),
+        size=_size(fields.get("size")),
+        quality=body.quality,
+        seed=_seed(fields.get("seed")),
+        negative_prompt=fields.get("negative_prompt") or None,
+        num_inference_steps=_in_range("num_inference_steps", body.num_inference_steps, 1, 500),
+        guidance_scale=_in_range("guidance_scale", body.guidance_scale, 0, 100),
+        strength=_strength(body.strength),
+        watermark=fields.get("watermark"),
+        output_format=_output_format(body.output_format),
+        response_format=_response_format(body.response_format),
+        sequential=body.sequential_image_generation,
+        max_images=(body.sequential_image_generation_options or {}).get("max_images"),
+        extras=fields["extras"],
+    )
+
+
+def _merge_parameters(body: ImageGenerationRequest) -> dict[str, Any]:
+    """Top-level fields, overridden by `parameters` / `extra.parameters` where those set them."""
+    fields: dict[str, Any] = {name: getattr(body, name) for name in _STANDARD_IN_PARAMETERS}
+    extras: dict[str, Any] = {
+        name: getattr(body, name) for name in _EXTRA_FIELDS if getattr(body, name) is not None
+    }
+    nested = dict((body.extra or {}).get("parameters") or {})
+    nested.update(body.parameters or {})
+    for name, value in nested.items():
+        if name in _STANDARD_IN_PARAMETERS:
+            fields[name] = value
+        else:
+            extras[name] = value
+    fields["extras"] = extras
+    return fields
+
+
+async def _conversation(body: ImageGenerationRequest, loader: ImageLoader) -> tuple[Turn, ...]:
+    flat = [body.image] if isinstance(body.image, str) else list(body.image or [])
+    flat += body.images or []
+    if len(flat) + _count_images(body.contents or []) > MAX_REFERENCE_IMAGES:
+        raise InvalidRequest(
+            f"Too many reference images: send at most {MAX_REFERENCE_IMAGES}.", param="image"
+        )
+    turns: list[Turn] = []
+    if flat:
+        parts = [
+            Part(image=await loader.load(ref, label=f"image[{i}]")) for i, ref in enumerate(flat)
+        ]
+        turns.append(Turn(role="user", parts=tuple(parts)))
+    for index, content in enumerate(body.contents or []):
+        turns.append(await _turn(index, content, loader))
+    _check_turns(turns, body)
+    return _merge_leading_user_turns(turns, bool(flat))
+
+
+def _count_images(contents: list[Content]) -> int:
+    return sum(1 for c in contents for p in c.parts if p.image or p.inline_data)
+
+
+async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
+    if content.role not in ("user", "model"):
+        raise InvalidRequest(
+            f"Invalid contents[{index}].role {content.role!r}: use 'user' or 'model'.",
+            param=f"contents[{index}].role",
+        )
+    if not content.parts:
+        raise InvalidRequest(
+            f"contents[{index}].parts is empty: give each turn at least one text or image part.",
+            param=f"contents[{index}].parts",
+        )
+    parts = [
+        await _part(f"contents[{index}].parts[{j}]", part, loader)
+        for j, part in enumerate(content.parts)
+    ]
+    role: Role = "user" if content.role == "user" else "model"
+    return Turn(role=role, parts=tuple(p for p in parts if p is not None))
+
+
+async def _part(label: str, part: ContentPart, loader: ImageLoader) -> Part | None:
+    given = [name for name in ("text", "image", "inline_data") if getattr(part, name) is not None]
+    if len(given) > 1:
+        raise InvalidRequest(
+            f"{label} has both {given[0]} and {given[1]}: put each in its own part.", param=label
+        )
+    if part.image is not None:
+        return Part(image=await loader.load(part.image, label=f"{label}.image"))
+    if part.inline_data is not None:
+        image = await loader.load_base64(
+            part.inline_data.data, part.inline_data.mime_type, label=f"{label}.inline_data"
+        )
+        return Part(image=image)
+    if part.text is not None:
+        return Part(text=part.text)
+    if part.thought_signature is not None:
+        return None  # a signature alone carries nothing a local model can use
+    raise InvalidRequest(
+        f"{label} is empty: give it 'text', 'image' or 'inline_data'.", param=label
+    )
+
+
+def _check_turns(turns: list[Turn], body: ImageGenerationRequest) -> None:
+    if body.contents and turns[-1].role != "user":
+        raise InvalidRequest(
+            "The last turn in contents must have role 'user': it holds the "
+            "instruction to carry out.",
+            param="contents",
+        )
+
+
+def _merge_leading_user_turns(turns: list[Turn], has_flat: bool) -> tuple[Turn, ...]:
+    if has_flat and len(turns) > 1 and turns[1].role == "user":
+        merged = Turn(role="user", parts=turns[0].parts + turns[1].parts)
+        return (merged, *turns[2:])
+    return tuple(turns)
+
+
+def _resolve_prompt(turns: tuple[Turn, ...], prompt: str | None) -> str:
+    """The latest user text in the conversation, else the top-level prompt."""
+    for turn in reversed(turns):
+        if turn.role != "user":
+            continue
+        texts = [p.text.strip() for p in turn.parts if p.text and p.text.strip()]
+        if texts:
+            return "\n".join(texts)
+    if prompt and prompt.strip():
+        return prompt.strip()
+    raise InvalidRequest(
+        "Missing prompt: send 'prompt', or a text part in the last user turn of 'contents'.",
+        param="prompt",
+    )
+
+
+def _n(value: Any) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(
+            f"Invalid n={value!r}: n is the number of images, an integer >= 1.", param="n"
+        )
+    return value
+
+
+def _size(value: Any) -> Size | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(
+            f"Invalid size {value!r}: send a string like '1024x1024'.", param="size"
+        )
+    return Size.parse(value)
+
+
+def _seed(value: Any) -> int | None:
+    if value is None or value == -1:
+        return None  # -1 is the conventional "random seed"
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**32 - 1:
+        raise InvalidRequest(
+            f"Invalid seed={value!r}: use an integer from 0 to 4294967295, or "
+            "-1 for a random seed.",
+            param="seed",
+        )
+    return value
+
+
+def _in_range(name: str, value: float | None, low: float, high: float) -> Any:
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(
+            f"Invalid {name}={value}: use a value from {low} to {high}.", param=name
+        )
+    return value
+
+
+def _strength(value: float | None) -> float | None:
+    if value is not None and not 0 < value <= 1:
+        raise InvalidRequest(
+            f"Invalid strength={value}: use a value above 0 and at most 1 "
+            "(how far to move away from the reference image).",
+            param="strength",
+        )
+    return value
+
+
+def _output_format(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return _OUTPUT_FORMATS[value.lower()]
+    except KeyError:
+        raise InvalidRequest(
+            f"Invalid output_format {value!r}: use png, jpeg or webp.", param="output_format"
+        ) from None
+
+
+def _response_format(value: str) -> Any:
+    if value not in ("url", "b64_json"):
+        raise InvalidRequest(
+            f"Invalid response_format {value!r}: use 'url' or 'b64_json'.", param="response_format"
+        )
+    return value
+
+
+__all__ = ["InputImage", "to_image_request"]

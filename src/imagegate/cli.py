@@ -1,0 +1,246 @@
+"""The `imagegate` command: serve, keys, models, db, and a generate client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+
+from imagegate.config import Settings, load_models
+from imagegate.errors import ConfigError
+from imagegate.store import keys as key_store
+from imagegate.store.db import AsyncSession, create_engine, session_factory, upgrade
+
+T = TypeVar("T")
+
+
+def _settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    async def main() -> T:
+        url = settings.resolved_database_url
+        await upgrade(url)
+        engine = create_engine(url)
+        try:
+            async with session_factory(engine).begin() as session:
+                return await work(session)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(main())
+
+
+@click.group()
+def main() -> None:
+    """imagegate: a self-hosted image-generation gateway and server."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Interface to bind (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8000).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Model config file (default ./imagegate.yaml if present, else the demo model).",
+)
+def serve(host: str | None, port: int | None, config_file: Path | None) -> None:
+    """Run the server."""
+    import uvicorn
+
+    from imagegate.app import create_app
+
+    settings = _settings(host=host, port=port, config_file=config_file)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if settings.bootstrap_admin:
+        _with_session(settings, _bootstrap_admin)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+
+
+async def _bootstrap_admin(session: AsyncSession) -> None:
+    if await key_store.count_keys(session) > 0:
+        return
+    _, secret = await key_store.create_key(session, name="admin", is_admin=True)
+    click.echo("\n  First start: created an admin API key. It is shown only this once:\n")
+    click.echo(f"    {secret}\n")
+    click.echo(
+        "  Use it as 'Authorization: Bearer <key>'. Create more keys with "
+        "`imagegate keys create NAME`.\n"
+    )
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.argument("name")
+@click.option("--admin", is_flag=True, help="The key may manage other keys.")
+@click.option("--model", "models", multiple=True, help="Allow only this model (repeatable).")
+def keys_create(name: str, admin: bool, models: tuple[str, ...]) -> None:
+    """Create a key and print its secret (shown only once)."""
+
+    async def work(session: AsyncSession) -> str:
+        _, secret = await key_store.create_key(
+            session, name=name, is_admin=admin, allowed_models=list(models) or None
+        )
+        return secret
+
+    click.echo(_with_session(_settings(), work))
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+
+    async def work(session: AsyncSession) -> list[str]:
+        rows = await key_store.list_keys(session)
+        return [
+            f"{k.id}\t{k.prefix}...\t{k.name}\t{'admin' if k.is_admin else 'user'}\t"
+            f"{'revoked' if k.revoked_at else 'active'}"
+            for k in rows
+        ]
+
+    for line in _with_session(_settings(), work):
+        click.echo(line)
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key by id."""
+
+    async def work(session: AsyncSession) -> bool:
+        return await key_store.revoke_key(session, key_id=key_id)
+
+    if not _with_session(_settings(), work):
+        raise click.ClickException(f"No active key with id {key_id}.")
+    click.echo(f"revoked key {key_id}")
+
+
+@main.command()
+@click.option("--config", "config_file", type=click.Path(path_type=Path), default=None)
+def models(config_file: Path | None) -> None:
+    """List the configured models."""
+    try:
+        configured = load_models(_settings(config_file=config_file))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for model in configured:
+        click.echo(f"{model.name}\t{model.provider}\t{model.description}")
+
+
+@main.group()
+def db() -> None:
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply database migrations."""
+    settings = _settings()
+    asyncio.run(upgrade(settings.resolved_database_url))
+    click.echo("database is up to date")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", required=True, help="Model name (see `imagegate models`).")
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Reference image (repeatable).",
+)
+@click.option("-n", "n", type=int, default=1, show_default=True)
+@click.option("--size", default=None, help="e.g. 512x512, 16:9 or 1K.")
+@click.option("--seed", type=int, default=None)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("out.png"),
+    show_default=True,
+    help="Output file; with -n > 1, name-1.png, name-2.png, ...",
+)
+@click.option("--server", default="http://127.0.0.1:8000", show_default=True)
+@click.option(
+    "--key", envvar="IMAGEGATE_API_KEY", required=True, help="API key (or set IMAGEGATE_API_KEY)."
+)
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+def generate(
+    prompt: str,
+    model: str,
+    images: tuple[Path, ...],
+    n: int,
+    size: str | None,
+    seed: int | None,
+    output: Path,
+    server: str,
+    key: str,
+    timeout: float,
+) -> None:
+    """Generate images through a running server and save them."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "response_format": "b64_json"}
+    if size:
+        body["size"] = size
+    if seed is not None:
+        body["seed"] = seed
+    if images:
+        body["images"] = [_data_uri(p) for p in images]
+    try:
+        response = httpx.post(
+            f"{server.rstrip('/')}/v1/images/generations",
+            json=body,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"Cannot reach {server}: {exc}") from exc
+    payload = response.json()
+    if response.status_code != 200:
+        raise click.ClickException(f"{response.status_code}: {_error_text(payload)}")
+    items = payload["data"]["data"] if "code" in payload else payload["data"]
+    for path, item in zip(_output_paths(output, len(items)), items, strict=True):
+        path.write_bytes(base64.b64decode(item["b64_json"]))
+        click.echo(str(path))
+
+
+def _data_uri(path: Path) -> str:
+    mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(
+        path.suffix.lower(), "image/png"
+    )
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def _error_text(payload: Any) -> str:
+    if isinstance(payload, dict):
+        if "msg" in payload:
+            return str(payload["msg"])
+        if isinstance(payload.get("error"), dict):
+            return str(payload["error"].get("message"))
+    return str(payload)
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count + 1)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

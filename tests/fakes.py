@@ -1,0 +1,83 @@
+"""A fake provider registered through the real registry: solid-colour PNGs, deterministic.
+
+The colour comes from the prompt (a few colour words) and the seed, so tests can check that
+the prompt, the seed and n reached the provider without inspecting any call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from typing import Any
+
+from PIL import Image
+
+from imagegate.config import ModelDefaultsConfig, Settings
+from imagegate.errors import ProviderError
+from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.types import GeneratedImage, GenerationResult, ImageRequest
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+
+
+class FakeOptions(ProviderOptions):
+    fail_with: str | None = None
+    delay_seconds: float = 0.0
+
+
+class FakeProvider:
+    capabilities = Capabilities(
+        text_to_image=True,
+        image_edit=True,
+        multi_turn=True,
+        max_n=4,
+        max_input_images=4,
+        accepts=frozenset({"seed", "size", "negative_prompt"}),
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        options: dict[str, Any],
+        defaults: ModelDefaultsConfig,
+        settings: Settings,
+    ) -> None:
+        self.name = name
+        self.options = FakeOptions.model_validate(options)
+        self.defaults = defaults
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def generate(self, request: ImageRequest) -> GenerationResult:
+        check_capabilities(self.name, self.capabilities, request)
+        if self.options.fail_with:
+            raise ProviderError(self.options.fail_with)
+        await asyncio.sleep(self.options.delay_seconds)
+        width, height = request.size.to_pixels(64) if request.size else (16, 16)
+        seed = request.seed if request.seed is not None else random.randrange(2**31)
+        images = tuple(self._image(request, width, height, seed + i) for i in range(request.n))
+        return GenerationResult(images=images)
+
+    def _image(self, request: ImageRequest, width: int, height: int, seed: int) -> GeneratedImage:
+        colour = next(
+            (rgb for word, rgb in COLOURS.items() if word in request.prompt.lower()),
+            (seed % 256, 128, 128),
+        )
+        if request.latest_image is not None:  # an edit keeps the reference's size
+            width, height = request.latest_image.width, request.latest_image.height
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), colour).save(buffer, format="PNG")
+        return GeneratedImage(
+            buffer.getvalue(),
+            "image/png",
+            width,
+            height,
+            seed,
+            revised_prompt=f"fake: {request.prompt}",
+        )
