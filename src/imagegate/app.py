@@ -41,11 +41,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         if settings.auto_migrate:
             await upgrade(url)
         engine = create_engine(url)
-        fetcher = Fetcher(
-            timeout=settings.fetch_timeout_seconds,
-            max_bytes=settings.max_image_bytes,
-            allow_networks=settings.fetch_allow_networks,
-        )
+        fetcher = Fetcher.from_settings(settings)
         app.state.settings = settings
         app.state.loader = ImageLoader(settings, fetcher)
         app.state.service = ImageService(

@@ -1,0 +1,268 @@
+"""Decode and verify reference images once, whatever form a client sent them in.
+
+Every image a client sends (data URI, http(s) URL or raw base64) passes through `verify_image`,
+which checks the size, the real format (by content, never by the claimed MIME type) and that the
+pixels decode, so providers only ever see an `InputImage` they can trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import re
+import struct
+from collections.abc import Callable
+from urllib.parse import unquote_to_bytes
+
+from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
+from PIL.PngImagePlugin import PngImageFile
+from PIL.WebPImagePlugin import WebPImageFile
+
+from imagegate.config import Settings
+from imagegate.errors import InvalidRequest, PayloadTooLarge, UnreadableImage
+from imagegate.fetch import Fetcher
+from imagegate.types import InputImage
+
+# Pillow's name for a format -> the plugin class that reads it and the MIME type we report.
+# The classes are used directly instead of Image.open: Image.open checks the size against
+# Pillow's process-wide MAX_IMAGE_PIXELS and warns (DecompressionBombWarning) before we can
+# apply our own limit, and silencing that warning with warnings.catch_warnings() is not
+# thread-safe (verify_image runs in worker threads). JpegImageFile rather than Pillow's JPEG
+# factory, which may turn the file into an MPO and warn about malformed MPO headers.
+_ACCEPTED: dict[str, tuple[type[ImageFile.ImageFile], str]] = {
+    "PNG": (PngImageFile, "image/png"),
+    "JPEG": (JpegImageFile, "image/jpeg"),
+    "WEBP": (WebPImageFile, "image/webp"),
+}
+_FIX = "send PNG, JPEG or WEBP"
+_FORMS = "a data URI (data:image/png;base64,...), an http(s) URL, or raw base64-encoded image bytes"
+# Decoding a big image takes tens of milliseconds: above this size do it off the event loop.
+_THREAD_THRESHOLD = 256 * 1024
+_WHITESPACE = re.compile(r"\s+")
+_BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_PATHLIKE = re.compile(r"^(\.{0,2}/|~|\\)")
+# EXIF orientations 5-8 rotate by 90 degrees: width and height swap when displayed.
+_TRANSPOSED = frozenset({5, 6, 7, 8})
+
+
+def verify_image(
+    data: bytes, *, max_bytes: int, max_pixels: int, label: str = "image"
+) -> InputImage:
+    """Check that data is a PNG, JPEG or WEBP within the limits and that it decodes fully.
+
+    The size in the header is checked before any pixel is decoded, so a small file that
+    claims a huge canvas (a decompression bomb) is refused without allocating it.
+    """
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(
+            f"{_title(label)} is {len(data)} bytes; the limit is {max_bytes} bytes: "
+            "send a smaller or more compressed image."
+        )
+    fmt = detect_format(data)
+    if fmt not in _ACCEPTED:
+        what = f"a {fmt}" if fmt else "not a recognizable image"
+        raise UnreadableImage(f"{_title(label)} is {what}: {_FIX}.")
+    try:
+        with _open(data, fmt) as image:
+            width, height = image.size
+            _check_pixels(width, height, max_pixels=max_pixels, label=label)
+            image.load()
+            oriented = _orientation(image) in _TRANSPOSED
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{_title(label)} has too many pixels: downscale it.") from exc
+    except PayloadTooLarge:
+        raise
+    # Pillow's plugins raise a zoo of exception types on hostile input (OSError, SyntaxError,
+    # ValueError, EOFError, struct.error, ...): any of them means the file is unreadable.
+    except Exception as exc:
+        raise UnreadableImage(
+            f"{_title(label)} is a damaged or truncated {fmt} file: {_FIX} that opens in an "
+            "image viewer."
+        ) from exc
+    if oriented:
+        width, height = height, width
+    return InputImage(data=data, mime=_ACCEPTED[fmt][1], width=width, height=height)
+
+
+def detect_format(data: bytes) -> str | None:
+    """Pillow's name for the format of data ("PNG", "GIF", ...), judged by its first bytes."""
+    Image.init()
+    prefix = data[:16]
+    # Ours first, so that no other plugin's looser check can claim one of them.
+    for name in dict.fromkeys([*_ACCEPTED, *Image.ID]):
+        accept = Image.OPEN[name][1]
+        # accept() returns a string (not True) when Pillow recognises a format it cannot read.
+        if accept is not None and _accepts(accept, prefix):
+            return name
+    return None
+
+
+def _accepts(accept: Callable[[bytes], bool | str], prefix: bytes) -> bool:
+    try:
+        return accept(prefix) is True
+    # Some checks index into the prefix and fail on very short input, as Image.open allows.
+    except (IndexError, TypeError, struct.error):
+        return False
+
+
+def _open(data: bytes, fmt: str) -> ImageFile.ImageFile:
+    plugin = _ACCEPTED[fmt][0]
+    return plugin(io.BytesIO(data))
+
+
+def _check_pixels(width: int, height: int, *, max_pixels: int, label: str) -> None:
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"{_title(label)} is {width}x{height} ({width * height} pixels); the limit is "
+            f"{max_pixels} pixels: downscale it first."
+        )
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    # Broken EXIF must not make an otherwise good image unreadable: treat it as upright.
+    except Exception:
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _title(label: str) -> str:
+    return label[:1].upper() + label[1:]
+
+
+def decode_data_uri(uri: str, *, label: str = "image") -> tuple[bytes, str | None]:
+    """The bytes and media type of a data URI like data:image/png;base64,iVBOR..."""
+    if uri[:5].lower() != "data:" or "," not in uri:
+        raise InvalidRequest(
+            f"{_title(label)} is a malformed data URI: expected 'data:image/png;base64,<data>'."
+        )
+    header, payload = uri[5:].split(",", 1)
+    params = [p.strip().lower() for p in header.split(";")]
+    mime = params[0] or None
+    if "base64" in params[1:]:
+        return decode_base64(payload, label=label), mime
+    return unquote_to_bytes(payload), mime
+
+
+def decode_base64(data: str, *, label: str = "image") -> bytes:
+    """Decode base64, tolerating line breaks, the URL-safe alphabet and missing padding."""
+    compact = _WHITESPACE.sub("", data)
+    if not compact:
+        raise InvalidRequest(f"{_title(label)} is empty: send the base64-encoded image bytes.")
+    if not _BASE64.match(compact) or len(compact.rstrip("=")) % 4 == 1:
+        raise InvalidRequest(
+            f"{_title(label)} is not valid base64: send the image bytes base64-encoded "
+            "(standard or URL-safe alphabet)."
+        )
+    standard = compact.rstrip("=").replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
+    except binascii.Error as exc:
+        raise InvalidRequest(f"{_title(label)} is not valid base64.") from exc
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of a PIL image."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_pil(img: InputImage) -> Image.Image:
+    """The verified image as an upright RGB PIL image, transparency flattened onto white.
+
+    Dropping alpha instead would reveal whatever colour transparent pixels happen to store
+    (often black), which the model would then take as content.
+    """
+    fmt = detect_format(img.data)
+    if fmt not in _ACCEPTED:
+        raise UnreadableImage(f"The image is not a PNG, JPEG or WEBP but {fmt or 'unknown'}.")
+    with _open(img.data, fmt) as image:
+        upright = ImageOps.exif_transpose(image)
+    if upright.mode in ("RGBA", "LA", "PA") or "transparency" in upright.info:
+        rgba = upright.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return upright.convert("RGB")
+
+
+class ImageLoader:
+    """Resolves the image references the dialects receive into verified InputImages."""
+
+    def __init__(self, settings: Settings, fetcher: Fetcher) -> None:
+        self._max_bytes = settings.max_image_bytes
+        self._max_pixels = settings.max_image_pixels
+        self._fetcher = fetcher
+
+    async def load(self, ref: str, *, label: str) -> InputImage:
+        """Load a data URI, an http(s) URL or raw base64."""
+        ref = ref.strip()
+        match = _SCHEME.match(ref)
+        scheme = match[1].lower() if match else None
+        if scheme == "data":
+            return await self._verify_text(ref, is_uri=True, label=label)
+        if scheme in ("http", "https"):
+            body, _ = await self._fetcher.fetch(ref)
+            return await self._verify(body, label=label)
+        if scheme is not None:
+            raise InvalidRequest(
+                f"{_title(label)} uses the unsupported scheme '{scheme[:20]}:': send {_FORMS}."
+            )
+        return await self._load_raw(ref, label=label)
+
+    async def load_base64(self, data: str, mime: str | None, *, label: str) -> InputImage:
+        """Load raw base64 (e.g. Gemini inline_data); the format comes from the bytes, not mime."""
+        return await self._verify_text(data, is_uri=False, label=label)
+
+    async def _load_raw(self, ref: str, *, label: str) -> InputImage:
+        # Raw base64 has no prefix to recognise it by, so anything else (a file path, a bare
+        # host name) only shows up as undecodable: name the accepted forms in that case.
+        try:
+            return await self._verify_text(ref, is_uri=False, label=label)
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"{_title(label)} is not a supported reference: send {_FORMS}."
+            ) from exc
+        except UnreadableImage as exc:
+            if _PATHLIKE.match(ref):
+                raise InvalidRequest(
+                    f"{_title(label)} looks like a file path; the server cannot read files: "
+                    f"send {_FORMS}."
+                ) from exc
+            raise
+
+    async def _verify_text(self, text: str, *, is_uri: bool, label: str) -> InputImage:
+        # Refuse before decoding what cannot fit: base64 spends 4 characters on 3 bytes; the
+        # slack covers line breaks and a data URI header (verify_image checks exactly later).
+        if len(text) > self._max_bytes * 4 // 3 * 11 // 10 + 1024:
+            raise PayloadTooLarge(
+                f"{_title(label)} is larger than the limit of {self._max_bytes} bytes: "
+                "send a smaller or more compressed image."
+            )
+        if len(text) > _THREAD_THRESHOLD:
+            return await asyncio.to_thread(self._decode_and_verify, text, is_uri, label)
+        return self._decode_and_verify(text, is_uri, label)
+
+    def _decode_and_verify(self, text: str, is_uri: bool, label: str) -> InputImage:
+        data = decode_data_uri(text, label=label)[0] if is_uri else decode_base64(text, label=label)
+        return verify_image(
+            data, max_bytes=self._max_bytes, max_pixels=self._max_pixels, label=label
+        )
+
+    async def _verify(self, data: bytes, *, label: str) -> InputImage:
+        if len(data) > _THREAD_THRESHOLD:
+            return await asyncio.to_thread(
+                verify_image,
+                data,
+                max_bytes=self._max_bytes,
+                max_pixels=self._max_pixels,
+                label=label,
+            )
+        return verify_image(
+            data, max_bytes=self._max_bytes, max_pixels=self._max_pixels, label=label
+        )

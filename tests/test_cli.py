@@ -1,0 +1,62 @@
+"""The CLI through click's runner: keys, models, db upgrade, config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imagegate.cli import main
+
+
+@pytest.fixture
+def runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str) -> CliRunner:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMAGEGATE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("IMAGEGATE_DATABASE_URL", db_url)
+    return CliRunner()
+
+
+def test_keys_create_list_revoke(runner: CliRunner) -> None:
+    created = runner.invoke(main, ["keys", "create", "alice", "--model", "m1"])
+    assert created.exit_code == 0, created.output
+    secret = created.output.strip()
+    assert secret.startswith("sk-") and len(secret) > 40
+    admin = runner.invoke(main, ["keys", "create", "root", "--admin"])
+    assert admin.exit_code == 0
+    listed = runner.invoke(main, ["keys", "list"])
+    lines = listed.output.strip().splitlines()
+    assert len(lines) == 2
+    assert "alice" in lines[0] and "user" in lines[0] and "active" in lines[0]
+    assert "admin" in lines[1]
+    assert secret not in listed.output  # secrets are shown once only
+    assert runner.invoke(main, ["keys", "revoke", "1"]).exit_code == 0
+    assert "revoked" in runner.invoke(main, ["keys", "list"]).output.splitlines()[0]
+    again = runner.invoke(main, ["keys", "revoke", "1"])
+    assert again.exit_code != 0 and "No active key with id 1" in again.output
+
+
+def test_db_upgrade_is_idempotent(runner: CliRunner) -> None:
+    for _ in range(2):
+        result = runner.invoke(main, ["db", "upgrade"])
+        assert result.exit_code == 0 and "up to date" in result.output
+
+
+def test_models_lists_config_and_reports_bad_files(runner: CliRunner, tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("models:\n  - name: m1\n    provider: fake\n    description: a fake\n")
+    result = runner.invoke(main, ["models", "--config", str(good)])
+    assert result.exit_code == 0 and result.output == "m1\tfake\ta fake\n"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: m1\n    provider: fake\n    colour: red\n")
+    result = runner.invoke(main, ["models", "--config", str(bad)])
+    assert result.exit_code != 0
+    assert f"{bad}:4: field models.0.colour" in result.output
+
+
+def test_serve_refuses_a_bad_config_before_binding(runner: CliRunner, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models:\n  - name: m1\n    provider: no-such-provider\n")
+    result = runner.invoke(main, ["serve", "--config", str(bad), "--port", "1"])
+    assert result.exit_code != 0 and "Unknown provider 'no-such-provider'" in result.output
