@@ -35,13 +35,16 @@ def test_config_file_parses(tmp_path: Path) -> None:
     assert [m.name for m in load_models(settings)] == ["sd-local"]
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    (GOOD.replace("steps: 20", "steps: many"), ":9: field models.0.defaults.steps"),
-    (GOOD.replace("provider: diffusers", "providr: diffusers"), ":3: field models.0.providr"),
-    (GOOD.replace("size: 512x512", "size: huge"), ":8: field models.0.defaults.size"),
-    (GOOD + "  - name: sd-local\n    provider: diffusers\n", "declared twice"),
-    ("models: [\n", "invalid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (GOOD.replace("steps: 20", "steps: many"), ":9: field models.0.defaults.steps"),
+        (GOOD.replace("provider: diffusers", "providr: diffusers"), ":3: field models.0.providr"),
+        (GOOD.replace("size: 512x512", "size: huge"), ":8: field models.0.defaults.size"),
+        (GOOD + "  - name: sd-local\n    provider: diffusers\n", "declared twice"),
+        ("models: [\n", "invalid YAML"),
+    ],
+)
 def test_config_errors_name_file_line_and_field(tmp_path: Path, text: str, needle: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -52,12 +55,11 @@ def test_config_errors_name_file_line_and_field(tmp_path: Path, text: str, needl
 
 
 def test_missing_config_file_is_clear(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="Cannot read config file .*missing.yaml"):
+    with pytest.raises(ConfigError, match=r"Cannot read config file .*missing\.yaml"):
         load_config_file(tmp_path / "missing.yaml")
 
 
-def test_default_models_are_the_demo_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                            ) -> None:
+def test_default_models_are_the_demo_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     models = load_models(Settings(data_dir=tmp_path))
     assert [m.name for m in models] in ([DEMO_MODEL_NAME], [])
@@ -81,13 +83,16 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.resolved_database_url == "postgresql+asyncpg://x/y"
 
 
-@pytest.mark.parametrize(("raw", "kind", "pixels"), [
-    ("1024x768", SizeKind.PIXELS, (1024, 768)),
-    ("1328*1328", SizeKind.PIXELS, (1328, 1328)),
-    ("16:9", SizeKind.RATIO, (683, 384)),
-    ("1:1", SizeKind.RATIO, (512, 512)),
-    ("2K", SizeKind.TIER, (2048, 2048)),
-])
+@pytest.mark.parametrize(
+    ("raw", "kind", "pixels"),
+    [
+        ("1024x768", SizeKind.PIXELS, (1024, 768)),
+        ("1328*1328", SizeKind.PIXELS, (1328, 1328)),
+        ("16:9", SizeKind.RATIO, (683, 384)),
+        ("1:1", SizeKind.RATIO, (512, 512)),
+        ("2K", SizeKind.TIER, (2048, 2048)),
+    ],
+)
 def test_size_parse(raw: str, kind: SizeKind, pixels: tuple[int, int]) -> None:
     size = Size.parse(raw)
     assert size.kind is kind

@@ -94,9 +94,11 @@ def _from_http(exc: StarletteHTTPException, request: Request) -> ImagegateError:
     if exc.status_code == 404:
         return NotFound(f"No such endpoint: {request.method} {request.url.path}.")
     if exc.status_code == 405:
-        error = InvalidRequest(f"Method {request.method} is not allowed on {request.url.path}.")
-        error.status = 405
-        return error
+        not_allowed = InvalidRequest(
+            f"Method {request.method} is not allowed on {request.url.path}."
+        )
+        not_allowed.status = 405
+        return not_allowed
     if exc.status_code == 401:
         return AuthenticationFailed(str(exc.detail))
     if exc.status_code == 413:
