@@ -61,6 +61,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             await engine.dispose()
 
     app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan)
+    app.state.catalog = catalog
     renderers = ErrorRenderers(render_error)
     if settings.v1_response_shape == "openai":
         renderers.register("/v1/", render_openai_error)

@@ -64,6 +64,12 @@ def serve(host: str | None, port: int | None, config_file: Path | None) -> None:
         app = create_app(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    if not app.state.catalog.models:
+        click.echo(
+            "warning: no models are configured. Write imagegate.yaml (see README) or "
+            "install the local extra for the demo model: pip install 'imagegate[local]'.",
+            err=True,
+        )
     if settings.bootstrap_admin:
         _with_session(settings, _bootstrap_admin)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")

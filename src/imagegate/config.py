@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import secrets
 from pathlib import Path
 from typing import Any, Literal
@@ -139,8 +140,15 @@ def load_models(settings: Settings) -> list[ModelConfig]:
     if path is None and Path("imagegate.yaml").exists():
         path = Path("imagegate.yaml")
     if path is None:
-        return [demo_model()] if DEMO_WEIGHTS.exists() else []
+        return [demo_model()] if demo_available() else []
     return load_config_file(path).models
+
+
+def demo_available() -> bool:
+    """The demo model needs its shipped weights and the `local` extra (torch, diffusers)."""
+    return DEMO_WEIGHTS.joinpath("model_index.json").exists() and (
+        importlib.util.find_spec("diffusers") is not None
+    )
 
 
 def load_config_file(path: Path) -> FileConfig:

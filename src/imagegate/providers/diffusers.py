@@ -1,0 +1,537 @@
+"""Local models through Hugging Face diffusers: text-to-image and image-to-image.
+
+torch and diffusers are imported by this module only; the registry imports it the first time a
+model with `provider: diffusers` is configured. Weights load on `start()` or the first request,
+in the pipeline's runner thread, which also runs every generation one after another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import io
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import diffusers
+import torch
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+from diffusers.utils import deprecation_utils
+from PIL import Image
+from pydantic import Field, ValidationError, model_validator
+
+from imagegate.config import ModelDefaultsConfig, Settings
+from imagegate.errors import ConfigError, ImagegateError, InvalidRequest, ProviderError
+from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.providers.runner import PipelineRunner
+from imagegate.types import (
+    GeneratedImage,
+    GenerationResult,
+    ImageRequest,
+    InputImage,
+    Size,
+    SizeKind,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_FORMATS = {
+    "png": ("PNG", "image/png"),
+    "jpeg": ("JPEG", "image/jpeg"),
+    "jpg": ("JPEG", "image/jpeg"),
+    "webp": ("WEBP", "image/webp"),
+}
+# Newer diffusers renamed from_pretrained's `torch_dtype` to `dtype` and warn on the old name.
+_DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+_ACCEPTS = frozenset(
+    {
+        "seed",
+        "negative_prompt",
+        "num_inference_steps",
+        "guidance_scale",
+        "strength",
+        "size",
+        "output_format",
+    }
+)
+_DEFAULT_STRENGTH = 0.6
+_DEFAULT_STEPS = 30
+_MAX_SEED = 2**63 - 1
+
+
+class DiffusersOptions(ProviderOptions):
+    path: str = Field(min_length=1)
+    """A local pipeline folder (written by save_pretrained) or a Hugging Face hub id."""
+    pipeline_class: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
+    """"module:Class" with a from_pretrained classmethod; default AutoPipelineForText2Image."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    local_files_only: bool = False
+    max_n: int = Field(default=4, ge=1, le=64)
+    max_side: int = Field(default=1024, ge=8)
+    min_side: int = Field(default=8, ge=8)
+
+    @model_validator(mode="after")
+    def _sides(self) -> DiffusersOptions:
+        if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
+            raise ValueError("min_side and max_side must be multiples of 8, min_side <= max_side")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    pipe: Any
+    edit_pipe: Any | None
+    """The image-to-image pipeline sharing pipe's weights; None when there is none."""
+    native_side: int
+    default_steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """One request, resolved: what the runner thread needs and nothing it must look up.
+
+    Jobs whose size, steps, guidance and strength match are what a batching window will merge.
+    """
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float | None
+    strength: float | None
+    init_image: InputImage | None
+    seeds: tuple[int, ...]
+    output_format: str
+
+
+class DiffusersProvider:
+    """One diffusers pipeline served from this process."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        options: dict[str, Any],
+        defaults: ModelDefaultsConfig,
+        settings: Settings,
+    ) -> None:
+        self.name = name
+        self.options = _parse_options(name, options)
+        self.defaults = defaults
+        self.settings = settings
+        self.pipeline_class = _import_pipeline_class(name, self.options.pipeline_class)
+        self.capabilities = Capabilities(
+            text_to_image=True,
+            image_edit=True,
+            multi_turn=True,
+            max_n=self.options.max_n,
+            max_input_images=16,
+            accepts=_ACCEPTS,
+        )
+        self.progress = 0.0
+        """Progress of the running job, 0..1 (written by the runner thread)."""
+        self.on_progress: Callable[[float], None] | None = None
+        """Called from the runner thread after each step; use loop.call_soon_threadsafe."""
+        self._interrupt = threading.Event()
+        self._runner = PipelineRunner(name)
+        self._loading: asyncio.Future[_Loaded] | None = None
+
+    async def start(self) -> None:
+        await self._ensure_loaded()
+
+    async def close(self) -> None:
+        self._runner.close()
+        self._loading = None
+
+    def interrupt(self) -> None:
+        """Ask the running job to stop after its current step; it then fails with ProviderError."""
+        self._interrupt.set()
+
+    async def generate(self, request: ImageRequest) -> GenerationResult:
+        check_capabilities(self.name, self.capabilities, request)
+        output_format = self._output_format(request)
+        loaded = await self._ensure_loaded()
+        job = self._plan(request, loaded, output_format)
+        started = time.perf_counter()
+        images = await self._in_runner(lambda: self._execute(loaded, job), "generate images")
+        usage = {
+            "images": len(images),
+            "num_inference_steps": job.steps,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        return GenerationResult(images=images, usage=usage)
+
+    # -- loading (runner thread) -------------------------------------------------------------
+
+    async def _ensure_loaded(self) -> _Loaded:
+        # One shared task rather than a lock around the first caller's await: concurrent first
+        # requests wait for the same load, and a cancelled first request does not abandon a
+        # load already running in the runner thread (which the next request would repeat).
+        if self._loading is None:
+            self._loading = asyncio.ensure_future(self._in_runner(self._load, "load"))
+            self._loading.add_done_callback(self._forget_failed_load)
+        return await asyncio.shield(self._loading)
+
+    def _forget_failed_load(self, loading: asyncio.Future[_Loaded]) -> None:
+        if self._loading is loading and (loading.cancelled() or loading.exception()):
+            self._loading = None  # the next request tries again
+
+    def _load(self) -> _Loaded:
+        started = time.perf_counter()
+        path = self._local_path_or_hub_id()
+        device = self._device()
+        try:
+            kwargs = {
+                _DTYPE_KWARG: _DTYPES[self.options.dtype],
+                "local_files_only": self.options.local_files_only,
+                **self._safety_kwargs(path),
+            }
+            pipe = self.pipeline_class.from_pretrained(path, **kwargs).to(device)
+        except Exception as exc:
+            logger.error("model %s: cannot load %s", self.name, path, exc_info=exc)
+            raise ProviderError(
+                f"Cannot load model {self.name} from {path!r}: {_describe(exc)} Set options.path "
+                "to a diffusers pipeline folder (with model_index.json) or a Hugging Face hub id; "
+                "with local_files_only the hub id must already be in the Hugging Face cache."
+            ) from exc
+        _quiet(pipe)
+        logger.info(
+            "model %s: loaded %s from %s on %s in %.1fs",
+            self.name,
+            type(pipe).__name__,
+            path,
+            device,
+            time.perf_counter() - started,
+        )
+        return _Loaded(
+            pipe=pipe,
+            edit_pipe=self._edit_pipeline(pipe),
+            native_side=self._native_side(pipe),
+            default_steps=_default_steps(pipe),
+        )
+
+    def _local_path_or_hub_id(self) -> str:
+        raw = self.options.path
+        path = Path(raw).expanduser()
+        if path.exists():
+            return str(path)
+        if path.is_absolute() or raw.startswith((".", "~")) or raw.count("/") != 1:
+            raise ProviderError(
+                f"Cannot load model {self.name}: folder {raw} does not exist. Set options.path to "
+                "a diffusers pipeline folder (one written by save_pretrained) or a Hugging Face "
+                "hub id like 'org/model'."
+            )
+        return raw
+
+    def _device(self) -> str:
+        has_cuda = torch.cuda.is_available()
+        if self.options.device == "auto":
+            return "cuda" if has_cuda else "cpu"
+        if self.options.device == "cuda" and not has_cuda:
+            raise ProviderError(
+                f"Cannot load model {self.name}: options.device is cuda but no "
+                "CUDA GPU is available; set device to cpu or auto."
+            )
+        return self.options.device
+
+    def _safety_kwargs(self, path: str) -> dict[str, Any]:
+        """Turn off the safety checker where the pipeline has one (it is a second large model)."""
+        cls = self.pipeline_class
+        if cls in (AutoPipelineForText2Image, DiffusionPipeline):
+            config = DiffusionPipeline.load_config(
+                path, local_files_only=self.options.local_files_only
+            )
+            cls = getattr(diffusers, str(config.get("_class_name")), cls)
+        params = inspect.signature(cls.__init__).parameters
+        wanted = {"safety_checker": None, "requires_safety_checker": False}
+        return {key: value for key, value in wanted.items() if key in params}
+
+    def _edit_pipeline(self, pipe: Any) -> Any | None:
+        if _accepts(pipe, "image", "strength"):
+            return pipe
+        try:
+            # from_pipe shares the loaded components: no second copy of the weights.
+            edit = AutoPipelineForImage2Image.from_pipe(pipe)
+        except Exception as exc:
+            logger.info(
+                "model %s: %s has no image-to-image variant (%s); edits are refused",
+                self.name,
+                type(pipe).__name__,
+                exc,
+            )
+            return None
+        _quiet(edit)
+        return edit
+
+    def _native_side(self, pipe: Any) -> int:
+        """The side the model was trained at (e.g. 512 for SD 1.5), within the allowed sides."""
+        scale = getattr(pipe, "vae_scale_factor", None)
+        sample = getattr(pipe, "default_sample_size", None)
+        if not isinstance(sample, int):
+            unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+            sample = getattr(unet_config, "sample_size", None)
+        # Pipelines without a VAE (pixel space) have no such rule: 512, as diffusers' own default.
+        side = sample * scale if isinstance(sample, int) and isinstance(scale, int) else 512
+        return max(self.options.min_side, min(self.options.max_side, side // 8 * 8))
+
+    # -- planning (event loop) ---------------------------------------------------------------
+
+    def _output_format(self, request: ImageRequest) -> str:
+        fmt = (request.output_format or "png").lower()
+        if fmt not in _FORMATS:
+            raise InvalidRequest(
+                f"Invalid output_format {request.output_format!r} for model "
+                f"{self.name}: use png, jpeg or webp.",
+                param="output_format",
+            )
+        return fmt
+
+    def _plan(self, request: ImageRequest, loaded: _Loaded, output_format: str) -> _Job:
+        init = request.latest_image
+        width, height = self._size(request, loaded, init)
+        steps = _first(request.num_inference_steps, self.defaults.steps, loaded.default_steps)
+        if steps < 1:
+            raise InvalidRequest(
+                f"Invalid num_inference_steps={steps}: use at least 1.", param="num_inference_steps"
+            )
+        strength = None
+        if init is not None:
+            strength = self._strength(request, loaded, steps)
+        elif request.strength is not None:
+            raise InvalidRequest(
+                "Parameter strength applies only to image edits: send a "
+                "reference image or remove strength.",
+                param="strength",
+            )
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+        if not 0 <= seed <= _MAX_SEED - request.n:
+            raise InvalidRequest(
+                f"Invalid seed {seed}: use an integer from 0 to 2**63 - 64.", param="seed"
+            )
+        guidance = request.guidance_scale
+        return _Job(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=width,
+            height=height,
+            steps=steps,
+            strength=strength,
+            init_image=init,
+            guidance_scale=guidance if guidance is not None else self.defaults.guidance_scale,
+            seeds=tuple(seed + i for i in range(request.n)),
+            output_format=output_format,
+        )
+
+    def _strength(self, request: ImageRequest, loaded: _Loaded, steps: int) -> float:
+        if loaded.edit_pipe is None:
+            raise InvalidRequest(
+                f"Model {self.name} cannot edit images: its pipeline has no "
+                "image-to-image variant. Send a text prompt only.",
+                param="image",
+            )
+        strength = _first(request.strength, self.defaults.strength, _DEFAULT_STRENGTH)
+        if not 0 < strength <= 1 or int(steps * strength) < 1:
+            raise InvalidRequest(
+                f"Invalid strength {strength} with {steps} steps: strength must be in (0, 1] and "
+                "strength x num_inference_steps at least 1; raise one of them.",
+                param="strength",
+            )
+        return strength
+
+    def _size(
+        self, request: ImageRequest, loaded: _Loaded, init: InputImage | None
+    ) -> tuple[int, int]:
+        opts = self.options
+        if request.size is None and init is not None:
+            return self._size_of(init)
+        size = request.size or (Size.parse(self.defaults.size) if self.defaults.size else None)
+        if size is None:
+            return loaded.native_side, loaded.native_side
+        width, height = size.to_pixels(loaded.native_side)
+        if size.kind is SizeKind.RATIO:
+            width, height = round(width / 8) * 8, round(height / 8) * 8
+        if any(side % 8 or not opts.min_side <= side <= opts.max_side for side in (width, height)):
+            label = (
+                f"{width}x{height}"
+                if size.kind is SizeKind.PIXELS
+                else (f"{size.raw!r} ({width}x{height})")
+            )
+            raise InvalidRequest(
+                f"Invalid size {label} for model {self.name}: width and height must be "
+                f"multiples of 8 between {opts.min_side} and {opts.max_side}.",
+                param="size",
+            )
+        return width, height
+
+    def _size_of(self, init: InputImage) -> tuple[int, int]:
+        """An edit keeps the reference image's shape: fit into max_side, round down to 8."""
+        scale = min(1.0, self.options.max_side / max(init.width, init.height))
+        width = int(init.width * scale) // 8 * 8
+        height = int(init.height * scale) // 8 * 8
+        if min(width, height) < self.options.min_side:
+            raise InvalidRequest(
+                f"Reference image {init.width}x{init.height} is too small for model {self.name}: "
+                f"each side must be at least {self.options.min_side} pixels. Send a larger image "
+                "or set size.",
+                param="image",
+            )
+        return width, height
+
+    # -- generation (runner thread) ----------------------------------------------------------
+
+    async def _in_runner(self, fn: Callable[[], T], action: str) -> T:
+        """Run fn in the runner thread; unexpected failures become a ProviderError."""
+        if self._runner.closed:
+            raise ProviderError(f"Model {self.name} is shut down.")
+        try:
+            return await self._runner.run(fn)
+        except ImagegateError:
+            raise
+        except Exception as exc:
+            logger.error("model %s: failed to %s", self.name, action, exc_info=exc)
+            raise ProviderError(f"Model {self.name} failed to {action}: {_describe(exc)}") from exc
+
+    def _execute(self, loaded: _Loaded, job: _Job) -> tuple[GeneratedImage, ...]:
+        pipe: Any = loaded.pipe if job.init_image is None else loaded.edit_pipe
+        kwargs = self._call_kwargs(pipe, job)
+        self._interrupt.clear()
+        self._report(0.0)
+        with torch.no_grad():
+            output = pipe(**kwargs)
+        if self._interrupt.is_set():
+            raise ProviderError(f"Generation on model {self.name} was interrupted.")
+        if self.progress < 1.0:  # a pipeline without step callbacks reports only the end
+            self._report(1.0)
+        return tuple(
+            _encode(image, job.output_format, seed)
+            for image, seed in zip(output.images, job.seeds, strict=True)
+        )
+
+    def _call_kwargs(self, pipe: Any, job: _Job) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "prompt": job.prompt,
+            "num_inference_steps": job.steps,
+            "output_type": "pil",
+            "num_images_per_prompt": len(job.seeds),
+            # One CPU generator per image: image i depends on seed i only, on any device.
+            "generator": [torch.Generator().manual_seed(seed) for seed in job.seeds],
+        }
+        if _accepts(pipe, "height", "width"):  # SD's img2img takes its size from the image
+            kwargs.update(height=job.height, width=job.width)
+        if job.negative_prompt:
+            kwargs["negative_prompt"] = job.negative_prompt
+        if job.guidance_scale is not None:
+            kwargs["guidance_scale"] = job.guidance_scale
+        if job.init_image is not None:
+            kwargs.update(
+                image=_decode(job.init_image, job.width, job.height), strength=job.strength
+            )
+        if _accepts(pipe, "callback_on_step_end"):
+            kwargs["callback_on_step_end"] = self._step_callback(job.steps)
+        return kwargs
+
+    def _step_callback(self, steps: int) -> Callable[..., dict[str, Any]]:
+        def on_step_end(
+            pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+        ) -> dict[str, Any]:
+            total = getattr(pipe, "num_timesteps", None) or steps
+            self._report(min(1.0, (step + 1) / total))
+            if self._interrupt.is_set():
+                pipe._interrupt = True  # diffusers pipelines skip the remaining steps
+            return callback_kwargs
+
+        return on_step_end
+
+    def _report(self, progress: float) -> None:
+        self.progress = progress
+        if self.on_progress is not None:
+            try:
+                self.on_progress(progress)
+            except Exception:
+                logger.exception("model %s: progress callback failed", self.name)
+
+
+def _parse_options(name: str, options: dict[str, Any]) -> DiffusersOptions:
+    try:
+        return DiffusersOptions.model_validate(options)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(
+            f"Invalid options for model {name} (provider diffusers): {problems}."
+        ) from None
+
+
+def _import_pipeline_class(name: str, target: str | None) -> Any:
+    if target is None:
+        return AutoPipelineForText2Image
+    module_name, _, attr = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"Model {name}: cannot import pipeline_class {target!r} ({exc}). Use "
+            "'module:Class', e.g. 'diffusers:StableDiffusionPipeline'."
+        ) from exc
+    if not callable(getattr(cls, "from_pretrained", None)):
+        raise ConfigError(
+            f"Model {name}: pipeline_class {target!r} has no from_pretrained; "
+            "use a diffusers DiffusionPipeline subclass."
+        )
+    return cls
+
+
+def _accepts(pipe: Any, *names: str) -> bool:
+    params = inspect.signature(pipe.__call__).parameters
+    return all(name in params for name in names)
+
+
+def _default_steps(pipe: Any) -> int:
+    param = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    default = param.default if param is not None else None
+    return default if isinstance(default, int) and default > 0 else _DEFAULT_STEPS
+
+
+def _first(*values: T | None) -> T:
+    return next(value for value in values if value is not None)
+
+
+def _quiet(pipe: Any) -> None:
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+
+def _describe(exc: BaseException) -> str:
+    """The first line of an exception, short enough for a client-facing message."""
+    text = (str(exc).strip().splitlines() or [""])[0][:300].rstrip(".")
+    return f"{type(exc).__name__}: {text}." if text else f"{type(exc).__name__}."
+
+
+def _decode(image: InputImage, width: int, height: int) -> Image.Image:
+    with Image.open(io.BytesIO(image.data)) as opened:
+        rgb = opened.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def _encode(image: Image.Image, fmt: str, seed: int) -> GeneratedImage:
+    pil_format, mime = _FORMATS[fmt]
+    buffer = io.BytesIO()
+    options = {} if pil_format == "PNG" else {"quality": 90}
+    image.convert("RGB").save(buffer, format=pil_format, **options)
+    return GeneratedImage(
+        data=buffer.getvalue(), mime=mime, width=image.width, height=image.height, seed=seed
+    )
