@@ -18,9 +18,11 @@ install: $(BIN)/.installed
 serve: $(BIN)/.installed
 	$(BIN)/imagegate serve
 
+LINTED := src tests $(wildcard bench)
+
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 test: lint
