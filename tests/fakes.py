@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from imagegate.config import ModelDefaultsConfig, Settings
+from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ProviderError
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
 from imagegate.types import GeneratedImage, GenerationResult, ImageRequest
@@ -43,6 +43,7 @@ class FakeProvider:
         options: dict[str, Any],
         defaults: ModelDefaultsConfig,
         settings: Settings,
+        channel: ChannelConfig | None = None,
     ) -> None:
         self.name = name
         self.options = FakeOptions.model_validate(options)

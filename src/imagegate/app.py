@@ -12,6 +12,8 @@ from starlette.responses import Response
 
 from imagegate import __version__
 from imagegate.api import admin, files
+from imagegate.api.gemini import routes as gemini
+from imagegate.api.openai import routes as openai
 from imagegate.api.errors import ErrorRenderers, install
 from imagegate.api.middleware import RequestContext
 from imagegate.api.nebula import routes as nebula
@@ -68,6 +70,8 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     install(app, renderers)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     app.include_router(nebula.router)
+    app.include_router(openai.router)
+    app.include_router(gemini.router)
     app.include_router(files.router)
     app.include_router(admin.router)
     _health(app)

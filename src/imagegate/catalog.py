@@ -1,14 +1,15 @@
-"""The configured models and their providers, constructed lazily on first use."""
+"""The configured models and their providers (a Router over each model's channels),
+constructed lazily on first use."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from imagegate.config import ModelConfig, Settings
+from imagegate.config import ChannelConfig, ModelConfig, Settings
 from imagegate.errors import UnknownModel
-from imagegate.providers.base import Provider
 from imagegate.providers.registry import load_class
+from imagegate.providers.router import Backoff, Breaker, Channel, Router
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +18,7 @@ class Catalog:
     def __init__(self, models: list[ModelConfig], settings: Settings) -> None:
         self._configs = {m.name: m for m in models}
         self._settings = settings
-        self._providers: dict[str, Provider] = {}
+        self._routers: dict[str, Router] = {}
         self._lock = asyncio.Lock()
 
     @property
@@ -36,33 +37,58 @@ class Catalog:
             ) from None
 
     def check_all(self) -> None:
-        """Import every provider class now, so a misconfigured provider fails at startup."""
+        """Build every provider now, so a misconfigured model fails at startup, not later."""
         for config in self._configs.values():
-            load_class(config.provider)
+            self._routers[config.name] = self._build(config)
 
-    async def provider(self, name: str) -> Provider:
+    async def provider(self, name: str) -> Router:
         config = self.config(name)
-        if name in self._providers:
-            return self._providers[name]
-        async with self._lock:
-            if name not in self._providers:
-                cls = load_class(config.provider)
-                self._providers[name] = cls(
-                    name=name,
-                    options=config.options,
-                    defaults=config.defaults,
-                    settings=self._settings,
-                )
-            return self._providers[name]
+        if name not in self._routers:
+            async with self._lock:
+                if name not in self._routers:
+                    self._routers[name] = self._build(config)
+        return self._routers[name]
+
+    def _build(self, config: ModelConfig) -> Router:
+        settings = self._settings
+        channels = [self._channel(config, c) for c in config.resolved_channels()]
+        return Router(
+            config.name,
+            channels,
+            Backoff(settings.retry_base_delay_seconds, settings.retry_max_delay_seconds),
+        )
+
+    def _channel(self, model: ModelConfig, config: ChannelConfig) -> Channel:
+        cls = load_class(config.provider)
+        if config.upstream_model is None:
+            config = config.model_copy(update={"upstream_model": model.name})
+        name = config.name or model.name
+        provider = cls(
+            name=name,
+            options=config.options,
+            defaults=model.defaults,
+            settings=self._settings,
+            channel=config,
+        )
+        breaker = Breaker(self._settings.breaker_failures, self._settings.breaker_cooldown_seconds)
+        return Channel(
+            name=name,
+            provider=provider,
+            breaker=breaker,
+            weight=config.weight,
+            priority=config.priority,
+            timeout=config.timeout,
+            max_retries=config.max_retries,
+        )
 
     async def start_all(self) -> None:
         for name in self._configs:
             await (await self.provider(name)).start()
 
     async def close(self) -> None:
-        for name, provider in self._providers.items():
+        for name, router in self._routers.items():
             try:
-                await provider.close()
+                await router.close()
             except Exception:
-                logger.exception("closing provider of model %s failed", name)
-        self._providers.clear()
+                logger.exception("closing the providers of model %s failed", name)
+        self._routers.clear()

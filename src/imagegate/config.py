@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imagegate.errors import ConfigError, InvalidRequest
@@ -45,6 +53,20 @@ class Settings(BaseSettings):
     fetch_timeout_seconds: float = Field(default=15.0, gt=0)
     fetch_allow_networks: list[str] = Field(default_factory=list)
     """CIDRs the URL fetcher may reach although private/loopback (e.g. ["127.0.0.1/32"])."""
+    # Cloud providers: a key here enables that provider's known models automatically.
+    gemini_api_key: SecretStr | None = None
+    openai_api_key: SecretStr | None = None
+    ark_api_key: SecretStr | None = None
+    dashscope_api_key: SecretStr | None = None
+    gemini_base_url: str | None = None
+    openai_base_url: str | None = None
+    ark_base_url: str | None = None
+    dashscope_base_url: str | None = None
+    # Routing: retries with exponential backoff and jitter, then the circuit breaker.
+    retry_base_delay_seconds: float = Field(default=0.5, ge=0)
+    retry_max_delay_seconds: float = Field(default=20.0, ge=0)
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_seconds: float = Field(default=30.0, ge=0)
     auto_migrate: bool = True
     bootstrap_admin: bool = True
     preload_models: bool = False
@@ -96,14 +118,60 @@ class ModelDefaultsConfig(BaseModel):
         return value
 
 
+class ChannelConfig(BaseModel):
+    """One way to serve a model: a provider, its upstream model name, credentials and URL."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    provider: str = Field(min_length=1)
+    upstream_model: str | None = None
+    """The model name the upstream knows; default: the public model name."""
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    weight: int = Field(default=1, ge=1)
+    priority: int = 0
+    """Higher is preferred; lower priorities are the failover."""
+    timeout: float | None = Field(default=None, gt=0)
+    """Seconds per attempt; default: the provider's own (cloud) or none (local)."""
+    max_retries: int = Field(default=2, ge=0, le=10)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    provider: str = Field(min_length=1)
+    provider: str | None = Field(default=None, min_length=1)
     options: dict[str, Any] = Field(default_factory=dict)
+    channels: list[ChannelConfig] = Field(default_factory=list)
     defaults: ModelDefaultsConfig = Field(default_factory=ModelDefaultsConfig)
     description: str = ""
+
+    @model_validator(mode="after")
+    def _provider_or_channels(self) -> ModelConfig:
+        if (self.provider is None) == (not self.channels):
+            raise ValueError("give either 'provider' (with 'options') or a list of 'channels'")
+        if self.channels and self.options:
+            raise ValueError("'options' belong inside each channel when 'channels' is used")
+        return self
+
+    def resolved_channels(self) -> list[ChannelConfig]:
+        """The channels, named; the `provider:` form is one channel without retries."""
+        if self.provider is not None:
+            return [
+                ChannelConfig(
+                    name=self.name, provider=self.provider, options=self.options, max_retries=0
+                )
+            ]
+        return [
+            c if c.name else c.model_copy(update={"name": f"{self.name}#{i}"})
+            for i, c in enumerate(self.channels)
+        ]
+
+    @property
+    def providers(self) -> list[str]:
+        return [c.provider for c in self.resolved_channels()]
 
 
 class FileConfig(BaseModel):
@@ -134,14 +202,63 @@ def demo_model() -> ModelConfig:
     )
 
 
+# Models enabled automatically when a provider's key is set: provider -> (key setting, models).
+CLOUD_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "gemini": (
+        "gemini_api_key",
+        (
+            "gemini-2.5-flash-image",
+            "gemini-2.5-flash-image-preview",
+            "gemini-3-pro-image-preview",
+            "gemini-3.1-flash-image-preview",
+        ),
+    ),
+    "openai": ("openai_api_key", ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")),
+    "seedream": (
+        "ark_api_key",
+        (
+            "doubao-seedream-4-0-250828",
+            "doubao-seedream-4-5-251128",
+            "doubao-seedream-3-0-t2i-250415",
+            "doubao-seededit-3-0-i2i-250628",
+        ),
+    ),
+    "dashscope": (
+        "dashscope_api_key",
+        ("qwen-image-plus", "qwen-image", "qwen-image-edit-plus", "qwen-image-edit"),
+    ),
+}
+
+
 def load_models(settings: Settings) -> list[ModelConfig]:
-    """The configured models: from the config file, else the built-in demo model."""
+    """The configured models: the config file (else the demo model), plus cloud models
+    whose provider key is set in the environment and that the file does not declare."""
     path = settings.config_file
     if path is None and Path("imagegate.yaml").exists():
         path = Path("imagegate.yaml")
     if path is None:
-        return [demo_model()] if demo_available() else []
-    return load_config_file(path).models
+        models = [demo_model()] if demo_available() else []
+    else:
+        models = load_config_file(path).models
+    declared = {m.name for m in models}
+    return models + [m for m in cloud_models(settings) if m.name not in declared]
+
+
+def cloud_models(settings: Settings) -> list[ModelConfig]:
+    found = []
+    for provider, (key_setting, names) in CLOUD_MODELS.items():
+        if getattr(settings, key_setting) is None:
+            continue
+        for name in names:
+            channel = ChannelConfig(name=f"{provider}-env", provider=provider)
+            found.append(
+                ModelConfig(
+                    name=name,
+                    channels=[channel],
+                    description=f"{provider} (enabled by IMAGEGATE_{key_setting.upper()})",
+                )
+            )
+    return found
 
 
 def demo_available() -> bool:

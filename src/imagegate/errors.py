@@ -68,10 +68,42 @@ class InternalError(ImagegateError):
 
 
 class ProviderError(ImagegateError):
-    """The backend that generates images failed."""
+    """The backend that generates images failed.
+
+    `retryable` tells the router that another try on the same channel may succeed (429s, 5xx,
+    connection errors, timeouts); `failover` that another channel may. `retry_after` is the
+    upstream's Retry-After in seconds.
+    """
 
     status = 502
     kind = "provider_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retryable: bool = False,
+        failover: bool | None = None,
+        retry_after: float | None = None,
+        upstream_status: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, param=param)
+        self.retryable = retryable
+        self.failover = retryable if failover is None else failover
+        """Another channel may succeed (bad key, unknown upstream model, or anything retryable)."""
+        self.retry_after = retry_after
+        self.upstream_status = upstream_status
+        if status is not None:
+            self.status = status
+
+
+class ContentBlocked(ProviderError):
+    """The upstream refused the prompt or the image on safety grounds (never retried)."""
+
+    status = 400
+    kind = "content_policy_violation"
 
 
 class ProviderTimeout(ProviderError):

@@ -29,6 +29,8 @@ class Part:
 
     text: str | None = None
     image: InputImage | None = None
+    thought_signature: str | None = None
+    """Gemini's opaque signature on a model part; echoed back upstream in multi-turn."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +136,14 @@ class GeneratedImage:
     height: int
     seed: int | None = None
     revised_prompt: str = ""
+    thought_signature: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationResult:
     images: tuple[GeneratedImage, ...]
     usage: dict[str, Any] = field(default_factory=dict)
+    channel: str = ""
+    """The channel that served the request (set by the router)."""
+    text: str = ""
+    """Text the model returned beside its images (Gemini), if any."""

@@ -34,10 +34,11 @@ class ProviderOptions(BaseModel):
 class Provider(Protocol):
     """One configured model served by one backend.
 
-    Constructed as `cls(name=..., options=..., defaults=..., settings=...)` where `options` is
-    the raw `options` mapping of the model in the config file (validate it with a
-    ProviderOptions subclass), `defaults` a config.ModelDefaultsConfig and `settings` the
-    config.Settings.
+    Constructed as `cls(name=..., options=..., defaults=..., settings=..., channel=...)`:
+    `name` is the channel's name, `options` the raw `options` mapping of the channel in the
+    config file (validate it with a ProviderOptions subclass), `defaults` a
+    config.ModelDefaultsConfig, `settings` the config.Settings and `channel` the
+    config.ChannelConfig (upstream model name, api key, base URL, timeout) or None.
     """
 
     capabilities: Capabilities

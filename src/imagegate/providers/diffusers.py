@@ -27,7 +27,7 @@ from diffusers.utils import deprecation_utils
 from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
-from imagegate.config import ModelDefaultsConfig, Settings
+from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, ImagegateError, InvalidRequest, ProviderError
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
 from imagegate.providers.runner import PipelineRunner
@@ -125,6 +125,7 @@ class DiffusersProvider:
         options: dict[str, Any],
         defaults: ModelDefaultsConfig,
         settings: Settings,
+        channel: ChannelConfig | None = None,
     ) -> None:
         self.name = name
         self.options = _parse_options(name, options)

@@ -15,6 +15,11 @@ from imagegate.errors import ConfigError
 
 _BUILTIN: dict[str, str] = {
     "diffusers": "imagegate.providers.diffusers:DiffusersProvider",
+    "gemini": "imagegate.providers.gemini:GeminiProvider",
+    "openai": "imagegate.providers.openai:OpenAIProvider",
+    "openai_compatible": "imagegate.providers.openai_compatible:OpenAICompatibleProvider",
+    "seedream": "imagegate.providers.seedream:SeedreamProvider",
+    "dashscope": "imagegate.providers.dashscope:DashScopeProvider",
 }
 _registered: dict[str, str] = {}
 

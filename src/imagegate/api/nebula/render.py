@@ -13,16 +13,24 @@ from imagegate.errors import ImagegateError
 from imagegate.service import DeliveredImage
 
 
-def render_images(images: list[DeliveredImage], shape: Literal["nebula", "openai"]) -> Response:
+def render_images(
+    images: list[DeliveredImage], shape: Literal["nebula", "openai"], channel: str = ""
+) -> Response:
     created = int(time.time())
     if shape == "openai":
         items = [_openai_item(i) for i in images]
-        return JSON({"created": created, "data": items})
+        return JSON({"created": created, "data": items}, headers=channel_header(channel))
     # All three keys are always present; the unused one is "" (reference/nebula-api.md §3.2).
     items = [
         {"url": i.url, "b64_json": i.b64_json, "revised_prompt": i.revised_prompt} for i in images
     ]
-    return JSON({"code": 200, "msg": "Success", "data": {"data": items, "created": created}})
+    body = {"code": 200, "msg": "Success", "data": {"data": items, "created": created}}
+    return JSON(body, headers=channel_header(channel))
+
+
+def channel_header(channel: str) -> dict[str, str]:
+    """Which channel served the request, for operators debugging routing."""
+    return {"x-imagegate-channel": channel} if channel else {}
 
 
 def _openai_item(image: DeliveredImage) -> dict[str, str]:
@@ -34,7 +42,7 @@ def _openai_item(image: DeliveredImage) -> dict[str, str]:
 
 def render_models(models: list[ModelConfig], *, created: int) -> Response:
     data = [
-        {"id": m.name, "object": "model", "created": created, "owned_by": _owner(m.provider)}
+        {"id": m.name, "object": "model", "created": created, "owned_by": _owner(m.providers[0])}
         for m in models
     ]
     return JSON({"object": "list", "data": data})

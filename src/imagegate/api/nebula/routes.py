@@ -34,7 +34,7 @@ async def generations(
     delivered = await service.deliver(
         result.images, image_request.response_format, base_url(request)
     )
-    return render_images(delivered, settings.v1_response_shape)
+    return render_images(delivered, settings.v1_response_shape, result.channel)
 
 
 @router.get("/models")

@@ -116,26 +116,28 @@ async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
         for j, part in enumerate(content.parts)
     ]
     role: Role = "user" if content.role == "user" else "model"
-    return Turn(role=role, parts=tuple(p for p in parts if p is not None))
+    return Turn(role=role, parts=tuple(parts))
 
 
-async def _part(label: str, part: ContentPart, loader: ImageLoader) -> Part | None:
+async def _part(label: str, part: ContentPart, loader: ImageLoader) -> Part:
     given = [name for name in ("text", "image", "inline_data") if getattr(part, name) is not None]
     if len(given) > 1:
         raise InvalidRequest(
             f"{label} has both {given[0]} and {given[1]}: put each in its own part.", param=label
         )
+    signature = part.thought_signature
     if part.image is not None:
-        return Part(image=await loader.load(part.image, label=f"{label}.image"))
+        image = await loader.load(part.image, label=f"{label}.image")
+        return Part(image=image, thought_signature=signature)
     if part.inline_data is not None:
         image = await loader.load_base64(
             part.inline_data.data, part.inline_data.mime_type, label=f"{label}.inline_data"
         )
-        return Part(image=image)
+        return Part(image=image, thought_signature=signature)
     if part.text is not None:
-        return Part(text=part.text)
-    if part.thought_signature is not None:
-        return None  # a signature alone carries nothing a local model can use
+        return Part(text=part.text, thought_signature=signature)
+    if signature is not None:
+        return Part(thought_signature=signature)
     raise InvalidRequest(
         f"{label} is empty: give it 'text', 'image' or 'inline_data'.", param=label
     )

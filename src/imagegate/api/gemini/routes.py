@@ -1,0 +1,7 @@
+"""gemini dialect routes (being built)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["gemini"])
