@@ -12,12 +12,12 @@ from starlette.responses import Response
 
 from imagegate import __version__
 from imagegate.api import admin, files
-from imagegate.api.gemini import routes as gemini
-from imagegate.api.openai import routes as openai
 from imagegate.api.errors import ErrorRenderers, install
+from imagegate.api.gemini import routes as gemini
 from imagegate.api.middleware import RequestContext
 from imagegate.api.nebula import routes as nebula
 from imagegate.api.nebula.render import render_error, render_openai_error
+from imagegate.api.openai import routes as openai
 from imagegate.api.responses import JSON
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
