@@ -67,6 +67,8 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     renderers = ErrorRenderers(render_error)
     if settings.v1_response_shape == "openai":
         renderers.register("/v1/", render_openai_error)
+    renderers.register("/openai/", openai.render_error)
+    renderers.register("/v1beta/", gemini.render_error)
     install(app, renderers)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     app.include_router(nebula.router)
