@@ -82,3 +82,28 @@ class FakeProvider:
             seed,
             revised_prompt=f"fake: {request.prompt}",
         )
+
+
+SCRIPTS: dict[str, list[str]] = {}
+"""Per-channel outcomes for FlakyProvider, consumed one per call: ok, 500, 429, slow, 400, 401."""
+CALLS: dict[str, int] = {}
+
+
+class FlakyProvider(FakeProvider):
+    """A FakeProvider whose calls follow a script, to exercise retries, failover and breakers."""
+
+    async def generate(self, request: ImageRequest) -> GenerationResult:
+        CALLS[self.name] = CALLS.get(self.name, 0) + 1
+        script = SCRIPTS.get(self.name) or ["ok"]
+        outcome = script.pop(0) if len(script) > 1 else script[0]
+        if outcome == "500":
+            raise ProviderError("upstream 500", retryable=True, upstream_status=500)
+        if outcome == "429":
+            raise ProviderError("slow down", retryable=True, retry_after=0.01, status=429)
+        if outcome == "401":
+            raise ProviderError("bad key", failover=True, upstream_status=401)
+        if outcome == "400":
+            raise ProviderError("bad prompt", status=400, upstream_status=400)
+        if outcome == "slow":
+            await asyncio.sleep(5)
+        return await super().generate(request)

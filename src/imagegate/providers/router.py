@@ -44,6 +44,13 @@ class Breaker:
     def is_open(self) -> bool:
         return self.opened_at is not None
 
+    @property
+    def resting(self) -> bool:
+        """Open and not yet due for a probe: such a channel goes to the back of the line."""
+        if self.opened_at is None:
+            return False
+        return self.probing or self.clock() - self.opened_at < self.cooldown
+
     def success(self) -> None:
         self.consecutive, self.opened_at, self.probing = 0, None, False
 
@@ -129,8 +136,8 @@ class Router:
         ordered: list[Channel] = []
         for priority in sorted(by_priority, reverse=True):
             ordered += self._weighted_shuffle(by_priority[priority])
-        return [c for c in ordered if not c.breaker.is_open] + [
-            c for c in ordered if c.breaker.is_open
+        return [c for c in ordered if not c.breaker.resting] + [
+            c for c in ordered if c.breaker.resting
         ]
 
     def _weighted_shuffle(self, channels: list[Channel]) -> list[Channel]:
