@@ -103,3 +103,56 @@ def test_size_parse(raw: str, kind: SizeKind, pixels: tuple[int, int]) -> None:
 def test_size_parse_refuses(raw: str) -> None:
     with pytest.raises(InvalidRequest, match="Invalid size"):
         Size.parse(raw)
+
+
+def test_cloud_models_are_enabled_by_their_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "imagegate.yaml"
+    path.write_text("models:\n  - name: gemini-2.5-flash-image\n    provider: fake\n")
+    settings = Settings(data_dir=tmp_path, config_file=path, gemini_api_key=SecretStr("g-key"))
+    models = {m.name: m for m in load_models(settings)}
+    assert models["gemini-2.5-flash-image"].providers == ["fake"]  # the file wins
+    assert models["gemini-3-pro-image-preview"].providers == ["gemini"]
+    assert not any(m.startswith("gpt-image") for m in models)
+    monkeypatch.setenv("IMAGEGATE_OPENAI_API_KEY", "o-key")
+    names = [m.name for m in load_models(Settings(data_dir=tmp_path, config_file=path))]
+    assert "gpt-image-1" in names and "gemini-3-pro-image-preview" not in names
+
+
+def test_a_missing_cloud_key_names_the_variable(tmp_path: Path) -> None:
+    from imagegate.catalog import Catalog
+    from imagegate.config import ChannelConfig, ModelConfig
+    from imagegate.providers import registry
+
+    registry.register("keyed", "tests.test_config:KeyedProvider")
+    try:
+        model = ModelConfig(name="m", channels=[ChannelConfig(name="main", provider="keyed")])
+        with pytest.raises(
+            ConfigError,
+            match="No API key for channel main: set IMAGEGATE_GEMINI_API_KEY or add api_key",
+        ):
+            Catalog([model], Settings(data_dir=tmp_path)).check_all()
+        keyed = ModelConfig(
+            name="m",
+            channels=[
+                ChannelConfig(
+                    name="main", provider="keyed", api_key=SecretStr("k"), base_url="http://u/"
+                )
+            ],
+        )
+        Catalog([keyed], Settings(data_dir=tmp_path)).check_all()
+    finally:
+        registry.unregister("keyed")
+
+
+from imagegate.providers.base import Capabilities  # noqa: E402
+from imagegate.providers.http import CloudProvider  # noqa: E402
+
+
+class KeyedProvider(CloudProvider):
+    provider = "gemini"
+    key_setting = "gemini_api_key"
+    default_base_url = "http://127.0.0.1:9"
+    capabilities = Capabilities()
