@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from imagegate.config import ModelConfig
 from imagegate.store.db import create_engine, session_factory
 from imagegate.store.models import Usage
 from tests.conftest import (
@@ -280,6 +281,18 @@ async def test_usage_rows_for_success_and_failure(api: Api) -> None:
         ("fake-model", 0, 400),
     ]
     assert all(r.key_id is not None and r.latency_ms >= 0 for r in rows)
+
+
+async def test_overhead_header_excludes_backend_time(tmp_path: Path) -> None:
+    slow = ModelConfig(name="slow", provider="fake", options={"delay_seconds": 0.3})
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'o.db'}")
+    async for api in start_api(settings, [slow]):
+        key = await api.key()
+        response = await api.client.post(
+            GEN, json={"model": "slow", "prompt": "x"}, headers={"Authorization": f"Bearer {key}"}
+        )
+        assert response.status_code == 200
+        assert 0 <= float(response.headers["x-imagegate-overhead-ms"]) < 250
 
 
 async def test_request_id_header(api: Api) -> None:

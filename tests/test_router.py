@@ -176,6 +176,7 @@ async def test_channel_header_through_the_api(tmp_path: Path, db_url: str) -> No
         )
         assert response.status_code == 200
         assert response.headers["x-imagegate-channel"] == "secondary"
+        assert float(response.headers["x-imagegate-overhead-ms"]) >= 0
 
 
 def test_channel_config_rules() -> None:

@@ -80,6 +80,11 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """Factory for `imagegate serve --workers N`: each worker reads Settings itself."""
+    return create_app(Settings())
+
+
 def _health(app: FastAPI) -> None:
     @app.get("/healthz", tags=["health"])
     async def healthz() -> Response:

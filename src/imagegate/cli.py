@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -53,7 +54,14 @@ def main() -> None:
     default=None,
     help="Model config file (default ./imagegate.yaml if present, else the demo model).",
 )
-def serve(host: str | None, port: int | None, config_file: Path | None) -> None:
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the port (each loads its own local models).",
+)
+def serve(host: str | None, port: int | None, config_file: Path | None, workers: int) -> None:
     """Run the server."""
     import uvicorn
 
@@ -72,7 +80,21 @@ def serve(host: str | None, port: int | None, config_file: Path | None) -> None:
         )
     if settings.bootstrap_admin:
         _with_session(settings, _bootstrap_admin)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    if workers == 1:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        return
+    # Worker processes build their own app from the environment: pass the flags on through it.
+    if config_file is not None:
+        os.environ["IMAGEGATE_CONFIG_FILE"] = str(config_file.resolve())
+    os.environ["IMAGEGATE_AUTO_MIGRATE"] = "false"  # done once above, not racing N times
+    uvicorn.run(
+        "imagegate.app:app_from_environment",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_level="warning",
+    )
 
 
 async def _bootstrap_admin(session: AsyncSession) -> None:

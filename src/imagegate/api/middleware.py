@@ -8,6 +8,8 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imagegate.timing import RequestTiming, current
+
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -43,12 +45,23 @@ class RequestContext:
                     raise HTTPException(413, detail=_too_large(limit))
             return message
 
+        timing = RequestTiming()
+        token = current.set(timing)
+
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                overhead = f"{timing.overhead_ms():.2f}".encode()
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", rid.encode()),
+                    (b"x-imagegate-overhead-ms", overhead),
+                ]
             await send(message)
 
-        await self.app(scope, limited_receive, send_with_id)
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        finally:
+            current.reset(token)
 
 
 def _too_large(limit: int) -> str:

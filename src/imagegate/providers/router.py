@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from imagegate.errors import ProviderError, ProviderTimeout
 from imagegate.providers.base import Capabilities, Provider
+from imagegate.timing import upstream_call
 from imagegate.types import GenerationResult, ImageRequest
 
 logger = logging.getLogger(__name__)
@@ -169,11 +170,10 @@ class Router:
 
     @staticmethod
     async def _attempt(channel: Channel, request: ImageRequest) -> GenerationResult:
-        if channel.timeout is None:
-            return await channel.provider.generate(request)
         try:
-            async with asyncio.timeout(channel.timeout):
-                return await channel.provider.generate(request)
+            with upstream_call():
+                async with asyncio.timeout(channel.timeout):
+                    return await channel.provider.generate(request)
         except TimeoutError as exc:
             raise ProviderTimeout(
                 f"Channel {channel.name} did not answer within {channel.timeout:g} s.",
