@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from PIL import Image
 from pydantic import SecretStr
 
@@ -91,9 +92,14 @@ FAKE_MODELS = [
 class Api:
     """An app under test: an ASGI client plus helpers to make keys."""
 
-    def __init__(self, client: httpx.AsyncClient, settings: Settings) -> None:
+    def __init__(self, client: httpx.AsyncClient, settings: Settings, app: FastAPI) -> None:
         self.client = client
         self.settings = settings
+        self.app = app
+
+    async def flush_usage(self) -> None:
+        """Wait until every usage row queued so far is in the database."""
+        await self.app.state.service.usage.flush()
 
     async def key(self, *, admin: bool = False, models: list[str] | None = None) -> str:
         engine = create_engine(self.settings.resolved_database_url)
@@ -112,7 +118,7 @@ async def start_api(settings: Settings, models: list[ModelConfig]) -> AsyncItera
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
-            yield Api(c, settings)
+            yield Api(c, settings, app)
 
 
 @pytest.fixture

@@ -271,6 +271,7 @@ async def test_usage_rows_for_success_and_failure(api: Api) -> None:
     await post(api, {"model": "fake-model", "prompt": "x", "n": 3}, key)
     await post(api, {"model": "fake-broken", "prompt": "x"}, key)
     await post(api, {"model": "fake-model", "prompt": "x", "size": "huge"}, key)
+    await api.flush_usage()
     engine = create_engine(api.settings.resolved_database_url)
     async with session_factory(engine)() as session:
         rows = list(await session.scalars(select(Usage).order_by(Usage.id)))
@@ -337,3 +338,23 @@ async def test_admin_key_api(api: Api) -> None:
     assert revoked.status_code == 200
     status, _ = await post(api, {"model": "fake-model", "prompt": "x"}, secret)
     assert status == 401
+
+
+async def test_key_cache_forgets_keys_revoked_elsewhere(tmp_path: Path) -> None:
+    import asyncio
+
+    from imagegate.store import keys as key_store
+
+    settings = make_settings(
+        tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'k.db'}", key_cache_seconds=0.2
+    )
+    async for api in start_api(settings, FAKE_MODELS):
+        key = await api.key()
+        assert (await post(api, {"model": "fake-model", "prompt": "x"}, key))[0] == 200
+        engine = create_engine(settings.resolved_database_url)
+        async with session_factory(engine).begin() as session:  # as `imagegate keys revoke`
+            assert await key_store.revoke_key(session, key_id=1)
+        await engine.dispose()
+        assert (await post(api, {"model": "fake-model", "prompt": "x"}, key))[0] == 200
+        await asyncio.sleep(0.25)
+        assert (await post(api, {"model": "fake-model", "prompt": "x"}, key))[0] == 401

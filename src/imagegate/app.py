@@ -51,6 +51,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             catalog=catalog,
             storage=LocalStorage(settings.resolved_storage_dir),
             signer=signer,
+            key_cache_seconds=settings.key_cache_seconds,
         )
         app.state.engine = engine
         if settings.preload_models:
@@ -58,6 +59,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         try:
             yield
         finally:
+            await app.state.service.usage.close()
             await catalog.close()
             await fetcher.aclose()
             await engine.dispose()

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     retry_max_delay_seconds: float = Field(default=20.0, ge=0)
     breaker_failures: int = Field(default=5, ge=1)
     breaker_cooldown_seconds: float = Field(default=30.0, ge=0)
+    key_cache_seconds: float = Field(default=5.0, ge=0)
+    """How long a process trusts a checked API key; a key revoked through another process
+    (the CLI, another replica) keeps working at most this long there."""
     auto_migrate: bool = True
     bootstrap_admin: bool = True
     preload_models: bool = False

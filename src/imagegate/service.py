@@ -21,7 +21,7 @@ from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
 from imagegate.store.models import ApiKey
-from imagegate.store.usage import record_usage
+from imagegate.store.usage import UsageWriter
 from imagegate.types import GeneratedImage, GenerationResult, ImageRequest, ResponseFormat
 
 logger = logging.getLogger(__name__)
@@ -54,11 +54,16 @@ class ImageService:
         catalog: Catalog,
         storage: Storage,
         signer: UrlSigner,
+        key_cache_seconds: float = 0.0,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
         self.storage = storage
         self.signer = signer
+        self.usage = UsageWriter(sessions)
+        self.key_cache_seconds = key_cache_seconds
+        # digest -> (principal, expiry): saves a database round trip per request.
+        self._keys: dict[str, tuple[Principal, float]] = {}
 
     async def authenticate(self, secret: str | None) -> Principal:
         if not secret:
@@ -66,6 +71,10 @@ class ImageService:
                 "Missing API key: send the header 'Authorization: Bearer sk-...'. "
                 "Create a key with `imagegate keys create`."
             )
+        digest = key_store.digest(secret)
+        cached = self._keys.get(digest)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
         async with self.sessions() as session:
             key = await key_store.find_active_key(session, secret=secret)
         if key is None:
@@ -73,7 +82,16 @@ class ImageService:
                 "Invalid or revoked API key: check the key, or create a "
                 "new one with `imagegate keys create`."
             )
-        return _principal(key)
+        principal = _principal(key)
+        if self.key_cache_seconds > 0:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            self._keys[digest] = (principal, time.monotonic() + self.key_cache_seconds)
+        return principal
+
+    def forget_key(self, key_id: int) -> None:
+        """Drop a revoked key from this process's cache at once (others expire it in seconds)."""
+        self._keys = {d: v for d, v in self._keys.items() if v[0].key_id != key_id}
 
     def authorize_model(self, principal: Principal, model: str) -> None:
         self.catalog.config(model)  # unknown models are a 404 before any permission question
@@ -141,18 +159,16 @@ class ImageService:
         status: int,
         error: str | None,
     ) -> None:
-        async with self.sessions.begin() as session:
-            await record_usage(
-                session,
-                request_id=request_id,
-                key_id=principal.key_id,
-                model=model,
-                endpoint=endpoint,
-                images=images,
-                latency_ms=latency_ms,
-                status=status,
-                error=error,
-            )
+        self.usage.record(
+            request_id=request_id,
+            key_id=principal.key_id,
+            model=model,
+            endpoint=endpoint,
+            images=images,
+            latency_ms=latency_ms,
+            status=status,
+            error=error,
+        )
 
     async def deliver(
         self, images: tuple[GeneratedImage, ...], response_format: ResponseFormat, base_url: str

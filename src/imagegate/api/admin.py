@@ -61,4 +61,5 @@ async def revoke_key(key_id: int, _admin: AdminKey, service: Service) -> Respons
     async with service.sessions.begin() as session:
         if not await key_store.revoke_key(session, key_id=key_id):
             raise NotFound(f"No active key with id {key_id}.")
+    service.forget_key(key_id)
     return ok({"id": key_id, "revoked": True})

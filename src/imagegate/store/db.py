@@ -30,6 +30,8 @@ def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
     # WAL lets readers run beside the single writer; foreign keys are off by default in SQLite.
     cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
     cursor.execute("PRAGMA journal_mode=WAL")
+    # In WAL mode NORMAL survives process crashes; only an OS crash can undo the newest commits.
+    cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
