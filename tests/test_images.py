@@ -288,3 +288,25 @@ async def test_loader_names_the_image_in_errors(loader: ImageLoader) -> None:
         await loader.load(
             base64.b64encode(b"hello world, not an image").decode(), label="content[1].image"
         )
+
+
+@pytest.mark.parametrize(
+    ("fmt", "mime", "options"),
+    [
+        ("PNG", "image/png", {}),
+        ("JPEG", "image/jpeg", {}),
+        ("WEBP", "image/webp", {}),
+        ("WEBP", "image/webp", {"lossless": True}),
+    ],
+)
+def test_sniff_b64_sizes_without_decoding_everything(
+    fmt: str, mime: str, options: dict[str, object]
+) -> None:
+    import base64 as b64module
+
+    from imagegate.images import sniff_b64
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 170), (10, 200, 30)).save(buffer, format=fmt, **options)
+    assert sniff_b64(b64module.b64encode(buffer.getvalue()).decode()) == (mime, 300, 170)
+    assert sniff_b64("bm90IGFuIGltYWdl") is None

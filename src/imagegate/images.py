@@ -266,3 +266,43 @@ class ImageLoader:
         return verify_image(
             data, max_bytes=self._max_bytes, max_pixels=self._max_pixels, label=label
         )
+
+
+def sniff_b64(b64: str) -> tuple[str, int, int] | None:
+    """MIME type and size of a base64 image from its first bytes, without decoding it all.
+
+    For relaying provider output as-is; None when the header is not a PNG, JPEG or WEBP
+    that Pillow can size from its first 48 KB.
+    """
+    head = b64[: 64 * 1024].rstrip("=")
+    head = head[: len(head) - len(head) % 4]
+    try:
+        data = base64.b64decode(head)
+    except ValueError:
+        return None
+    fmt = detect_format(data)
+    if fmt == "WEBP":  # Pillow's WEBP reader decodes the whole file to learn its size
+        size = _webp_size(data)
+        return ("image/webp", *size) if size else None
+    if fmt not in _ACCEPTED:
+        return None
+    try:
+        with _open(data, fmt) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return _ACCEPTED[fmt][1], width, height
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size from a WEBP header (RIFF container; VP8X, VP8 or VP8L first chunk)."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -177,8 +176,7 @@ class ImageService:
         delivered = []
         for image in images:
             if response_format == "b64_json":
-                encoded = base64.b64encode(image.data).decode()
-                delivered.append(DeliveredImage("", encoded, image.revised_prompt))
+                delivered.append(DeliveredImage("", image.b64, image.revised_prompt))
             else:
                 key = await self.storage.put(image.data, mime=image.mime)
                 url = self.signer.url(base_url, key)

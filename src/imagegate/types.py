@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -128,15 +129,62 @@ class ImageRequest:
         return self.images[-1] if self.images else None
 
 
-@dataclass(frozen=True, slots=True)
 class GeneratedImage:
-    data: bytes
-    mime: str
-    width: int
-    height: int
-    seed: int | None = None
-    revised_prompt: str = ""
-    thought_signature: str | None = None
+    """A generated image. Holds raw bytes, base64 text, or both, converting lazily.
+
+    A provider that receives base64 from upstream passes `b64=` and no bytes, so a b64_json
+    response relays the text untouched: multi-megabyte images are never decoded and encoded
+    again on the way through.
+    """
+
+    __slots__ = (
+        "_b64",
+        "_data",
+        "height",
+        "mime",
+        "revised_prompt",
+        "seed",
+        "thought_signature",
+        "width",
+    )
+
+    def __init__(
+        self,
+        data: bytes | None = None,
+        mime: str = "image/png",
+        width: int = 0,
+        height: int = 0,
+        seed: int | None = None,
+        revised_prompt: str = "",
+        thought_signature: str | None = None,
+        *,
+        b64: str | None = None,
+    ) -> None:
+        if data is None and b64 is None:
+            raise ValueError("GeneratedImage needs data or b64")
+        self._data = data
+        self._b64 = b64
+        self.mime = mime
+        self.width = width
+        self.height = height
+        self.seed = seed
+        self.revised_prompt = revised_prompt
+        self.thought_signature = thought_signature
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = base64.b64decode(self._b64 or "")
+        return self._data
+
+    @property
+    def b64(self) -> str:
+        if self._b64 is None:
+            self._b64 = base64.b64encode(self._data or b"").decode()
+        return self._b64
+
+    def __repr__(self) -> str:
+        return f"GeneratedImage({self.mime}, {self.width}x{self.height}, seed={self.seed})"
 
 
 @dataclass(frozen=True, slots=True)
