@@ -12,7 +12,6 @@ import importlib
 import inspect
 import io
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -28,28 +27,21 @@ from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
-from imagegate.errors import ConfigError, ImagegateError, InvalidRequest, ProviderError
+from imagegate.errors import ConfigError, ImagegateError, ProviderError
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.providers.diffusers_plan import FORMATS, Job, Planner
 from imagegate.providers.runner import PipelineRunner
 from imagegate.types import (
     GeneratedImage,
     GenerationResult,
     ImageRequest,
     InputImage,
-    Size,
-    SizeKind,
 )
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_FORMATS = {
-    "png": ("PNG", "image/png"),
-    "jpeg": ("JPEG", "image/jpeg"),
-    "jpg": ("JPEG", "image/jpeg"),
-    "webp": ("WEBP", "image/webp"),
-}
 # Newer diffusers renamed from_pretrained's `torch_dtype` to `dtype` and warn on the old name.
 _DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 _ACCEPTS = frozenset(
@@ -63,9 +55,7 @@ _ACCEPTS = frozenset(
         "output_format",
     }
 )
-_DEFAULT_STRENGTH = 0.6
 _DEFAULT_STEPS = 30
-_MAX_SEED = 2**63 - 1
 
 
 class DiffusersOptions(ProviderOptions):
@@ -96,25 +86,6 @@ class _Loaded:
     default_steps: int
 
 
-@dataclass(frozen=True, slots=True)
-class _Job:
-    """One request, resolved: what the runner thread needs and nothing it must look up.
-
-    Jobs whose size, steps, guidance and strength match are what a batching window will merge.
-    """
-
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float | None
-    strength: float | None
-    init_image: InputImage | None
-    seeds: tuple[int, ...]
-    output_format: str
-
-
 class DiffusersProvider:
     """One diffusers pipeline served from this process."""
 
@@ -129,7 +100,7 @@ class DiffusersProvider:
     ) -> None:
         self.name = name
         self.options = _parse_options(name, options)
-        self.defaults = defaults
+        self._planner = Planner(name, self.options, defaults)
         self.settings = settings
         self.pipeline_class = _import_pipeline_class(name, self.options.pipeline_class)
         self.capabilities = Capabilities(
@@ -155,15 +126,29 @@ class DiffusersProvider:
         self._runner.close()
         self._loading = None
 
+    @property
+    def defaults(self) -> ModelDefaultsConfig:
+        return self._planner.defaults
+
+    @defaults.setter
+    def defaults(self, value: ModelDefaultsConfig) -> None:
+        self._planner.defaults = value
+
     def interrupt(self) -> None:
         """Ask the running job to stop after its current step; it then fails with ProviderError."""
         self._interrupt.set()
 
     async def generate(self, request: ImageRequest) -> GenerationResult:
         check_capabilities(self.name, self.capabilities, request)
-        output_format = self._output_format(request)
+        output_format = self._planner.output_format(request)
         loaded = await self._ensure_loaded()
-        job = self._plan(request, loaded, output_format)
+        job = self._planner.plan(
+            request,
+            native_side=loaded.native_side,
+            default_steps=loaded.default_steps,
+            can_edit=loaded.edit_pipe is not None,
+            output_format=output_format,
+        )
         started = time.perf_counter()
         images = await self._in_runner(lambda: self._execute(loaded, job), "generate images")
         usage = {
@@ -286,109 +271,6 @@ class DiffusersProvider:
         side = sample * scale if isinstance(sample, int) and isinstance(scale, int) else 512
         return max(self.options.min_side, min(self.options.max_side, side // 8 * 8))
 
-    # -- planning (event loop) ---------------------------------------------------------------
-
-    def _output_format(self, request: ImageRequest) -> str:
-        fmt = (request.output_format or "png").lower()
-        if fmt not in _FORMATS:
-            raise InvalidRequest(
-                f"Invalid output_format {request.output_format!r} for model "
-                f"{self.name}: use png, jpeg or webp.",
-                param="output_format",
-            )
-        return fmt
-
-    def _plan(self, request: ImageRequest, loaded: _Loaded, output_format: str) -> _Job:
-        init = request.latest_image
-        width, height = self._size(request, loaded, init)
-        steps = _first(request.num_inference_steps, self.defaults.steps, loaded.default_steps)
-        if steps < 1:
-            raise InvalidRequest(
-                f"Invalid num_inference_steps={steps}: use at least 1.", param="num_inference_steps"
-            )
-        strength = None
-        if init is not None:
-            strength = self._strength(request, loaded, steps)
-        elif request.strength is not None:
-            raise InvalidRequest(
-                "Parameter strength applies only to image edits: send a "
-                "reference image or remove strength.",
-                param="strength",
-            )
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        if not 0 <= seed <= _MAX_SEED - request.n:
-            raise InvalidRequest(
-                f"Invalid seed {seed}: use an integer from 0 to 2**63 - 64.", param="seed"
-            )
-        guidance = request.guidance_scale
-        return _Job(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            width=width,
-            height=height,
-            steps=steps,
-            strength=strength,
-            init_image=init,
-            guidance_scale=guidance if guidance is not None else self.defaults.guidance_scale,
-            seeds=tuple(seed + i for i in range(request.n)),
-            output_format=output_format,
-        )
-
-    def _strength(self, request: ImageRequest, loaded: _Loaded, steps: int) -> float:
-        if loaded.edit_pipe is None:
-            raise InvalidRequest(
-                f"Model {self.name} cannot edit images: its pipeline has no "
-                "image-to-image variant. Send a text prompt only.",
-                param="image",
-            )
-        strength = _first(request.strength, self.defaults.strength, _DEFAULT_STRENGTH)
-        if not 0 < strength <= 1 or int(steps * strength) < 1:
-            raise InvalidRequest(
-                f"Invalid strength {strength} with {steps} steps: strength must be in (0, 1] and "
-                "strength x num_inference_steps at least 1; raise one of them.",
-                param="strength",
-            )
-        return strength
-
-    def _size(
-        self, request: ImageRequest, loaded: _Loaded, init: InputImage | None
-    ) -> tuple[int, int]:
-        opts = self.options
-        if request.size is None and init is not None:
-            return self._size_of(init)
-        size = request.size or (Size.parse(self.defaults.size) if self.defaults.size else None)
-        if size is None:
-            return loaded.native_side, loaded.native_side
-        width, height = size.to_pixels(loaded.native_side)
-        if size.kind is SizeKind.RATIO:
-            width, height = round(width / 8) * 8, round(height / 8) * 8
-        if any(side % 8 or not opts.min_side <= side <= opts.max_side for side in (width, height)):
-            label = (
-                f"{width}x{height}"
-                if size.kind is SizeKind.PIXELS
-                else (f"{size.raw!r} ({width}x{height})")
-            )
-            raise InvalidRequest(
-                f"Invalid size {label} for model {self.name}: width and height must be "
-                f"multiples of 8 between {opts.min_side} and {opts.max_side}.",
-                param="size",
-            )
-        return width, height
-
-    def _size_of(self, init: InputImage) -> tuple[int, int]:
-        """An edit keeps the reference image's shape: fit into max_side, round down to 8."""
-        scale = min(1.0, self.options.max_side / max(init.width, init.height))
-        width = int(init.width * scale) // 8 * 8
-        height = int(init.height * scale) // 8 * 8
-        if min(width, height) < self.options.min_side:
-            raise InvalidRequest(
-                f"Reference image {init.width}x{init.height} is too small for model {self.name}: "
-                f"each side must be at least {self.options.min_side} pixels. Send a larger image "
-                "or set size.",
-                param="image",
-            )
-        return width, height
-
     # -- generation (runner thread) ----------------------------------------------------------
 
     async def _in_runner(self, fn: Callable[[], T], action: str) -> T:
@@ -403,7 +285,7 @@ class DiffusersProvider:
             logger.error("model %s: failed to %s", self.name, action, exc_info=exc)
             raise ProviderError(f"Model {self.name} failed to {action}: {_describe(exc)}") from exc
 
-    def _execute(self, loaded: _Loaded, job: _Job) -> tuple[GeneratedImage, ...]:
+    def _execute(self, loaded: _Loaded, job: Job) -> tuple[GeneratedImage, ...]:
         pipe: Any = loaded.pipe if job.init_image is None else loaded.edit_pipe
         kwargs = self._call_kwargs(pipe, job)
         self._interrupt.clear()
@@ -419,7 +301,7 @@ class DiffusersProvider:
             for image, seed in zip(output.images, job.seeds, strict=True)
         )
 
-    def _call_kwargs(self, pipe: Any, job: _Job) -> dict[str, Any]:
+    def _call_kwargs(self, pipe: Any, job: Job) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "prompt": job.prompt,
             "num_inference_steps": job.steps,
@@ -505,10 +387,6 @@ def _default_steps(pipe: Any) -> int:
     return default if isinstance(default, int) and default > 0 else _DEFAULT_STEPS
 
 
-def _first(*values: T | None) -> T:
-    return next(value for value in values if value is not None)
-
-
 def _quiet(pipe: Any) -> None:
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -529,7 +407,7 @@ def _decode(image: InputImage, width: int, height: int) -> Image.Image:
 
 
 def _encode(image: Image.Image, fmt: str, seed: int) -> GeneratedImage:
-    pil_format, mime = _FORMATS[fmt]
+    pil_format, mime = FORMATS[fmt]
     buffer = io.BytesIO()
     options = {} if pil_format == "PNG" else {"quality": 90}
     image.convert("RGB").save(buffer, format=pil_format, **options)
