@@ -358,3 +358,20 @@ async def test_key_cache_forgets_keys_revoked_elsewhere(tmp_path: Path) -> None:
         assert (await post(api, {"model": "fake-model", "prompt": "x"}, key))[0] == 200
         await asyncio.sleep(0.25)
         assert (await post(api, {"model": "fake-model", "prompt": "x"}, key))[0] == 401
+
+
+async def test_qwen_full_format_prompt_and_unknown_extra(api: Api) -> None:
+    key = await api.key()
+    body = {
+        "model": "fake-model",
+        "response_format": "b64_json",
+        "extra": {
+            "input": {"messages": [{"role": "user", "content": [{"text": "red"}]}]},
+            "parameters": {"size": "8x8"},
+        },
+    }
+    status, got = await post(api, body, key)
+    assert status == 200, got
+    assert got["data"]["data"][0]["revised_prompt"] == "fake: red"
+    status, got = await post(api, {**body, "extra": {"inputs": {}}}, key)
+    assert status == 400 and "extra.inputs" in got["msg"]

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    """Cap on one image downloaded from a provider's result link (4K PNGs are large)."""
     fetch_timeout_seconds: float = Field(default=15.0, gt=0)
     fetch_allow_networks: list[str] = Field(default_factory=list)
     """CIDRs the URL fetcher may reach although private/loopback (e.g. ["127.0.0.1/32"])."""

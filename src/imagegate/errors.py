@@ -88,6 +88,7 @@ class ProviderError(ImagegateError):
         retry_after: float | None = None,
         upstream_status: int | None = None,
         status: int | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message, param=param)
         self.retryable = retryable
@@ -95,6 +96,10 @@ class ProviderError(ImagegateError):
         """Another channel may succeed (bad key, unknown upstream model, or anything retryable)."""
         self.retry_after = retry_after
         self.upstream_status = upstream_status
+        self.code = code
+        """The upstream's own error code (e.g. "moderation_blocked"), when it sent one."""
+        self.code = code
+        """The upstream's own error code (e.g. "moderation_blocked"), when it sent one."""
         if status is not None:
             self.status = status
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import httpx
 import orjson
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, ProviderError, ProviderTimeout
@@ -44,7 +44,15 @@ class CloudProvider:
         channel = channel or ChannelConfig(name=name, provider=self.provider)
         self.name = name
         self.defaults = defaults
-        self.options = self.Options.model_validate(options)
+        try:
+            self.options = self.Options.model_validate(options)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "options"
+            raise ConfigError(
+                f"Invalid options for channel {channel.name or name} "
+                f"({self.provider}): {field}: {first['msg']}."
+            ) from None
         self.upstream_model = channel.upstream_model or name
         self.api_key = self._api_key(channel, settings)
         prefix = self.key_setting.removesuffix("_api_key")
@@ -60,7 +68,11 @@ class CloudProvider:
             trust_env=False,
             limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
         )
-        self.fetcher = Fetcher.from_settings(settings)
+        self.fetcher = Fetcher(
+            timeout=max(self.timeout, settings.fetch_timeout_seconds),
+            max_bytes=settings.max_output_bytes,
+            allow_networks=settings.fetch_allow_networks,
+        )
 
     def _api_key(self, channel: ChannelConfig, settings: Settings) -> str:
         key: SecretStr | None = channel.api_key or getattr(settings, self.key_setting)
@@ -129,13 +141,14 @@ def parse_json(provider: str, response: httpx.Response) -> Any:
 def upstream_error(provider: str, channel: str, response: httpx.Response) -> ProviderError:
     """Map an upstream HTTP error: 429/5xx retry, 401/403/404 fail over, other 4xx are final."""
     status = response.status_code
-    detail = _error_message(response)
+    detail, code = _error_details(response)
     if status == 429:
         return ProviderError(
             f"{provider} is rate limiting channel {channel}: {detail}",
             retryable=True,
             retry_after=retry_after(response),
             upstream_status=status,
+            code=code,
             status=429,
         )
     if status >= 500:
@@ -143,6 +156,7 @@ def upstream_error(provider: str, channel: str, response: httpx.Response) -> Pro
             f"{provider} failed with HTTP {status}: {detail}",
             retryable=True,
             upstream_status=status,
+            code=code,
             retry_after=retry_after(response),
         )
     if status in (401, 403):
@@ -151,6 +165,7 @@ def upstream_error(provider: str, channel: str, response: httpx.Response) -> Pro
             f"(HTTP {status}): check its API key. {detail}",
             failover=True,
             upstream_status=status,
+            code=code,
         )
     if status == 404:
         return ProviderError(
@@ -158,24 +173,30 @@ def upstream_error(provider: str, channel: str, response: httpx.Response) -> Pro
             f"{channel} (HTTP 404): {detail}",
             failover=True,
             upstream_status=status,
+            code=code,
         )
     return ProviderError(
         f"{provider} rejected the request (HTTP {status}): {detail}",
         upstream_status=status,
+        code=code,
         status=400,
     )
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_details(response: httpx.Response) -> tuple[str, str | None]:
+    """The upstream's error message and code, from the usual JSON error shapes."""
     try:
         body = orjson.loads(response.content)
     except orjson.JSONDecodeError:
-        return "no error details"
+        return "no error details", None
     error = body.get("error", body) if isinstance(body, dict) else body
-    if isinstance(error, dict):
-        message = error.get("message") or error.get("msg") or error.get("code")
-        return str(message)[:500] if message else "no error details"
-    return str(error)[:500]
+    if not isinstance(error, dict):
+        return str(error)[:500], None
+    code = error.get("code") or error.get("status")
+    message = error.get("message") or error.get("msg") or code
+    return (str(message)[:500] if message else "no error details"), (
+        str(code) if code is not None else None
+    )
 
 
 def retry_after(response: httpx.Response) -> float | None:

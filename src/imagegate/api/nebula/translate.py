@@ -36,7 +36,7 @@ _OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) -> ImageRequest:
     fields = _merge_parameters(body)
     turns = await _conversation(body, loader)
-    prompt = _resolve_prompt(turns, body.prompt)
+    prompt = _resolve_prompt(turns, body.prompt or _extra_input_text(body))
     images = tuple(p.image for t in turns for p in t.parts if p.image is not None)
     return ImageRequest(
         model=body.model,
@@ -66,6 +66,12 @@ def _merge_parameters(body: ImageGenerationRequest) -> dict[str, Any]:
     extras: dict[str, Any] = {
         name: getattr(body, name) for name in _EXTRA_FIELDS if getattr(body, name) is not None
     }
+    unknown = sorted(set(body.extra or {}) - {"input", "parameters"})
+    if unknown:
+        raise InvalidRequest(
+            f"Unknown parameter 'extra.{unknown[0]}': extra takes 'input' and 'parameters'.",
+            param=f"extra.{unknown[0]}",
+        )
     nested = dict((body.extra or {}).get("parameters") or {})
     nested.update(body.parameters or {})
     for name, value in nested.items():
@@ -73,8 +79,26 @@ def _merge_parameters(body: ImageGenerationRequest) -> dict[str, Any]:
             fields[name] = value
         else:
             extras[name] = value
+    options = dict(body.sequential_image_generation_options or {})
+    options.pop("max_images", None)
+    if options:  # anything beyond max_images goes to the provider, which accepts or refuses it
+        extras["sequential_image_generation_options"] = options
     fields["extras"] = extras
     return fields
+
+
+def _extra_input_text(body: ImageGenerationRequest) -> str | None:
+    """The prompt of Qwen's "full format": extra.input.messages[].content[].text."""
+    messages = ((body.extra or {}).get("input") or {}).get("messages") or []
+    texts = [
+        part.get("text")
+        for message in messages
+        if isinstance(message, dict)
+        for part in message.get("content") or []
+        if isinstance(part, dict)
+    ]
+    joined = "\n".join(t.strip() for t in texts if isinstance(t, str) and t.strip())
+    return joined or None
 
 
 async def _conversation(body: ImageGenerationRequest, loader: ImageLoader) -> tuple[Turn, ...]:
