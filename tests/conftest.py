@@ -32,7 +32,7 @@ def _fake_provider() -> Iterator[None]:
     registry.unregister("fake")
 
 
-async def _pg_create() -> str:
+async def create_pg_database() -> str:
     import asyncpg
 
     name = f"imagegate_{uuid.uuid4().hex[:12]}"
@@ -49,7 +49,7 @@ async def _pg_create() -> str:
     return name
 
 
-async def _pg_drop(name: str) -> None:
+async def drop_pg_database(name: str) -> None:
     import asyncpg
 
     conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=5)
@@ -65,10 +65,10 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
         return
-    name = await _pg_create()
+    name = await create_pg_database()
     base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     yield f"{base}/{name}"
-    await _pg_drop(name)
+    await drop_pg_database(name)
 
 
 def make_settings(tmp_path: Path, db_url: str, **overrides: object) -> Settings:

@@ -71,6 +71,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         renderers.register("/v1/", render_openai_error)
     renderers.register("/openai/", openai.render_error)
     renderers.register("/v1beta/", gemini.render_error)
+    renderers.register("/v1/models/", gemini.render_error)  # Gemini SDKs also call /v1/models/M:...
     install(app, renderers)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     app.include_router(nebula.router)

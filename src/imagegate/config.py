@@ -218,7 +218,10 @@ CLOUD_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
             "gemini-3.1-flash-image-preview",
         ),
     ),
-    "openai": ("openai_api_key", ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")),
+    "openai": (
+        "openai_api_key",
+        ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2"),
+    ),
     "seedream": (
         "ark_api_key",
         (

@@ -1,16 +1,118 @@
-"""openai dialect routes (being built)."""
+"""OpenAI dialect at /openai/v1: parse, call the service, render. Nothing else.
+
+Any configured model answers here, local or cloud: the official `openai` SDK with
+`base_url=<server>/openai/v1` generates and edits with every model imagegate serves.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.responses import Response
 
-from imagegate.api.nebula.render import render_openai_error
-from imagegate.errors import ImagegateError
+from imagegate.api.deps import CurrentKey, Loader, Service, SettingsDep, base_url, request_id
+from imagegate.api.openai.protocol import ImageEditRequest, ImageGenerateRequest
+from imagegate.api.openai.render import render_error, render_images, render_model, render_models
+from imagegate.api.openai.translate import (
+    from_edit_form,
+    from_edit_json,
+    from_generate,
+    read_form,
+)
+from imagegate.errors import InvalidRequest
+from imagegate.service import ImageService, Principal
+from imagegate.types import ImageRequest
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(prefix="/openai/v1", tags=["openai"])
 
 
-def render_error(error: ImagegateError) -> Response:
-    """Errors on this dialect's paths (placeholder until the dialect renders its own)."""
-    return render_openai_error(error)
+@router.post("/images/generations")
+async def generations(
+    body: ImageGenerateRequest, request: Request, principal: CurrentKey, service: Service
+) -> Response:
+    async def prepare() -> ImageRequest:
+        return from_generate(body)
+
+    return await _run(service, principal, request, body.model, prepare, "generations")
+
+
+@router.post("/images/edits")
+async def edits(
+    request: Request,
+    principal: CurrentKey,
+    service: Service,
+    loader: Loader,
+    settings: SettingsDep,
+) -> Response:
+    """Multipart (`image` / `image[]` files, `mask`) as the SDK sends, or JSON with `images`."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        async with request.form(max_files=32) as form:
+            body, uploads, mask = await read_form(form)
+
+        async def prepare() -> ImageRequest:
+            return await from_edit_form(body, uploads, mask, settings)
+
+        return await _run(service, principal, request, body.model, prepare, "edits")
+    if media_type == "application/json":
+        json_body = _edit_json(await request.body())
+        return await _run(
+            service,
+            principal,
+            request,
+            json_body.model,
+            lambda: from_edit_json(json_body, loader),
+            "edits",
+        )
+    raise InvalidRequest(
+        "Send /images/edits as multipart/form-data (image files) or as application/json "
+        f"(images[].image_url), not {media_type or 'a body without Content-Type'}."
+    )
+
+
+@router.get("/models")
+async def models(principal: CurrentKey, service: Service) -> Response:
+    allowed = principal.allowed_models
+    configs = [m for m in service.catalog.models if allowed is None or m.name in allowed]
+    return render_models(configs, created=int(time.time()))
+
+
+@router.get("/models/{model:path}")
+async def model(model: str, principal: CurrentKey, service: Service) -> Response:
+    service.authorize_model(principal, model)
+    return render_model(service.catalog.config(model), created=int(time.time()))
+
+
+async def _run(
+    service: ImageService,
+    principal: Principal,
+    request: Request,
+    model: str,
+    prepare: Callable[[], Awaitable[ImageRequest]],
+    endpoint: str,
+) -> Response:
+    image_request, result = await service.generate(
+        principal,
+        model,
+        prepare,
+        endpoint=f"openai.images.{endpoint}",
+        request_id=request_id(request),
+    )
+    delivered = await service.deliver(
+        result.images, image_request.response_format, base_url(request)
+    )
+    return render_images(delivered, result)
+
+
+def _edit_json(raw: bytes) -> ImageEditRequest:
+    try:
+        return ImageEditRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+
+
+__all__ = ["render_error", "router"]

@@ -1,0 +1,286 @@
+"""Gemini GenerateContentRequest -> ImageRequest, and GenerationResult -> GenerateContentResponse.
+
+Any configured model answers in this dialect, local or cloud. The choices:
+- `contents` becomes the conversation; `thought: true` parts (reasoning) are dropped, the
+  `thoughtSignature` of every other part is kept so a Gemini upstream gets it back.
+- `fileData` is refused: the gateway cannot read Google's Files API; send images inline.
+- `imageConfig.aspectRatio` is the size; `imageSize` alone is a tier size (2K), beside a ratio
+  it is the `image_size` extra. `candidateCount` is n, `seed` the seed.
+- `temperature`, `topP`, `topK`, `personGeneration` and `systemInstruction` become provider
+  extras: models that cannot honour them refuse them by name.
+- `responseModalities` must include IMAGE. ["IMAGE"] drops text parts from the answer here,
+  and is passed on to models that accept it (Gemini then spends no tokens on text).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from imagegate.api.gemini.protocol import (
+    Candidate,
+    Content,
+    GenerateContentRequest,
+    GenerateContentResponse,
+    InlineData,
+    Part,
+    ResponseContent,
+    ResponsePart,
+    UsageMetadata,
+)
+from imagegate.errors import InvalidRequest
+from imagegate.images import ImageLoader
+from imagegate.types import GenerationResult, ImageRequest, Role, Size, Turn
+from imagegate.types import Part as TurnPart
+
+MAX_REFERENCE_IMAGES = 16
+_OUTPUT_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+
+
+def response_modalities(body: GenerateContentRequest) -> list[str]:
+    config = body.generation_config
+    asked = config.response_modalities if config else None
+    if asked is None:
+        return ["TEXT", "IMAGE"]
+    modalities = [m.upper() for m in asked]
+    if "IMAGE" not in modalities or not set(modalities) <= {"TEXT", "IMAGE"}:
+        raise InvalidRequest(
+            f"Invalid generationConfig.responseModalities {asked!r}: use ['TEXT', 'IMAGE'] or "
+            "['IMAGE'] (this endpoint generates images).",
+            param="generationConfig.responseModalities",
+        )
+    return [m for m in ("TEXT", "IMAGE") if m in modalities]
+
+
+async def to_image_request(
+    model: str, body: GenerateContentRequest, loader: ImageLoader, *, accepts: frozenset[str]
+) -> ImageRequest:
+    """`accepts` is what the model's provider accepts: hints it cannot take are not sent."""
+    _refuse_unsupported(body)
+    turns = await _conversation(body.contents, loader)
+    config = body.generation_config
+    image = config.image_config if config else None
+    extras = _extras(body, accepts)
+    size = None
+    if image and image.aspect_ratio:
+        size = _size(image.aspect_ratio, "generationConfig.imageConfig.aspectRatio")
+        if image.image_size:
+            extras["image_size"] = image.image_size
+    elif image and image.image_size:
+        size = _size(image.image_size, "generationConfig.imageConfig.imageSize")
+    return ImageRequest(
+        model=model,
+        prompt=_prompt(turns),
+        conversation=turns,
+        images=tuple(p.image for t in turns for p in t.parts if p.image is not None),
+        n=_candidates(config.candidate_count if config else None),
+        size=size,
+        seed=config.seed if config else None,
+        output_format=_output_format(image.output_mime_type if image else None),
+        response_format="b64_json",
+        extras=extras,
+    )
+
+
+def _refuse_unsupported(body: GenerateContentRequest) -> None:
+    for name, value in (
+        ("tools", body.tools),
+        ("toolConfig", body.tool_config),
+        ("cachedContent", body.cached_content),
+    ):
+        if value is not None:
+            raise InvalidRequest(
+                f"{name} is not supported: this endpoint generates images; remove {name}.",
+                param=name,
+            )
+
+
+def _extras(body: GenerateContentRequest, accepts: frozenset[str]) -> dict[str, Any]:
+    extras: dict[str, Any] = {}
+    config = body.generation_config
+    if config is not None:
+        for name, value in (
+            ("temperature", config.temperature),
+            ("top_p", config.top_p),
+            ("top_k", config.top_k),
+        ):
+            if value is not None:
+                extras[name] = value
+        if config.image_config and config.image_config.person_generation:
+            extras["person_generation"] = config.image_config.person_generation
+    modalities = response_modalities(body)
+    if modalities != ["TEXT", "IMAGE"] and "response_modalities" in accepts:
+        extras["response_modalities"] = modalities
+    if body.system_instruction is not None:
+        extras["system_instruction"] = _system_text(body.system_instruction)
+    return extras
+
+
+def _system_text(content: Content) -> str:
+    if any(p.inline_data or p.file_data for p in content.parts):
+        raise InvalidRequest(
+            "systemInstruction may hold text parts only.", param="systemInstruction"
+        )
+    text = "\n".join(p.text for p in content.parts if p.text)
+    if not text.strip():
+        raise InvalidRequest("systemInstruction has no text.", param="systemInstruction")
+    return text
+
+
+async def _conversation(contents: list[Content], loader: ImageLoader) -> tuple[Turn, ...]:
+    count = sum(1 for c in contents for p in c.parts if p.inline_data and not p.thought)
+    if count > MAX_REFERENCE_IMAGES:
+        raise InvalidRequest(
+            f"Too many images in contents ({count}): send at most {MAX_REFERENCE_IMAGES}.",
+            param="contents",
+        )
+    turns = []
+    for index, content in enumerate(contents):
+        turn = await _turn(index, content, loader)
+        if turn.parts:
+            turns.append(turn)
+    if not turns or turns[-1].role != "user":
+        raise InvalidRequest(
+            "The last turn in contents must have role 'user': it holds the instruction to "
+            "carry out.",
+            param="contents",
+        )
+    return tuple(turns)
+
+
+async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
+    where = f"contents[{index}]"
+    if content.role not in (None, "user", "model"):
+        raise InvalidRequest(
+            f"Invalid {where}.role {content.role!r}: use 'user' or 'model'.", param=f"{where}.role"
+        )
+    if not content.parts:
+        raise InvalidRequest(
+            f"{where}.parts is empty: give each turn at least one text or image part.",
+            param=f"{where}.parts",
+        )
+    parts = []
+    for j, part in enumerate(content.parts):
+        if not part.thought:  # reasoning: not part of the conversation we pass on
+            parts.append(await _part(f"{where}.parts[{j}]", part, loader))
+    role: Role = "model" if content.role == "model" else "user"
+    return Turn(role=role, parts=tuple(parts))
+
+
+async def _part(where: str, part: Part, loader: ImageLoader) -> TurnPart:
+    if part.file_data is not None:
+        raise InvalidRequest(
+            f"{where}.fileData is not supported: the gateway cannot read Google's Files API; "
+            "send the image inline as inlineData (base64).",
+            param=f"{where}.fileData",
+        )
+    signature = part.thought_signature
+    if part.inline_data is not None:
+        if part.text is not None:
+            raise InvalidRequest(
+                f"{where} has both text and inlineData: put each in its own part.", param=where
+            )
+        mime = part.inline_data.mime_type or ""
+        if mime and not mime.startswith("image/"):
+            raise InvalidRequest(
+                f"{where}.inlineData is {mime}: only images (PNG, JPEG, WEBP) are accepted.",
+                param=f"{where}.inlineData",
+            )
+        image = await loader.load_base64(
+            part.inline_data.data, mime or None, label=f"{where}.inlineData"
+        )
+        return TurnPart(image=image, thought_signature=signature)
+    if part.text is not None or signature is not None:
+        return TurnPart(text=part.text, thought_signature=signature)
+    raise InvalidRequest(f"{where} is empty: give it text or inlineData.", param=where)
+
+
+def _prompt(turns: tuple[Turn, ...]) -> str:
+    for turn in reversed(turns):
+        if turn.role == "user":
+            texts = [p.text.strip() for p in turn.parts if p.text and p.text.strip()]
+            if texts:
+                return "\n".join(texts)
+    raise InvalidRequest(
+        "Missing prompt: add a text part to a user turn of contents.", param="contents"
+    )
+
+
+def _size(value: str, param: str) -> Size:
+    try:
+        return Size.parse(value)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.message, param=param) from None
+
+
+def _candidates(value: int | None) -> int:
+    if value is None:
+        return 1
+    if value < 1:
+        raise InvalidRequest(
+            f"Invalid generationConfig.candidateCount={value}: ask for 1 or more images.",
+            param="generationConfig.candidateCount",
+        )
+    return value
+
+
+def _output_format(mime: str | None) -> str | None:
+    if mime is None:
+        return None
+    try:
+        return _OUTPUT_FORMATS[mime.lower()]
+    except KeyError:
+        raise InvalidRequest(
+            f"Invalid imageConfig.outputMimeType {mime!r}: use image/png, image/jpeg or "
+            "image/webp.",
+            param="generationConfig.imageConfig.outputMimeType",
+        ) from None
+
+
+def to_response(
+    result: GenerationResult,
+    *,
+    model: str,
+    response_id: str,
+    modalities: list[str],
+    candidates: int,
+) -> GenerateContentResponse:
+    """One candidate with every image, or (candidateCount > 1) one candidate per image."""
+    with_text = "TEXT" in modalities
+    images = [
+        ResponsePart(
+            inline_data=InlineData(mime_type=i.mime, data=i.b64),
+            thought_signature=i.thought_signature,
+        )
+        for i in result.images
+    ]
+    if candidates > 1:
+        groups = [
+            ([ResponsePart(text=i.revised_prompt)] if with_text and i.revised_prompt else [])
+            + [part]
+            for i, part in zip(result.images, images, strict=True)
+        ]
+    else:
+        text = result.text or (result.images[0].revised_prompt if result.images else "")
+        groups = [([ResponsePart(text=text)] if with_text and text else []) + images]
+    return GenerateContentResponse(
+        candidates=[
+            Candidate(content=ResponseContent(parts=parts), index=i)
+            for i, parts in enumerate(groups)
+        ],
+        usage_metadata=_usage(result.usage),
+        model_version=model,
+        response_id=response_id,
+    )
+
+
+def _usage(usage: dict[str, Any]) -> UsageMetadata:
+    def count(name: str) -> int | None:
+        value = usage.get(name)
+        return value if isinstance(value, int) else None
+
+    prompt, output, total = count("input_tokens"), count("output_tokens"), count("total_tokens")
+    if total is None and prompt is not None and output is not None:
+        total = prompt + output
+    return UsageMetadata(
+        prompt_token_count=prompt, candidates_token_count=output, total_token_count=total
+    )

@@ -1,0 +1,96 @@
+"""OpenAI Images API wire models, field for field (reference/providers.md §2).
+
+Requests refuse unknown fields, as OpenAI does ("Unknown parameter"). Values whose meaning
+depends on the model (size, quality, background, ...) stay strings here: the chosen model's
+provider judges them and names itself in the error.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _ImageOptions(_Wire):
+    """Fields shared by generations and edits."""
+
+    model: str
+    prompt: str
+    n: int | None = None
+    size: str | None = None
+    quality: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = None
+    background: str | None = None
+    moderation: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+
+
+class ImageGenerateRequest(_ImageOptions):
+    """POST /images/generations (JSON)."""
+
+    style: str | None = None
+
+
+class ImageEditForm(_ImageOptions):
+    """The text fields of POST /images/edits as multipart; the files come beside them."""
+
+    input_fidelity: str | None = None
+
+
+class ImageReference(_Wire):
+    """OpenAI's ImageInputReferenceParam: an image by URL or data URL (or an OpenAI file id)."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class ImageEditRequest(ImageEditForm):
+    """POST /images/edits as JSON: `images` by URL or data URL, and an optional `mask`."""
+
+    images: list[ImageReference] = Field(min_length=1)
+    mask: ImageReference | None = None
+
+
+class Image(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[Image]
+    usage: dict[str, Any] | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

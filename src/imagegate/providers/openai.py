@@ -1,0 +1,379 @@
+"""OpenAI Images API: gpt-image-* generations (JSON) and edits (multipart).
+
+Text-to-image is `POST /images/generations`; a request with reference images is
+`POST /images/edits` as multipart, one `image[]` part per image and `mask` when the request
+carries one (`ImageRequest.extras["mask"]`, an InputImage). Every option is checked against
+the model family's allowed values before anything is sent, so a bad value is our 400 naming
+the parameter and the model, not an upstream round trip. docs/providers/openai.md has the rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+
+from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
+from imagegate.errors import (
+    ContentBlocked,
+    InvalidRequest,
+    PayloadTooLarge,
+    ProviderError,
+    UnreadableImage,
+)
+from imagegate.images import sniff_b64, verify_image
+from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.providers.http import CloudProvider
+from imagegate.types import (
+    GeneratedImage,
+    GenerationResult,
+    ImageRequest,
+    InputImage,
+    Size,
+    SizeKind,
+)
+
+STANDARD_SIZES = ("1024x1024", "1024x1536", "1536x1024")
+QUALITIES = ("low", "medium", "high", "auto")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+CHOICES: dict[str, tuple[str, ...]] = {
+    "background": ("transparent", "opaque", "auto"),
+    "moderation": ("low", "auto"),
+    "input_fidelity": ("high", "low"),
+}
+# The upstream's error codes for a safety refusal: gpt-image, then the dall-e era.
+SAFETY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
+_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
+_OUTPUT_MAX_PIXELS = 64_000_000
+
+
+class OpenAIOptions(ProviderOptions):
+    organization: str | None = None
+    """Sent as OpenAI-Organization."""
+    project: str | None = None
+    """Sent as OpenAI-Project."""
+
+
+class OpenAIProvider(CloudProvider):
+    provider: ClassVar[str] = "openai"
+    key_setting: ClassVar[str] = "openai_api_key"
+    default_base_url: ClassVar[str] = "https://api.openai.com/v1"
+    Options: ClassVar[type[ProviderOptions]] = OpenAIOptions
+    capabilities = Capabilities(
+        text_to_image=True,
+        image_edit=True,
+        max_n=10,
+        max_input_images=16,
+        accepts=frozenset(
+            {
+                "size",
+                "quality",
+                "output_format",
+                "background",
+                "output_compression",
+                "moderation",
+                "input_fidelity",
+                "mask",
+            }
+        ),
+    )
+    image_field: str = "image[]"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        options: dict[str, Any],
+        defaults: ModelDefaultsConfig,
+        settings: Settings,
+        channel: ChannelConfig | None = None,
+    ) -> None:
+        super().__init__(
+            name=name, options=options, defaults=defaults, settings=settings, channel=channel
+        )
+        self.client.headers.update(self._headers())
+        # A safety refusal is an ordinary 400 to the shared error mapping; this hook sees the
+        # body first and raises ContentBlocked, which is never retried nor failed over.
+        hooks = self.client.event_hooks
+        self.client.event_hooks = {**hooks, "response": [*hooks["response"], self._refuse_unsafe]}
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        options = self.options
+        if isinstance(options, OpenAIOptions):
+            if options.organization:
+                headers["OpenAI-Organization"] = options.organization
+            if options.project:
+                headers["OpenAI-Project"] = options.project
+        return headers
+
+    async def generate(self, request: ImageRequest) -> GenerationResult:
+        check_capabilities(request.model, self.capabilities, request)
+        request = self._with_defaults(request)
+        self.validate(request)
+        fields = self.fields(request)
+        if request.images:
+            body = await self.send_json(
+                "POST", "/images/edits", data=_form(fields), files=self._files(request)
+            )
+        else:
+            body = await self.send_json(
+                "POST",
+                "/images/generations",
+                content=orjson.dumps(fields),
+                headers={"Content-Type": "application/json"},
+            )
+        return await self.parse(body)
+
+    def _with_defaults(self, request: ImageRequest) -> ImageRequest:
+        if request.size is None and self.defaults.size:
+            return replace(request, size=Size.parse(self.defaults.size))
+        return request
+
+    # ---------------------------------------------------------------- request mapping
+
+    def validate(self, request: ImageRequest) -> None:
+        """Refuse values the upstream model would refuse, naming the parameter and model."""
+        model = request.model
+        self._check_size(model, request.size)
+        self._check_choice(model, "quality", request.quality, self._qualities())
+        self._check_choice(model, "output_format", request.output_format, OUTPUT_FORMATS)
+        for name, allowed in CHOICES.items():
+            self._check_choice(model, name, request.extras.get(name), allowed)
+        _check_compression(model, request)
+        if request.extras.get("background") == "transparent" and request.output_format == "jpeg":
+            raise InvalidRequest(
+                f"Invalid parameter background='transparent' for model {model}: a transparent "
+                "background needs output_format png or webp.",
+                param="background",
+            )
+        self._check_edit_only(model, request)
+        check_mask(model, request)
+
+    def _check_size(self, model: str, size: Size | None) -> None:
+        if size is None:
+            return
+        if size.kind is SizeKind.PIXELS and self._size_allowed(size.width, size.height):
+            return
+        raise InvalidRequest(
+            f"Invalid size {size.raw!r} for model {model}: {self._size_hint()}.", param="size"
+        )
+
+    def _size_allowed(self, width: int, height: int) -> bool:
+        if self.upstream_model.startswith("gpt-image-2"):
+            # gpt-image-2 and later take any WxH within these limits (reference/providers.md §2.2).
+            long, short = max(width, height), min(width, height)
+            return (
+                width % 16 == 0
+                and height % 16 == 0
+                and long <= 3 * short
+                and long <= 3840
+                and width * height <= 3840 * 2160
+            )
+        return f"{width}x{height}" in STANDARD_SIZES
+
+    def _size_hint(self) -> str:
+        if self.upstream_model.startswith("gpt-image-2"):
+            return (
+                "use WIDTHxHEIGHT with both sides multiples of 16, a ratio between 1:3 and 3:1 "
+                "and at most 3840x2160 pixels, or 'auto'"
+            )
+        return f"use one of {', '.join(STANDARD_SIZES)} or 'auto'"
+
+    def _qualities(self) -> tuple[str, ...]:
+        if self.upstream_model.startswith("gpt-image-2.5"):
+            return (*QUALITIES, "xhigh", "max")
+        return QUALITIES
+
+    @staticmethod
+    def _check_choice(model: str, name: str, value: Any, allowed: Iterable[str]) -> None:
+        allowed = tuple(allowed)
+        if value is not None and value not in allowed:
+            raise InvalidRequest(
+                f"Invalid parameter {name}={value!r} for model {model}: use one of "
+                f"{', '.join(allowed)}.",
+                param=name,
+            )
+
+    def _check_edit_only(self, model: str, request: ImageRequest) -> None:
+        if "input_fidelity" not in request.extras:
+            return
+        if not request.images:
+            raise InvalidRequest(
+                f"Parameter input_fidelity applies to edits only (model {model}): send "
+                "reference images, or remove it.",
+                param="input_fidelity",
+            )
+        if self.upstream_model.startswith("gpt-image-1-mini"):
+            raise InvalidRequest(
+                f"Parameter input_fidelity is not supported by model {model}: remove it.",
+                param="input_fidelity",
+            )
+
+    def fields(self, request: ImageRequest) -> dict[str, Any]:
+        """The JSON body of a generation, or the text fields of an edit."""
+        fields: dict[str, Any] = {"model": self.upstream_model, "prompt": request.prompt}
+        fields["n"] = request.n
+        if request.size is not None:
+            fields["size"] = f"{request.size.width}x{request.size.height}"
+        if request.quality is not None:
+            fields["quality"] = request.quality
+        if request.output_format is not None:
+            fields["output_format"] = request.output_format
+        for name in ("background", "output_compression", "moderation"):
+            if request.extras.get(name) is not None:
+                fields[name] = request.extras[name]
+        if request.images and request.extras.get("input_fidelity") is not None:
+            fields["input_fidelity"] = request.extras["input_fidelity"]
+        if self.upstream_model.startswith("dall-e"):
+            fields["response_format"] = "b64_json"  # gpt-image always answers b64_json
+        return fields
+
+    def _files(self, request: ImageRequest) -> list[tuple[str, tuple[str, bytes, str]]]:
+        files = [
+            (self.image_field, (_filename(f"image-{i}", image), image.data, image.mime))
+            for i, image in enumerate(request.images)
+        ]
+        mask = request.extras.get("mask")
+        if isinstance(mask, InputImage):
+            files.append(("mask", (_filename("mask", mask), mask.data, mask.mime)))
+        return files
+
+    # ---------------------------------------------------------------- response mapping
+
+    async def parse(self, body: Any) -> GenerationResult:
+        items = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not items:
+            raise ProviderError(
+                f"{self.provider} answered without images (channel {self.name}).", retryable=True
+            )
+        images = await asyncio.gather(*(self._image(item) for item in items))
+        usage = body.get("usage")
+        return GenerationResult(
+            images=tuple(images), usage=usage if isinstance(usage, dict) else {}
+        )
+
+    async def _image(self, item: Any) -> GeneratedImage:
+        if not isinstance(item, dict):
+            raise self._malformed("an image item is not an object")
+        revised = item.get("revised_prompt")
+        revised = revised if isinstance(revised, str) else ""
+        b64, url = item.get("b64_json"), item.get("url")
+        if isinstance(b64, str) and b64:
+            # Relayed as the upstream wrote it: a b64_json answer is never decoded and encoded
+            # again; its header gives the type and size.
+            sniffed = sniff_b64(b64)
+            if sniffed is None:
+                raise self._malformed("an image is not a base64 PNG, JPEG or WEBP")
+            mime, width, height = sniffed
+            return GeneratedImage(None, mime, width, height, revised_prompt=revised, b64=b64)
+        if isinstance(url, str) and url:
+            data, _ = await self.download(url)
+            info = await self._verify(data)
+            return GeneratedImage(data, info.mime, info.width, info.height, revised_prompt=revised)
+        raise self._malformed("an image item has neither b64_json nor url")
+
+    async def _verify(self, data: bytes) -> InputImage:
+        """A downloaded image decodes fully before anyone is handed its link or bytes."""
+        try:
+            return await asyncio.to_thread(
+                verify_image,
+                data,
+                max_bytes=_OUTPUT_MAX_BYTES,
+                max_pixels=_OUTPUT_MAX_PIXELS,
+                label="output",
+            )
+        except (UnreadableImage, PayloadTooLarge) as exc:
+            raise self._malformed(f"a linked image cannot be used: {exc.message}") from exc
+
+    def _malformed(self, what: str) -> ProviderError:
+        return ProviderError(
+            f"{self.provider} answered with a malformed body (channel {self.name}): {what}.",
+            retryable=True,
+        )
+
+    async def _refuse_unsafe(self, response: httpx.Response) -> None:
+        if response.status_code != 400:
+            return
+        await response.aread()
+        error = _error_object(response.content)
+        if error.get("code") in SAFETY_CODES:
+            message = str(error.get("message") or "no details")[:500]
+            raise ContentBlocked(
+                f"{self.provider} refused the request on safety grounds "
+                f"({error['code']}): {message}",
+                upstream_status=400,
+            )
+
+
+def _check_compression(model: str, request: ImageRequest) -> None:
+    value = request.extras.get("output_compression")
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise InvalidRequest(
+            f"Invalid parameter output_compression={value!r} for model {model}: use an "
+            "integer from 0 to 100.",
+            param="output_compression",
+        )
+    if request.output_format not in ("jpeg", "webp"):
+        raise InvalidRequest(
+            f"Parameter output_compression applies to jpeg and webp output (model {model}): "
+            "set output_format to jpeg or webp, or remove it.",
+            param="output_compression",
+        )
+
+
+def check_mask(model: str, request: ImageRequest) -> None:
+    mask = request.extras.get("mask")
+    if mask is None:
+        return
+    if not isinstance(mask, InputImage):
+        raise InvalidRequest(f"Invalid mask for model {model}: send an image.", param="mask")
+    if not request.images:
+        raise InvalidRequest(
+            f"A mask needs an image to apply to (model {model}): send the image too.",
+            param="mask",
+        )
+    if mask.mime != "image/png":
+        raise InvalidRequest(
+            f"The mask must be a PNG with an alpha channel (model {model}); got {mask.mime}.",
+            param="mask",
+        )
+    first = request.images[0]
+    if (mask.width, mask.height) != (first.width, first.height):
+        raise InvalidRequest(
+            f"The mask is {mask.width}x{mask.height} but the first image is "
+            f"{first.width}x{first.height}: they must be the same size (model {model}).",
+            param="mask",
+        )
+
+
+def _form(fields: dict[str, Any]) -> dict[str, str]:
+    return {name: _form_value(value) for name, value in fields.items()}
+
+
+def _form_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    return str(value)
+
+
+def _filename(stem: str, image: InputImage) -> str:
+    return f"{stem}.{_EXTENSIONS.get(image.mime, 'png')}"
+
+
+def _error_object(content: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return {}
+    error = body.get("error") if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
