@@ -215,6 +215,7 @@ def measure(
 @contextlib.contextmanager
 def imagegate(upstream: int, work: Path, workers: int) -> Iterator[tuple[str, str]]:
     port = free_port()
+    work = Path(tempfile.mkdtemp(dir=work))  # a fresh database, so the admin key is printed
     config = work / "imagegate.yaml"
     config.write_text(
         "models:\n  - name: bench\n    channels:\n      - name: upstream\n"

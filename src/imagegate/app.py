@@ -27,6 +27,7 @@ from imagegate.service import ImageService
 from imagegate.storage.local import LocalStorage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store.db import create_engine, session_factory, upgrade
+from imagegate.store.usage import UsageWriter
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             catalog=catalog,
             storage=LocalStorage(settings.resolved_storage_dir),
             signer=signer,
+            usage=UsageWriter(engine),
             key_cache_seconds=settings.key_cache_seconds,
         )
         app.state.engine = engine

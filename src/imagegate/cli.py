@@ -81,7 +81,13 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
     if settings.bootstrap_admin:
         _with_session(settings, _bootstrap_admin)
     if workers == 1:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=settings.access_log,
+        )
         return
     # Worker processes build their own app from the environment: pass the flags on through it.
     if config_file is not None:
@@ -94,6 +100,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
         port=settings.port,
         workers=workers,
         log_level="warning",
+        access_log=settings.access_log,
     )
 
 

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(default=5.0, ge=0)
     """How long a process trusts a checked API key; a key revoked through another process
     (the CLI, another replica) keeps working at most this long there."""
+    access_log: bool = False
+    """One log line per request from the HTTP server (costly under load; usage rows exist)."""
     auto_migrate: bool = True
     bootstrap_admin: bool = True
     preload_models: bool = False

@@ -16,6 +16,7 @@ from imagegate.errors import (
     InternalError,
     PermissionDenied,
 )
+from imagegate.fastjson import Base64Text
 from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
@@ -53,13 +54,14 @@ class ImageService:
         catalog: Catalog,
         storage: Storage,
         signer: UrlSigner,
+        usage: UsageWriter,
         key_cache_seconds: float = 0.0,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
         self.storage = storage
         self.signer = signer
-        self.usage = UsageWriter(sessions)
+        self.usage = usage
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
@@ -176,7 +178,8 @@ class ImageService:
         delivered = []
         for image in images:
             if response_format == "b64_json":
-                delivered.append(DeliveredImage("", image.b64, image.revised_prompt))
+                b64 = Base64Text.of(image.b64)
+                delivered.append(DeliveredImage("", b64, image.revised_prompt))
             else:
                 key = await self.storage.put(image.data, mime=image.mime)
                 url = self.signer.url(base_url, key)

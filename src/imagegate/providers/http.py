@@ -13,10 +13,12 @@ import httpx
 import orjson
 from pydantic import SecretStr, ValidationError
 
+from imagegate import fastjson
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, ProviderError, ProviderTimeout
 from imagegate.fetch import Fetcher
 from imagegate.providers.base import ProviderOptions
+from imagegate.providers.transport import AiohttpTransport
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ class CloudProvider:
             base_url=self.base_url,
             timeout=self.timeout,
             trust_env=False,
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            transport=AiohttpTransport(),
         )
         self.fetcher = Fetcher(
             timeout=max(self.timeout, settings.fetch_timeout_seconds),
@@ -131,7 +133,7 @@ def parse_json(provider: str, response: httpx.Response) -> Any:
             f"{provider} answered with {kind or 'no content type'} instead of JSON.", retryable=True
         )
     try:
-        return orjson.loads(response.content)
+        return fastjson.loads(response.content)
     except orjson.JSONDecodeError as exc:
         raise ProviderError(
             f"{provider} answered with a truncated or invalid JSON body.", retryable=True
