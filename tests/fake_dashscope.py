@@ -29,12 +29,12 @@ from starlette.routing import Route
 
 from tests.fake_seedream import (
     CutResponse,
-    LoopbackServer,
     Received,
     decode_data_uri,
     json_response,
     solid_image,
 )
+from tests.loopback import LoopbackServer
 
 KEY = "dashscope-test-key"
 SCALE = 16
@@ -99,7 +99,7 @@ class FakeDashScope:
 
     def url(self, path: str = "") -> str:
         assert self.server is not None
-        return self.server.url(path)
+        return self.server.url + path
 
     def sent(self, path: str) -> list[Any]:
         return [r.body for r in self.requests if r.path == path]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from google.genai import types
 from PIL import Image
 from pydantic import ValidationError
@@ -42,6 +40,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
+
+from tests.loopback import LoopbackServer
 
 API_KEY = "g-fake-key"
 RATIOS = {"1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"}
@@ -293,35 +293,8 @@ def _error(
 
 
 @contextmanager
-def serve(app: ASGIApp, *, lifespan: str = "off") -> Iterator[str]:
-    """Run an ASGI app with uvicorn on 127.0.0.1 (an ephemeral port) in a thread; yields its
-    base URL and stops the server when the block ends."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan=lifespan, log_level="warning", ws="none", timeout_graceful_shutdown=1
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-@contextmanager
 def running_fake() -> Iterator[FakeGemini]:
     fake = FakeGemini()
-    with serve(fake.app()) as url:
-        fake.url = url
+    with LoopbackServer(fake.app()).running() as server:
+        fake.url = server.url
         yield fake

@@ -22,15 +22,13 @@ import asyncio
 import base64
 import io
 import json
-import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_type_hints
+from typing import Any, get_type_hints
 
-import uvicorn
 from openai.types.image_edit_params import ImageEditParamsNonStreaming
 from openai.types.image_generate_params import ImageGenerateParamsNonStreaming
 from PIL import Image
@@ -40,7 +38,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
+
+from tests.loopback import LoopbackServer
 
 GENERATE_TYPES: dict[str, Any] = get_type_hints(ImageGenerateParamsNonStreaming)
 EDIT_TYPES: dict[str, Any] = get_type_hints(ImageEditParamsNonStreaming)
@@ -86,46 +86,6 @@ class _Cut(Exception):
     """Raised mid-response: uvicorn then drops the connection."""
 
 
-class ThreadedServer:
-    """Uvicorn serving an ASGI app on 127.0.0.1 (an ephemeral port) in a thread of its own."""
-
-    def __init__(self, app: ASGIApp, *, lifespan: Literal["on", "off"] = "on") -> None:
-        config = uvicorn.Config(
-            app,
-            lifespan=lifespan,
-            interface="asgi3",
-            http="h11",
-            ws="none",
-            log_level="critical",
-            access_log=False,
-        )
-        self._server = uvicorn.Server(config)
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self._sock.close()
-                raise RuntimeError("the server did not start")
-            time.sleep(0.005)
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._sock.close()
-
-
 class FakeOpenAI:
     def __init__(self, keys: Iterable[str] | None = ("sk-upstream",)) -> None:
         self.keys = None if keys is None else set(keys)
@@ -138,7 +98,7 @@ class FakeOpenAI:
         self._script: list[str] = []
         self._files: dict[str, tuple[bytes, str]] = {}
         self._lock = threading.Lock()
-        self._server: ThreadedServer | None = None
+        self._server: LoopbackServer | None = None
         self.port = 0
         self.app = Starlette(
             routes=[
@@ -172,7 +132,7 @@ class FakeOpenAI:
             self.extra_fields.clear()
 
     def start(self) -> None:
-        self._server = ThreadedServer(self._guarded, lifespan="off")
+        self._server = LoopbackServer(self._guarded)
         self._server.start()
         self.port = self._server.port
 

@@ -6,7 +6,8 @@ solid-colour JPEGs (PNG when asked), serves `url` results from itself, and can b
 to fail: 429 with Retry-After, 500, slow answers, truncated or cut bodies, a wrong content
 type, safety refusals and per-image errors. Images are made at 1/SCALE of the asked size.
 
-`LoopbackServer` (the uvicorn-in-a-thread runner) is shared with tests/fake_dashscope.py.
+Its helpers (`Received`, `solid_image`, `json_response`, ...) are shared with
+tests/fake_dashscope.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import binascii
 import io
 import itertools
 import re
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
+
+from tests.loopback import LoopbackServer
 
 KEY = "ark-test-key"
 SCALE = 32
@@ -51,44 +52,6 @@ FIELDS = {
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 _DATA_URI = re.compile(r"^data:image/(png|jpeg|webp|bmp|tiff|gif);base64,(.+)$", re.S)
 _WXH = re.compile(r"^(\d+)x(\d+)$")
-
-
-class LoopbackServer:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 (ephemeral port) in a daemon thread."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="critical",
-            lifespan="off",
-            loop="asyncio",
-            http="h11",
-            ws="none",
-            timeout_graceful_shutdown=1,
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.port = 0
-
-    @contextmanager
-    def running(self) -> Iterator[LoopbackServer]:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the loopback server did not start")
-            time.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield self
-        finally:
-            self.server.should_exit = True
-            self.thread.join(5)
-
-    def url(self, path: str = "") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
 
 
 @dataclass
@@ -162,7 +125,7 @@ class FakeArk:
 
     def url(self, path: str = "") -> str:
         assert self.server is not None
-        return self.server.url(path)
+        return self.server.url + path
 
     @property
     def bodies(self) -> list[dict[str, Any]]:

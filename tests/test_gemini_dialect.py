@@ -25,7 +25,8 @@ from imagegate.config import ChannelConfig, ModelConfig
 from imagegate.store.db import create_engine, session_factory
 from imagegate.store.models import Usage
 from tests.conftest import Api, make_settings, png_bytes
-from tests.fake_gemini import API_KEY, FakeGemini, running_fake, serve, signature
+from tests.fake_gemini import API_KEY, FakeGemini, running_fake, signature
+from tests.loopback import LoopbackServer
 
 UPSTREAM = "gemini-3-pro-image-preview"
 
@@ -77,10 +78,10 @@ async def gateway(tmp_path: Path, db_url: str, fake: FakeGemini) -> AsyncIterato
     fake.reset()
     settings = make_settings(tmp_path, db_url, retry_base_delay_seconds=0.001)
     app = create_app(settings, _models(fake))
-    with serve(app, lifespan="on") as url:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+    with LoopbackServer(app, lifespan="on").running() as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
             api = Api(client, settings, app)
-            yield Gateway(url, await api.key(), api)
+            yield Gateway(server.url, await api.key(), api)
     assert fake.rejected == [], "the fake Gemini API refused a request body"
 
 

@@ -42,7 +42,8 @@ from tests.conftest import (
     drop_pg_database,
     make_settings,
 )
-from tests.fake_openai import FakeOpenAI, ThreadedServer
+from tests.fake_openai import FakeOpenAI
+from tests.loopback import LoopbackServer
 
 UPSTREAM_KEY = "sk-upstream"
 MAX_IMAGE_BYTES = 200_000
@@ -90,7 +91,7 @@ def gateway(
         max_retries=0,
     )
     models = [*FAKE_MODELS, ModelConfig(name="gpt-image-1", channels=[channel])]
-    server = ThreadedServer(create_app(settings, models))
+    server = LoopbackServer(create_app(settings, models), lifespan="on")
     server.start()
     try:
         yield Gateway(server.url, asyncio.run(_create_key(settings)), upstream)

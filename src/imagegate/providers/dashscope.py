@@ -25,12 +25,9 @@ from imagegate.errors import (
     ConfigError,
     ContentBlocked,
     InvalidRequest,
-    PayloadTooLarge,
     ProviderError,
     ProviderTimeout,
-    UnreadableImage,
 )
-from imagegate.images import verify_image
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
 from imagegate.providers.http import CloudProvider, retry_after
 from imagegate.types import (
@@ -54,7 +51,6 @@ DOWNLOAD_TRIES = 3
 MAX_FAN_OUT = 4
 _SEED_MAX = 2_147_483_647
 _FREE_SIDES = (512, 2048)
-_OUTPUT_CAP_BYTES = 256 * 1024 * 1024
 _DONE = ("SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN")
 _STEADY_POLLING_SECONDS = 30.0
 """Poll at the base interval this long (DashScope's advice), then back off."""
@@ -260,20 +256,8 @@ class DashScopeProvider(CloudProvider):
                 if attempt == DOWNLOAD_TRIES - 1:
                     raise
                 await asyncio.sleep(0.1 * 2**attempt)
-        try:
-            info = await asyncio.to_thread(
-                verify_image,
-                data,
-                max_bytes=_OUTPUT_CAP_BYTES,
-                max_pixels=self.max_pixels,
-                label="output",
-            )
-        except (UnreadableImage, PayloadTooLarge) as exc:
-            raise ProviderError(
-                f"dashscope returned an image that cannot be used: {exc.message}", retryable=True
-            ) from exc
-        return GeneratedImage(
-            data, info.mime, info.width, info.height, revised_prompt=revised_prompt
+        return await self.verified_image(
+            data, revised_prompt=revised_prompt, max_pixels=self.max_pixels
         )
 
 

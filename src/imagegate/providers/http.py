@@ -1,9 +1,11 @@
 """Shared plumbing of cloud providers: one pooled HTTP client per channel, upstream error
-mapping (what is retried, what fails over), and re-hosting of provider image URLs.
+mapping (what is retried, what fails over), re-hosting of provider image URLs and the check
+of every image an upstream returns.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import time
@@ -15,12 +17,23 @@ from pydantic import SecretStr, ValidationError
 
 from imagegate import fastjson
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
-from imagegate.errors import ConfigError, ProviderError, ProviderTimeout
+from imagegate.errors import (
+    ConfigError,
+    PayloadTooLarge,
+    ProviderError,
+    ProviderTimeout,
+    UnreadableImage,
+)
 from imagegate.fetch import Fetcher
+from imagegate.images import verify_image
 from imagegate.providers.base import ProviderOptions
 from imagegate.providers.transport import AiohttpTransport
+from imagegate.types import GeneratedImage
 
 logger = logging.getLogger(__name__)
+
+OUTPUT_MAX_PIXELS = 64_000_000
+"""Pixel cap on an upstream's image when the provider sets none of its own."""
 
 
 class CloudProvider:
@@ -64,6 +77,7 @@ class CloudProvider:
             or self.default_base_url
         ).rstrip("/")
         self.timeout = channel.timeout or self.default_timeout
+        self.max_output_bytes = settings.max_output_bytes
         self.client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=self.timeout,
@@ -72,7 +86,7 @@ class CloudProvider:
         )
         self.fetcher = Fetcher(
             timeout=max(self.timeout, settings.fetch_timeout_seconds),
-            max_bytes=settings.max_output_bytes,
+            max_bytes=self.max_output_bytes,
             allow_networks=settings.fetch_allow_networks,
         )
 
@@ -124,6 +138,27 @@ class CloudProvider:
                 f"downloaded: {getattr(exc, 'message', type(exc).__name__)}",
                 retryable=True,
             ) from exc
+
+    async def verified_image(
+        self, data: bytes, *, revised_prompt: str = "", max_pixels: int | None = None
+    ) -> GeneratedImage:
+        """An upstream's image bytes, checked to decode fully before anyone is handed them."""
+        try:
+            info = await asyncio.to_thread(
+                verify_image,
+                data,
+                max_bytes=self.max_output_bytes,
+                max_pixels=OUTPUT_MAX_PIXELS if max_pixels is None else max_pixels,
+                label="output",
+            )
+        except (UnreadableImage, PayloadTooLarge) as exc:
+            raise ProviderError(
+                f"{self.provider} returned an image that cannot be used: {exc.message}",
+                retryable=True,
+            ) from exc
+        return GeneratedImage(
+            data, info.mime, info.width, info.height, revised_prompt=revised_prompt
+        )
 
 
 def parse_json(provider: str, response: httpx.Response) -> Any:

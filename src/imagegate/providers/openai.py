@@ -18,14 +18,8 @@ import httpx
 import orjson
 
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
-from imagegate.errors import (
-    ContentBlocked,
-    InvalidRequest,
-    PayloadTooLarge,
-    ProviderError,
-    UnreadableImage,
-)
-from imagegate.images import sniff_b64, verify_image
+from imagegate.errors import ContentBlocked, InvalidRequest, ProviderError
+from imagegate.images import sniff_b64
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
 from imagegate.providers.http import CloudProvider
 from imagegate.types import (
@@ -48,8 +42,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # The upstream's error codes for a safety refusal: gpt-image, then the dall-e era.
 SAFETY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-_OUTPUT_MAX_BYTES = 64 * 1024 * 1024
-_OUTPUT_MAX_PIXELS = 64_000_000
 
 
 class OpenAIOptions(ProviderOptions):
@@ -274,22 +266,8 @@ class OpenAIProvider(CloudProvider):
             return GeneratedImage(None, mime, width, height, revised_prompt=revised, b64=b64)
         if isinstance(url, str) and url:
             data, _ = await self.download(url)
-            info = await self._verify(data)
-            return GeneratedImage(data, info.mime, info.width, info.height, revised_prompt=revised)
+            return await self.verified_image(data, revised_prompt=revised)
         raise self._malformed("an image item has neither b64_json nor url")
-
-    async def _verify(self, data: bytes) -> InputImage:
-        """A downloaded image decodes fully before anyone is handed its link or bytes."""
-        try:
-            return await asyncio.to_thread(
-                verify_image,
-                data,
-                max_bytes=_OUTPUT_MAX_BYTES,
-                max_pixels=_OUTPUT_MAX_PIXELS,
-                label="output",
-            )
-        except (UnreadableImage, PayloadTooLarge) as exc:
-            raise self._malformed(f"a linked image cannot be used: {exc.message}") from exc
 
     def _malformed(self, what: str) -> ProviderError:
         return ProviderError(

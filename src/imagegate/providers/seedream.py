@@ -24,11 +24,8 @@ from imagegate.errors import (
     ConfigError,
     ContentBlocked,
     InvalidRequest,
-    PayloadTooLarge,
     ProviderError,
-    UnreadableImage,
 )
-from imagegate.images import verify_image
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
 from imagegate.providers.http import CloudProvider, retry_after
 from imagegate.types import (
@@ -49,7 +46,6 @@ MAX_GROUP = 15
 """Ark's cap on reference images plus generated images in group mode."""
 MAX_FAN_OUT = 4
 _SEED_MAX = 2_147_483_647
-_OUTPUT_CAP_BYTES = 256 * 1024 * 1024
 
 
 def _ratio_table(text: str) -> dict[tuple[int, int], str]:
@@ -233,7 +229,7 @@ class SeedreamProvider(CloudProvider):
             data, _ = await self.download(item["url"])
         else:
             raise ProviderError("seedream returned an item with no image.", retryable=True)
-        return await generated_image("seedream", data, self.max_pixels)
+        return await self.verified_image(data, max_pixels=self.max_pixels)
 
 
 def _capabilities(family: Family) -> Capabilities:
@@ -450,16 +446,3 @@ async def _raise_for_safety(response: httpx.Response) -> None:
             status=429,
             upstream_status=response.status_code,
         )
-
-
-async def generated_image(provider: str, data: bytes, max_pixels: int) -> GeneratedImage:
-    """Check that an upstream's image decodes and read its format and size."""
-    try:
-        info = await asyncio.to_thread(
-            verify_image, data, max_bytes=_OUTPUT_CAP_BYTES, max_pixels=max_pixels, label="output"
-        )
-    except (UnreadableImage, PayloadTooLarge) as exc:
-        raise ProviderError(
-            f"{provider} returned an image that cannot be used: {exc.message}", retryable=True
-        ) from exc
-    return GeneratedImage(data=data, mime=info.mime, width=info.width, height=info.height)
