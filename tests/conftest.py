@@ -113,7 +113,7 @@ class Api:
         return secret
 
 
-async def start_api(settings: Settings, models: list[ModelConfig]) -> AsyncIterator[Api]:
+async def start_api(settings: Settings, models: list[ModelConfig] | None) -> AsyncIterator[Api]:
     app = create_app(settings, models)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -1,0 +1,60 @@
+"""The demo model's text encoder: a word-level tokenizer and a two-layer transformer.
+
+The vocabulary lives in the config, so the encoder is its own tokenizer and the pipeline needs no
+separate tokenizer component. Words outside the vocabulary are dropped, never an error: a prompt
+like "please draw a red circle" reads as "a red circle".
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+_WORD = re.compile(r"[a-z]+")
+PAD, BOS = 0, 1  # every prompt starts with BOS, so the empty (unconditional) prompt is [BOS]
+
+
+class DemoTextEncoder(ModelMixin, ConfigMixin):  # type: ignore[misc]
+    """Embeds caption words and contextualises them for the UNet's cross-attention."""
+
+    @register_to_config  # type: ignore[untyped-decorator]
+    def __init__(
+        self, vocab: list[str], dim: int = 64, layers: int = 2, heads: int = 4, max_length: int = 32
+    ) -> None:
+        super().__init__()
+        self.index = {w: i + 2 for i, w in enumerate(vocab)}
+        self.embed = nn.Embedding(len(vocab) + 2, dim, padding_idx=PAD)
+        self.position = nn.Parameter(torch.zeros(max_length, dim))
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim * 2, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and a padding mask (True = real token) for a batch of prompts."""
+        length = int(self.config.max_length)
+        ids = torch.zeros(len(prompts), length, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens = [BOS] + [
+                self.index[w] for w in _WORD.findall(prompt.lower()) if w in self.index
+            ]
+            tokens = tokens[:length]
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        return ids, ids != PAD
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (batch, max_length, dim); padding positions are zeroed."""
+        x = self.embed(ids) + self.position[None, : ids.shape[1]].to(self.embed.weight.dtype)
+        x = self.encoder(x, src_key_padding_mask=~mask)
+        return torch.as_tensor(self.norm(x) * mask[..., None].to(x.dtype))
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and mask for prompts, on this encoder's device."""
+        ids, mask = self.tokenize(prompts)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self(ids, mask), mask

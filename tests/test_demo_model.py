@@ -1,0 +1,168 @@
+"""The bundled demo model: its scorer, its held-out accuracy and its pipeline contract."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from imagegate.config import DEMO_WEIGHTS  # noqa: E402
+from imagegate.demo import dataset  # noqa: E402
+from imagegate.demo.evaluate import read_image, score  # noqa: E402
+from imagegate.demo.pipeline import DemoPipeline  # noqa: E402
+from imagegate.demo.upscale import upscale  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from demo_eval import TARGETS, evaluate, held_out_captions  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe() -> DemoPipeline:
+    torch.set_num_threads(2)
+    pipeline = DemoPipeline.from_pretrained(DEMO_WEIGHTS)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _seed(n: int) -> Any:
+    return torch.Generator().manual_seed(n)
+
+
+def test_scorer_reads_ground_truth_renders() -> None:
+    scenes = dataset.held_out_scenes()
+    for scene in scenes:
+        assert all(score(scene, dataset.render(scene, 32)).values()), scene
+
+
+def test_held_out_split_is_never_drawn_for_training() -> None:
+    import random
+
+    rng = random.Random(0)
+    held_out = set(dataset.held_out_scenes())
+    assert len(held_out) >= 100
+    assert not any(dataset.random_scene(rng) in held_out for _ in range(3000))
+
+
+# Strict: once a trained model meets these, the unexpected pass fails the run, so the marker
+# cannot outlive the problem it records.
+UNDERTRAINED = pytest.mark.xfail(
+    strict=True,
+    reason="issue 3: the shipped demo model is undertrained; held-out accuracy is far below "
+    "target (see the issue note)",
+)
+
+
+@UNDERTRAINED
+def test_model_meets_targets_on_held_out_subset(pipe: DemoPipeline) -> None:
+    result = evaluate(pipe, held_out_captions(16, seed=1), batch=16)
+    below = {k: v for k, v in result.items() if v < TARGETS[k]}
+    assert not below, f"below target: {below} (targets {TARGETS})"
+
+
+def test_same_seed_same_pixels_and_n_images(pipe: DemoPipeline) -> None:
+    prompt = "a small yellow star in the top right on a purple background"
+    first = pipe(prompt, generator=_seed(3), height=64, width=64).images[0]
+    again = pipe(prompt, generator=_seed(3), height=64, width=64).images[0]
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    several = pipe(
+        prompt, num_images_per_prompt=3, height=32, width=32, generator=[_seed(i) for i in range(3)]
+    ).images
+    assert len(several) == 3
+    assert not np.array_equal(np.asarray(several[0]), np.asarray(several[1]))
+
+
+@UNDERTRAINED
+def test_edit_changes_colour_and_keeps_the_scene(pipe: DemoPipeline) -> None:
+    before = pipe(
+        "a large red circle in the center on a blue background",
+        generator=_seed(0),
+        height=256,
+        width=256,
+    ).images[0]
+    after = pipe(
+        "now make the circle green", image=before, generator=_seed(0), height=256, width=256
+    ).images[0]
+    small = after.resize((32, 32))
+    got = read_image(small)
+    assert (got.background, got.colour, got.position) == ("blue", "green", "center")
+
+
+def test_unknown_words_are_ignored(pipe: DemoPipeline) -> None:
+    ids, _ = pipe.text_encoder.tokenize(["please draw a red circle xyzzy!", "a red circle"])
+    assert torch.equal(ids[0], ids[1])
+    image = pipe("zorblax quux", generator=_seed(0), height=32, width=32).images[0]
+    assert image.size == (32, 32)
+
+
+def test_upscale_keeps_flat_regions_flat() -> None:
+    scene = dataset.Scene(
+        "black",
+        (
+            dataset.Obj("square", "white", "large", "center"),
+            dataset.Obj("circle", "white", "small", "top left"),
+        ),
+    )
+    native = np.asarray(dataset.render(scene, 32), dtype=np.float32) / 255
+    image = upscale(torch.from_numpy(native).permute(2, 0, 1), 512, 384)
+    assert tuple(image.shape) == (3, 512, 384)
+    pixels = image.permute(1, 2, 0).reshape(-1, 3).numpy() * 255
+    dark, light = pixels.mean(1) < 60, pixels.mean(1) > 200
+    # A smeared edge would leave a wide band of grey; a clean one leaves about one pixel.
+    assert (~dark & ~light).mean() < 0.02
+
+
+def test_output_size_and_types(pipe: DemoPipeline) -> None:
+    out = pipe("a red circle", height=200, width=96, generator=_seed(0), output_type="np")
+    assert out.images.shape == (1, 200, 96, 3)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pipe("a red circle", height=100)
+
+
+def test_callback_and_interrupt(pipe: DemoPipeline) -> None:
+    seen: list[int] = []
+
+    def stop_after_two(
+        p: DemoPipeline, step: int, t: Any, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        seen.append(step)
+        if step == 1:
+            p._interrupt = True
+        return {"latents": kwargs["latents"]}
+
+    pipe("a red circle", callback_on_step_end=stop_after_two, height=32, width=32)
+    assert seen == [0, 1]
+
+
+async def test_the_demo_model_is_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import make_settings, start_api
+
+    monkeypatch.chdir(tmp_path)  # no imagegate.yaml here: the built-in default applies
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'd.db'}")
+    async for api in start_api(settings, None):
+        key = await api.key()
+        headers = {"Authorization": f"Bearer {key}"}
+        listed = await api.client.get("/v1/models", headers=headers)
+        assert [m["id"] for m in listed.json()["data"]] == ["imagegate-demo"]
+        response = await api.client.post(
+            "/v1/images/generations",
+            headers=headers,
+            json={
+                "model": "imagegate-demo",
+                "prompt": "a red circle on a blue background",
+                "response_format": "b64_json",
+                "seed": 1,
+            },
+        )
+        assert response.status_code == 200, response.text
+        from tests.conftest import decode_png
+
+        image = decode_png(response.json()["data"]["data"][0]["b64_json"])
+        assert image.size == (512, 512)
