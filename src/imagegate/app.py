@@ -16,7 +16,7 @@ from imagegate.api.errors import ErrorRenderers, install
 from imagegate.api.gemini import routes as gemini
 from imagegate.api.middleware import RequestContext
 from imagegate.api.nebula import routes as nebula
-from imagegate.api.nebula.render import render_error, render_openai_error
+from imagegate.api.nebula.render import render_error
 from imagegate.api.openai import routes as openai
 from imagegate.api.responses import JSON
 from imagegate.catalog import Catalog
@@ -70,7 +70,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     app.state.catalog = catalog
     renderers = ErrorRenderers(render_error)
     if settings.v1_response_shape == "openai":
-        renderers.register("/v1/", render_openai_error)
+        renderers.register("/v1/", openai.render_error)
     renderers.register("/openai/", openai.render_error)
     renderers.register("/v1beta/", gemini.render_error)
     renderers.register("/v1/models/", gemini.render_error)  # Gemini SDKs also call /v1/models/M:...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -68,32 +68,3 @@ class ImageGenerationRequest(_Wire):
     optimize_prompt_options: dict[str, Any] | None = None
     parameters: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
-
-
-class ImageItem(BaseModel):
-    url: str
-    b64_json: str
-    revised_prompt: str
-
-
-class ImagesData(BaseModel):
-    data: list[ImageItem]
-    created: int
-
-
-class Envelope(BaseModel):
-    code: int
-    msg: str
-    data: Any
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

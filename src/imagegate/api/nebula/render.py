@@ -56,15 +56,3 @@ def render_error(error: ImagegateError) -> Response:
     return JSON(
         {"code": error.status, "msg": error.message, "data": None}, status_code=error.status
     )
-
-
-def render_openai_error(error: ImagegateError) -> Response:
-    body = {
-        "error": {
-            "message": error.message,
-            "type": error.kind,
-            "param": error.param,
-            "code": error.kind,
-        }
-    }
-    return JSON(body, status_code=error.status)
