@@ -53,8 +53,8 @@ def test_held_out_split_is_never_drawn_for_training() -> None:
 # cannot outlive the problem it records.
 UNDERTRAINED = pytest.mark.xfail(
     strict=True,
-    reason="issue 3: the shipped demo model is undertrained; held-out accuracy is far below "
-    "target (see the issue note)",
+    reason="issue 3: the shipped demo model is undertrained; held-out colour and shape "
+    "accuracy are below target (see the issue note)",
 )
 
 
