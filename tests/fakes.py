@@ -15,6 +15,7 @@ from PIL import Image
 
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ProviderError
+from imagegate.progress import current_reporter
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
 from imagegate.types import GeneratedImage, GenerationResult, ImageRequest
 
@@ -59,11 +60,20 @@ class FakeProvider:
         check_capabilities(self.name, self.capabilities, request)
         if self.options.fail_with:
             raise ProviderError(self.options.fail_with)
-        await asyncio.sleep(self.options.delay_seconds)
+        await self._wait(self.options.delay_seconds)
         width, height = request.size.to_pixels(64) if request.size else (16, 16)
         seed = request.seed if request.seed is not None else random.randrange(2**31)
         images = tuple(self._image(request, width, height, seed + i) for i in range(request.n))
         return GenerationResult(images=images)
+
+    @staticmethod
+    async def _wait(seconds: float) -> None:
+        """Sleep in ten steps, reporting progress after each, as a local model does."""
+        reporter = current_reporter()
+        for step in range(10):
+            await asyncio.sleep(seconds / 10)
+            if reporter is not None:
+                reporter((step + 1) / 10)
 
     def _image(self, request: ImageRequest, width: int, height: int, seed: int) -> GeneratedImage:
         colour = next(

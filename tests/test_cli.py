@@ -37,6 +37,30 @@ def test_keys_create_list_revoke(runner: CliRunner) -> None:
     assert again.exit_code != 0 and "No active key with id 1" in again.output
 
 
+def test_users_create_list_disable_and_their_keys(runner: CliRunner) -> None:
+    created = runner.invoke(main, ["users", "create", "alice", "--password", "s3cret-pass"])
+    assert created.exit_code == 0, created.output
+    prompted = runner.invoke(main, ["users", "create", "bob"], input="bobs-pass\nbobs-pass\n")
+    assert prompted.exit_code == 0, prompted.output
+    again = runner.invoke(main, ["users", "create", "alice", "--password", "other-pass"])
+    assert again.exit_code != 0 and "already exists" in again.output
+    short = runner.invoke(main, ["users", "create", "carl", "--password", "short"])
+    assert short.exit_code != 0 and "too short" in short.output
+    key = runner.invoke(main, ["keys", "create", "alice-key", "--user", "alice"])
+    assert key.exit_code == 0 and key.output.strip().startswith("sk-")
+    nobody = runner.invoke(main, ["keys", "create", "x", "--user", "nobody"])
+    assert nobody.exit_code != 0 and "No user 'nobody'" in nobody.output
+    assert runner.invoke(main, ["users", "disable", "alice"]).exit_code == 0
+    lines = runner.invoke(main, ["users", "list"]).output.strip().splitlines()
+    assert "alice" in lines[0] and "disabled" in lines[0]
+    assert "bob" in lines[1] and "active" in lines[1]
+    assert "s3cret" not in "".join(lines)
+    assert runner.invoke(main, ["users", "enable", "alice"]).exit_code == 0
+    assert "active" in runner.invoke(main, ["users", "list"]).output.splitlines()[0]
+    missing = runner.invoke(main, ["users", "disable", "nobody"])
+    assert missing.exit_code != 0 and "No user 'nobody'" in missing.output
+
+
 def test_db_upgrade_is_idempotent(runner: CliRunner) -> None:
     for _ in range(2):
         result = runner.invoke(main, ["db", "upgrade"])

@@ -5,20 +5,28 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy import text
 from starlette.responses import Response
 
-from imagegate import __version__
+from imagegate import __version__, fastjson
 from imagegate.api import admin, files
 from imagegate.api.errors import ErrorRenderers, install
 from imagegate.api.gemini import routes as gemini
+from imagegate.api.lab import routes as lab
+from imagegate.api.lab.render import OK as LAB_OK
+from imagegate.api.lab.render import task_query_view
 from imagegate.api.middleware import RequestContext
 from imagegate.api.nebula import routes as nebula
-from imagegate.api.nebula.render import render_error
+from imagegate.api.nebula.protocol import ImageGenerationRequest
+from imagegate.api.nebula.render import render_error, task_view
+from imagegate.api.nebula.translate import to_image_request
 from imagegate.api.openai import routes as openai
 from imagegate.api.responses import JSON
+from imagegate.api.tasks import Tasks
+from imagegate.auth.tokens import TokenIssuer
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
 from imagegate.fetch import Fetcher
@@ -27,7 +35,11 @@ from imagegate.service import ImageService
 from imagegate.storage.local import LocalStorage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store.db import create_engine, session_factory, upgrade
+from imagegate.store.models import Task
 from imagegate.store.usage import UsageWriter
+from imagegate.tasks.callbacks import CallbackSender
+from imagegate.tasks.execute import Prepare, TaskExecutor
+from imagegate.tasks.queue import InProcessQueue, QueueSettings
 
 logger = logging.getLogger(__name__)
 
@@ -45,23 +57,30 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             await upgrade(url)
         engine = create_engine(url)
         fetcher = Fetcher.from_settings(settings)
-        app.state.settings = settings
-        app.state.loader = ImageLoader(settings, fetcher)
-        app.state.service = ImageService(
+        loader = ImageLoader(settings, fetcher)
+        service = ImageService(
             sessions=session_factory(engine),
             catalog=catalog,
             storage=LocalStorage(settings.resolved_storage_dir),
             signer=signer,
             usage=UsageWriter(engine),
+            tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
             key_cache_seconds=settings.key_cache_seconds,
         )
+        queue = _task_queue(settings, service, loader, fetcher)
+        app.state.settings = settings
+        app.state.loader = loader
+        app.state.service = service
+        app.state.tasks = Tasks(service=service, queue=queue, fetcher=fetcher)
         app.state.engine = engine
         if settings.preload_models:
             await catalog.start_all()
+        await queue.start()
         try:
             yield
         finally:
-            await app.state.service.usage.close()
+            await queue.close()
+            await service.usage.close()
             await catalog.close()
             await fetcher.aclose()
             await engine.dispose()
@@ -77,12 +96,45 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     install(app, renderers)
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     app.include_router(nebula.router)
+    app.include_router(lab.router)
     app.include_router(openai.router)
     app.include_router(gemini.router)
     app.include_router(files.router)
     app.include_router(admin.router)
     _health(app)
     return app
+
+
+def _task_queue(
+    settings: Settings, service: ImageService, loader: ImageLoader, fetcher: Fetcher
+) -> InProcessQueue:
+    def parse(body: dict[str, Any]) -> tuple[str, Prepare]:
+        request = ImageGenerationRequest.model_validate(body)
+        return request.model, lambda: to_image_request(request, loader)
+
+    async def render(task: Task) -> bytes:
+        """A finished task as its callback receives it: what a query of it would answer."""
+        if task.dialect == "lab":
+            data = await task_query_view(task, service, task.base_url)
+            return fastjson.dumps({"code": 200, "msg": LAB_OK, "data": data})
+        view = await task_view(task, service, task.base_url)
+        return fastjson.dumps({"code": 200, "msg": "Success", "data": view})
+
+    return InProcessQueue(
+        service.sessions,
+        TaskExecutor(service, parse),
+        CallbackSender(
+            fetcher, settings.callback_key(), retry_seconds=settings.callback_retry_seconds
+        ),
+        render,
+        QueueSettings(
+            workers=settings.task_workers,
+            lease_seconds=settings.task_lease_seconds,
+            poll_seconds=settings.task_poll_seconds,
+            max_attempts=settings.task_max_attempts,
+            callback_max_attempts=settings.callback_max_attempts,
+        ),
+    )
 
 
 def app_from_environment() -> FastAPI:

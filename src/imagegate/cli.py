@@ -1,4 +1,4 @@
-"""The `imagegate` command: serve, keys, models, db, and a generate client."""
+"""The `imagegate` command: serve, keys, users, models, db, and a generate client."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import httpx
 from imagegate.config import Settings, load_models
 from imagegate.errors import ConfigError
 from imagegate.store import keys as key_store
+from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession, create_engine, session_factory, upgrade
 
 T = TypeVar("T")
@@ -125,12 +126,23 @@ def keys() -> None:
 @click.argument("name")
 @click.option("--admin", is_flag=True, help="The key may manage other keys.")
 @click.option("--model", "models", multiple=True, help="Allow only this model (repeatable).")
-def keys_create(name: str, admin: bool, models: tuple[str, ...]) -> None:
+@click.option("--user", "username", default=None, help="The user the key belongs to.")
+def keys_create(name: str, admin: bool, models: tuple[str, ...], username: str | None) -> None:
     """Create a key and print its secret (shown only once)."""
 
     async def work(session: AsyncSession) -> str:
+        user_id = None
+        if username is not None:
+            user = await user_store.find_user(session, username=username)
+            if user is None:
+                raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
+            user_id = user.id
         _, secret = await key_store.create_key(
-            session, name=name, is_admin=admin, allowed_models=list(models) or None
+            session,
+            name=name,
+            is_admin=admin,
+            allowed_models=list(models) or None,
+            user_id=user_id,
         )
         return secret
 
@@ -164,6 +176,78 @@ def keys_revoke(key_id: int) -> None:
     if not _with_session(_settings(), work):
         raise click.ClickException(f"No active key with id {key_id}.")
     click.echo(f"revoked key {key_id}")
+
+
+@main.group()
+def users() -> None:
+    """Create, list, disable and enable users (they log in with getToken)."""
+
+
+@users.command("create")
+@click.argument("username")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    help="Asked for when not given (or set IMAGEGATE_USER_PASSWORD).",
+    envvar="IMAGEGATE_USER_PASSWORD",
+)
+@click.option("--admin", is_flag=True, help="The user's tokens may use the admin API.")
+def users_create(username: str, password: str, admin: bool) -> None:
+    """Create a user with a password (stored as an argon2 hash)."""
+
+    async def work(session: AsyncSession) -> int:
+        user = await user_store.create_user(
+            session, username=username, password=password, is_admin=admin
+        )
+        return user.id
+
+    try:
+        user_id = _with_session(_settings(), work)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"created user {username} (id {user_id})")
+
+
+@users.command("list")
+def users_list() -> None:
+    """List users."""
+
+    async def work(session: AsyncSession) -> list[str]:
+        rows = await user_store.list_users(session)
+        return [
+            f"{u.id}\t{u.username}\t{'admin' if u.is_admin else 'user'}\t"
+            f"{'disabled' if u.disabled_at else 'active'}"
+            for u in rows
+        ]
+
+    for line in _with_session(_settings(), work):
+        click.echo(line)
+
+
+@users.command("disable")
+@click.argument("username")
+def users_disable(username: str) -> None:
+    """Disable a user: their keys and tokens stop working."""
+    _set_disabled(username, disabled=True)
+
+
+@users.command("enable")
+@click.argument("username")
+def users_enable(username: str) -> None:
+    """Enable a disabled user again."""
+    _set_disabled(username, disabled=False)
+
+
+def _set_disabled(username: str, *, disabled: bool) -> None:
+    async def work(session: AsyncSession) -> bool:
+        user = await user_store.set_disabled(session, username=username, disabled=disabled)
+        return user is not None
+
+    if not _with_session(_settings(), work):
+        raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
+    click.echo(f"{'disabled' if disabled else 'enabled'} user {username}")
 
 
 @main.command()

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import importlib.util
 import secrets
 from pathlib import Path
@@ -72,11 +74,38 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(default=5.0, ge=0)
     """How long a process trusts a checked API key; a key revoked through another process
     (the CLI, another replica) keeps working at most this long there."""
+    # Users and the Lab v4 API.
+    jwt_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
+    """Lifetime of the tokens POST /prod-api/v3/auth/getToken issues."""
+    lab_default_model: str = "imagegate-demo"
+    """Model for Lab v4 submissions that name none (text2imageSubmit, volcImageBo)."""
+    # Async tasks: in-process workers that claim tasks from the database under a lease.
+    task_workers: int = Field(default=4, ge=0)
+    """Concurrent tasks this process runs (0: accept tasks but leave them to other processes)."""
+    task_lease_seconds: float = Field(default=30.0, gt=0)
+    """A task whose worker stops renewing its lease this long is taken over by another."""
+    task_poll_seconds: float = Field(default=1.0, gt=0)
+    task_max_attempts: int = Field(default=3, ge=1)
+    """A task whose worker died this many times fails instead of running again."""
+    callback_secret: SecretStr | None = None
+    """HMAC key for the X-Imagegate-Signature of task callbacks (share it with receivers);
+    default: derived from secret_key."""
+    callback_max_attempts: int = Field(default=6, ge=1)
+    callback_retry_seconds: float = Field(default=5.0, gt=0)
+    """Delay before the first callback retry; it doubles with each failed attempt."""
+    callback_timeout_seconds: float = Field(default=10.0, gt=0)
     access_log: bool = False
     """One log line per request from the HTTP server (costly under load; usage rows exist)."""
     auto_migrate: bool = True
     bootstrap_admin: bool = True
     preload_models: bool = False
+
+    def callback_key(self) -> bytes:
+        """The key task callbacks are signed with: callback_secret, else one derived from the
+        signing key (set callback_secret to share it with the receivers)."""
+        if self.callback_secret is not None:
+            return self.callback_secret.get_secret_value().encode()
+        return hmac.new(self.signing_key(), b"imagegate callbacks", hashlib.sha256).digest()
 
     @property
     def resolved_database_url(self) -> str:

@@ -47,6 +47,14 @@ class NotFound(ImagegateError):
     kind = "not_found_error"
 
 
+class Conflict(ImagegateError):
+    """The request clashes with the state of a resource (a reused Idempotency-Key, an ended
+    task cancelled)."""
+
+    status = 409
+    kind = "conflict_error"
+
+
 class PayloadTooLarge(ImagegateError):
     status = 413
     kind = "payload_too_large"

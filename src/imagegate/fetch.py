@@ -160,6 +160,34 @@ class Fetcher:
                 f"Could not fetch image URL {_shown(current)}: {_reason(exc)}."
             ) from exc
 
+    async def check(self, url: str) -> None:
+        """Refuse now a URL that `post` would refuse (bad scheme, private address)."""
+        await self._resolve(_parse(url))
+
+    async def post(self, url: str, content: bytes, headers: dict[str, str]) -> int:
+        """POST a body to a client's URL (task callbacks) through the same address guard.
+
+        Returns the status code; redirects are not followed and the answer body is not read.
+        Raises InvalidRequest when the URL is refused or cannot be reached in time.
+        """
+        target = _parse(url)
+        try:
+            async with asyncio.timeout(self._timeout):
+                address = (await self._resolve(target))[0]
+                request = self._client.build_request(
+                    "POST",
+                    target.copy_with(host=str(address)),
+                    headers={**_headers(target), "Accept": "*/*", **headers},
+                    content=content,
+                    extensions={"sni_hostname": target.raw_host.decode("ascii")},
+                )
+                response = await self._client.send(request)
+                return response.status_code
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise InvalidRequest(f"{_shown(target)} did not answer in time.") from exc
+        except httpx.TransportError as exc:
+            raise InvalidRequest(f"Could not reach {_shown(target)}: {_reason(exc)}.") from exc
+
     async def _follow(self, url: httpx.URL) -> tuple[bytes, str | None]:
         for _ in range(MAX_REDIRECTS + 1):
             response = await self._send(url)

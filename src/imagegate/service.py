@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from imagegate.auth.passwords import verify_password
+from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
 from imagegate.catalog import Catalog
 from imagegate.errors import (
     AuthenticationFailed,
     ImagegateError,
     InternalError,
+    NotFound,
     PermissionDenied,
 )
 from imagegate.fastjson import Base64Text
 from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
+from imagegate.store import users as user_store
 from imagegate.store.models import ApiKey
 from imagegate.store.usage import UsageWriter
 from imagegate.types import GeneratedImage, GenerationResult, ImageRequest, ResponseFormat
@@ -38,12 +45,18 @@ class DeliveredImage:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """The caller, as far as the service needs to know it."""
+    """The caller, as far as the service needs to know it: an API key or a user's token."""
 
-    key_id: int
+    key_id: int | None
     name: str
     is_admin: bool
     allowed_models: tuple[str, ...] | None
+    user_id: int | None = None
+
+    @property
+    def owner(self) -> str:
+        """Who owns what this caller creates (tasks): a user's keys and tokens share it."""
+        return f"user:{self.user_id}" if self.user_id is not None else f"key:{self.key_id}"
 
 
 class ImageService:
@@ -55,6 +68,7 @@ class ImageService:
         storage: Storage,
         signer: UrlSigner,
         usage: UsageWriter,
+        tokens: TokenIssuer,
         key_cache_seconds: float = 0.0,
     ) -> None:
         self.sessions = sessions
@@ -62,11 +76,13 @@ class ImageService:
         self.storage = storage
         self.signer = signer
         self.usage = usage
+        self.tokens = tokens
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
 
     async def authenticate(self, secret: str | None) -> Principal:
+        """The caller behind an API key (`sk-...`) or a token from getToken (a JWT)."""
         if not secret:
             raise AuthenticationFailed(
                 "Missing API key: send the header 'Authorization: Bearer sk-...'. "
@@ -76,6 +92,17 @@ class ImageService:
         cached = self._keys.get(digest)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        if looks_like_jwt(secret):
+            principal = await self._token_principal(secret)
+        else:
+            principal = await self._key_principal(secret)
+        if self.key_cache_seconds > 0:
+            if len(self._keys) > 10_000:
+                self._keys.clear()
+            self._keys[digest] = (principal, time.monotonic() + self.key_cache_seconds)
+        return principal
+
+    async def _key_principal(self, secret: str) -> Principal:
         async with self.sessions() as session:
             key = await key_store.find_active_key(session, secret=secret)
         if key is None:
@@ -83,16 +110,68 @@ class ImageService:
                 "Invalid or revoked API key: check the key, or create a "
                 "new one with `imagegate keys create`."
             )
-        principal = _principal(key)
-        if self.key_cache_seconds > 0:
-            if len(self._keys) > 10_000:
-                self._keys.clear()
-            self._keys[digest] = (principal, time.monotonic() + self.key_cache_seconds)
-        return principal
+        return _principal(key)
+
+    async def _token_principal(self, token: str) -> Principal:
+        claims = self.tokens.verify(token)
+        user = None
+        if claims is not None:
+            async with self.sessions() as session:
+                user = await user_store.active_user(session, claims.user_id)
+        if user is None:
+            raise AuthenticationFailed(
+                "Invalid or expired token: get a new one from POST /prod-api/v3/auth/getToken."
+            )
+        return Principal(
+            key_id=None,
+            name=user.username,
+            is_admin=user.is_admin,
+            allowed_models=None,
+            user_id=user.id,
+        )
+
+    async def login(self, username: str, password: str) -> str:
+        """A signed token for a user's name and password (getToken).
+
+        Unknown users and wrong passwords get the same answer after the same work.
+        """
+        async with self.sessions() as session:
+            user = await user_store.find_user(session, username=username)
+        hashed = user.password_hash if user is not None else None
+        matches = await asyncio.to_thread(verify_password, hashed, password)
+        if user is None or not matches or user.disabled_at is not None:
+            raise AuthenticationFailed("Invalid username or password.")
+        return self.tokens.issue(user.id, user.username)
 
     def forget_key(self, key_id: int) -> None:
         """Drop a revoked key from this process's cache at once (others expire it in seconds)."""
         self._keys = {d: v for d, v in self._keys.items() if v[0].key_id != key_id}
+
+    async def principal_for(self, key_id: int | None, user_id: int | None) -> Principal:
+        """Who submitted a task, checked again when it runs: a revoked key or a disabled user
+        stops their queued tasks too."""
+        async with self.sessions() as session:
+            if key_id is not None:
+                key = await key_store.active_key(session, key_id)
+                if key is not None:
+                    return _principal(key)
+            elif user_id is not None:
+                user = await user_store.active_user(session, user_id)
+                if user is not None:
+                    return Principal(
+                        key_id=None,
+                        name=user.username,
+                        is_admin=user.is_admin,
+                        allowed_models=None,
+                        user_id=user.id,
+                    )
+        raise AuthenticationFailed(
+            "The API key or user that submitted this task was revoked or disabled before it ran."
+        )
+
+    def forget_user(self, user_id: int) -> None:
+        """Drop a disabled user's keys and tokens from this process's cache at once."""
+        self._keys = {d: v for d, v in self._keys.items() if v[0].user_id != user_id}
 
     def authorize_model(self, principal: Principal, model: str) -> None:
         self.catalog.config(model)  # unknown models are a 404 before any permission question
@@ -112,11 +191,13 @@ class ImageService:
         *,
         endpoint: str,
         request_id: str,
+        log_usage: bool = True,
     ) -> tuple[ImageRequest, GenerationResult]:
         """Run one request and log its usage row, whether it succeeds or fails.
 
         The model is authorized before `prepare` runs, so nobody without access to a model
-        can make the server fetch the image URLs of a request.
+        can make the server fetch the image URLs of a request. Async tasks pass
+        `log_usage=False`: they write their row in the transaction that finishes the task.
         """
         started = time.perf_counter()
         status, error, images = 200, None, 0
@@ -138,18 +219,19 @@ class ImageService:
                 "x-request-id header identifies it in the server log."
             ) from exc
         finally:
-            await self._log(
-                principal,
-                model,
-                endpoint,
-                request_id,
-                images,
-                (time.perf_counter() - started) * 1000,
-                status,
-                error,
-            )
+            if log_usage:
+                self._log(
+                    principal,
+                    model,
+                    endpoint,
+                    request_id,
+                    images,
+                    (time.perf_counter() - started) * 1000,
+                    status,
+                    error,
+                )
 
-    async def _log(
+    def _log(
         self,
         principal: Principal,
         model: str,
@@ -163,6 +245,7 @@ class ImageService:
         self.usage.record(
             request_id=request_id,
             key_id=principal.key_id,
+            user_id=principal.user_id,
             model=model,
             endpoint=endpoint,
             images=images,
@@ -186,7 +269,43 @@ class ImageService:
                 delivered.append(DeliveredImage(url, "", image.revised_prompt))
         return delivered
 
+    async def keep(self, images: tuple[GeneratedImage, ...]) -> list[dict[str, str]]:
+        """Store a task's images; what is kept is rendered as links or base64 when asked."""
+        kept = []
+        for image in images:
+            key = await self.storage.put(image.data, mime=image.mime)
+            kept.append({"key": key, "mime": image.mime, "revised_prompt": image.revised_prompt})
+        return kept
+
+    async def deliver_kept(
+        self, kept: list[dict[str, str]], response_format: ResponseFormat, base_url: str
+    ) -> list[DeliveredImage]:
+        """Kept images as the client asked for them; links are signed afresh on every read."""
+        delivered = []
+        for item in kept:
+            revised = item.get("revised_prompt", "")
+            if response_format != "b64_json":
+                url = self.signer.url(base_url, item["key"])
+                delivered.append(DeliveredImage(url, "", revised))
+                continue
+            stored = await self.storage.open(item["key"])
+            if stored is None:
+                raise NotFound("A result image of this task is no longer stored.")
+            data = await _read(stored.path)
+            delivered.append(DeliveredImage("", base64.b64encode(data).decode(), revised))
+        return delivered
+
+
+async def _read(path: Path) -> bytes:
+    return await asyncio.to_thread(path.read_bytes)
+
 
 def _principal(key: ApiKey) -> Principal:
     allowed = tuple(key.allowed_models) if key.allowed_models is not None else None
-    return Principal(key_id=key.id, name=key.name, is_admin=key.is_admin, allowed_models=allowed)
+    return Principal(
+        key_id=key.id,
+        name=key.name,
+        is_admin=key.is_admin,
+        allowed_models=allowed,
+        user_id=key.user_id,
+    )

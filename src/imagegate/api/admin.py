@@ -1,4 +1,4 @@
-"""Admin API: manage API keys with an admin key."""
+"""Admin API: manage users and API keys with an admin key."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from starlette.responses import Response
 
 from imagegate.api.deps import AdminKey, Service
 from imagegate.api.responses import JSON
-from imagegate.errors import NotFound
+from imagegate.auth.passwords import MIN_PASSWORD_LENGTH
+from imagegate.errors import Conflict, InvalidRequest, NotFound
+from imagegate.service import ImageService
 from imagegate.store import keys as key_store
-from imagegate.store.models import ApiKey
+from imagegate.store import users as user_store
+from imagegate.store.models import ApiKey, User
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -23,6 +26,26 @@ class KeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     is_admin: bool = False
     allowed_models: list[str] | None = None
+    user: str | None = None
+    """Username of the key's owner: disabling the user stops the key."""
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    username: str = Field(min_length=1, max_length=100)
+    password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=1000)
+    is_admin: bool = False
+
+
+def user_view(user: User) -> dict[str, Any]:
+    return {
+        "id": user.id,
+        "username": user.username,
+        "is_admin": user.is_admin,
+        "created_at": user.created_at.isoformat(),
+        "disabled": user.disabled_at is not None,
+    }
 
 
 def key_view(key: ApiKey) -> dict[str, Any]:
@@ -32,6 +55,7 @@ def key_view(key: ApiKey) -> dict[str, Any]:
         "prefix": key.prefix,
         "is_admin": key.is_admin,
         "allowed_models": key.allowed_models,
+        "user_id": key.user_id,
         "created_at": key.created_at.isoformat(),
         "revoked": key.revoked_at is not None,
     }
@@ -44,8 +68,18 @@ def ok(data: Any) -> Response:
 @router.post("/keys")
 async def create_key(body: KeyCreate, _admin: AdminKey, service: Service) -> Response:
     async with service.sessions.begin() as session:
+        user_id = None
+        if body.user is not None:
+            user = await user_store.find_user(session, username=body.user)
+            if user is None:
+                raise NotFound(f"No user {body.user!r}: create it first (POST /admin/users).")
+            user_id = user.id
         key, secret = await key_store.create_key(
-            session, name=body.name, is_admin=body.is_admin, allowed_models=body.allowed_models
+            session,
+            name=body.name,
+            is_admin=body.is_admin,
+            allowed_models=body.allowed_models,
+            user_id=user_id,
         )
     return ok({**key_view(key), "key": secret})
 
@@ -63,3 +97,42 @@ async def revoke_key(key_id: int, _admin: AdminKey, service: Service) -> Respons
             raise NotFound(f"No active key with id {key_id}.")
     service.forget_key(key_id)
     return ok({"id": key_id, "revoked": True})
+
+
+@router.post("/users")
+async def create_user(body: UserCreate, _admin: AdminKey, service: Service) -> Response:
+    try:
+        async with service.sessions.begin() as session:
+            user = await user_store.create_user(
+                session, username=body.username, password=body.password, is_admin=body.is_admin
+            )
+    except user_store.UserExists as exc:
+        raise Conflict(str(exc), param="username") from None
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="username") from None
+    return ok(user_view(user))
+
+
+@router.get("/users")
+async def list_users(_admin: AdminKey, service: Service) -> Response:
+    async with service.sessions() as session:
+        return ok([user_view(u) for u in await user_store.list_users(session)])
+
+
+@router.post("/users/{username}/disable")
+async def disable_user(username: str, _admin: AdminKey, service: Service) -> Response:
+    return ok(await _set_disabled(service, username, disabled=True))
+
+
+@router.post("/users/{username}/enable")
+async def enable_user(username: str, _admin: AdminKey, service: Service) -> Response:
+    return ok(await _set_disabled(service, username, disabled=False))
+
+
+async def _set_disabled(service: ImageService, username: str, *, disabled: bool) -> dict[str, Any]:
+    async with service.sessions.begin() as session:
+        user = await user_store.set_disabled(session, username=username, disabled=disabled)
+        if user is None:
+            raise NotFound(f"No user {username!r}: see GET /admin/users.")
+    service.forget_user(user.id)  # its keys and tokens stop working in this process at once
+    return user_view(user)

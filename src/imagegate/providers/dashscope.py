@@ -28,6 +28,7 @@ from imagegate.errors import (
     ProviderError,
     ProviderTimeout,
 )
+from imagegate.progress import current_reporter
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
 from imagegate.providers.http import CloudProvider, retry_after
 from imagegate.types import (
@@ -221,6 +222,7 @@ class DashScopeProvider(CloudProvider):
                 continue
             output = answer.get("output") if isinstance(answer, dict) else None
             status = output.get("task_status") if isinstance(output, dict) else None
+            _surface_progress(status)
             if output is not None and status in _DONE:
                 if status == "SUCCEEDED":
                     return {**output, "usage": answer.get("usage")}
@@ -259,6 +261,18 @@ class DashScopeProvider(CloudProvider):
         return await self.verified_image(
             data, revised_prompt=revised_prompt, max_pixels=self.max_pixels
         )
+
+
+# DashScope reports a state, not a fraction: a task that runs is about half done.
+_STATUS_PROGRESS = {"PENDING": 0.1, "RUNNING": 0.5}
+
+
+def _surface_progress(status: Any) -> None:
+    """Pass DashScope's own task state on to whoever follows this generation's progress."""
+    reporter = current_reporter()
+    fraction = _STATUS_PROGRESS.get(str(status))
+    if reporter is not None and fraction is not None:
+        reporter(fraction)
 
 
 def _capabilities(family: Family) -> Capabilities:

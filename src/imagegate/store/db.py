@@ -29,11 +29,16 @@ def create_engine(url: str) -> AsyncEngine:
 def _sqlite_pragmas(dbapi_conn: object, _record: object) -> None:
     # WAL lets readers run beside the single writer; foreign keys are off by default in SQLite.
     cursor = dbapi_conn.cursor()  # type: ignore[attr-defined]
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # The busy timeout first, so the statements below wait for a writer instead of failing.
+    cursor.execute("PRAGMA busy_timeout=30000")
+    # WAL is a property of the file: switch once. Asking again on every new connection takes a
+    # lock that fails at once ("database is locked") while another connection writes.
+    cursor.execute("PRAGMA journal_mode")
+    if str(cursor.fetchone()[0]).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
     # In WAL mode NORMAL survives process crashes; only an OS crash can undo the newest commits.
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 

@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import func, select
 
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, utcnow
+from imagegate.store.models import ApiKey, User, utcnow
 
 KEY_PREFIX = "sk-"
 
@@ -24,6 +24,7 @@ async def create_key(
     name: str,
     is_admin: bool = False,
     allowed_models: list[str] | None = None,
+    user_id: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; returns the row and the secret, which is never retrievable again."""
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -33,6 +34,7 @@ async def create_key(
         prefix=secret[:10],
         is_admin=is_admin,
         allowed_models=allowed_models,
+        user_id=user_id,
         created_at=utcnow(),
     )
     session.add(key)
@@ -41,12 +43,37 @@ async def create_key(
 
 
 async def find_active_key(session: AsyncSession, *, secret: str) -> ApiKey | None:
+    """The key with this secret, unless it is revoked or its user is disabled."""
     wanted = digest(secret)
-    key = await session.scalar(select(ApiKey).where(ApiKey.digest == wanted))
+    row = (
+        await session.execute(
+            select(ApiKey, User.disabled_at)
+            .outerjoin(User, User.id == ApiKey.user_id)
+            .where(ApiKey.digest == wanted)
+        )
+    ).first()
+    if row is None:
+        return None
+    key, user_disabled_at = row
     # The index lookup already matched; the constant-time compare keeps the final check
     # free of timing differences should the lookup ever become a prefix or range scan.
-    if key is None or not hmac.compare_digest(key.digest, wanted) or key.revoked_at:
+    if not hmac.compare_digest(key.digest, wanted) or key.revoked_at or user_disabled_at:
         return None
+    return key
+
+
+async def active_key(session: AsyncSession, key_id: int) -> ApiKey | None:
+    """The key with this id, unless it is revoked or its user is disabled."""
+    row = (
+        await session.execute(
+            select(ApiKey, User.disabled_at)
+            .outerjoin(User, User.id == ApiKey.user_id)
+            .where(ApiKey.id == key_id)
+        )
+    ).first()
+    if row is None or row[0].revoked_at or row[1]:
+        return None
+    key: ApiKey = row[0]
     return key
 
 

@@ -68,3 +68,10 @@ class ImageGenerationRequest(_Wire):
     optimize_prompt_options: dict[str, Any] | None = None
     parameters: dict[str, Any] | None = None
     extra: dict[str, Any] | None = None
+    # Async tasks (imagegate): answer 202 with a task id; POST the final task to callback_url.
+    async_: bool | None = Field(default=None, alias="async")
+    callback_url: str | None = None
+
+    def task_body(self) -> dict[str, Any]:
+        """What a task stores: the request itself, without the fields about how to answer it."""
+        return self.model_dump(mode="json", exclude_none=True, exclude={"async_", "callback_url"})

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.responses import Response
 
 from imagegate.api.responses import JSON
+from imagegate.api.tasks import epoch
 from imagegate.config import ModelConfig
 from imagegate.errors import ImagegateError
-from imagegate.service import DeliveredImage
+from imagegate.service import DeliveredImage, ImageService
+from imagegate.store.models import Task
+from imagegate.store.tasks import SUCCEEDED
 
 
 def render_images(
@@ -21,11 +24,13 @@ def render_images(
         items = [_openai_item(i) for i in images]
         return JSON({"created": created, "data": items}, headers=channel_header(channel))
     # All three keys are always present; the unused one is "" (reference/nebula-api.md §3.2).
-    items = [
-        {"url": i.url, "b64_json": i.b64_json, "revised_prompt": i.revised_prompt} for i in images
-    ]
+    items = [_nebula_item(i) for i in images]
     body = {"code": 200, "msg": "Success", "data": {"data": items, "created": created}}
     return JSON(body, headers=channel_header(channel))
+
+
+def _nebula_item(image: DeliveredImage) -> dict[str, str]:
+    return {"url": image.url, "b64_json": image.b64_json, "revised_prompt": image.revised_prompt}
 
 
 def channel_header(channel: str) -> dict[str, str]:
@@ -50,6 +55,29 @@ def render_models(models: list[ModelConfig], *, created: int) -> Response:
 
 def _owner(provider: str) -> str:
     return "imagegate" if provider == "diffusers" else provider.split(":")[0]
+
+
+def render_accepted(task: Task) -> Response:
+    body = {"code": 200, "msg": "Accepted", "data": {"task_id": task.id, "status": task.status}}
+    return JSON(body, status_code=202)
+
+
+async def task_view(task: Task, service: ImageService, base_url: str) -> dict[str, Any]:
+    """GET /v1/images/tasks/{id}: `result` has the shape of a synchronous answer's `data`."""
+    result = None
+    if task.status == SUCCEEDED and task.result is not None:
+        fmt = task.request.get("response_format", "url")
+        images = await service.deliver_kept(task.result["images"], fmt, base_url)
+        result = {"data": [_nebula_item(i) for i in images], "created": task.result["created"]}
+    return {
+        "task_id": task.id,
+        "status": task.status,
+        "progress": task.progress,
+        "created": epoch(task.created_at),
+        "finished": epoch(task.finished_at),
+        "result": result,
+        "error": task.error,
+    }
 
 
 def render_error(error: ImagegateError) -> Response:

@@ -9,10 +9,13 @@ from starlette.responses import Response
 
 from imagegate.api.deps import CurrentKey, Loader, Service, SettingsDep, base_url, request_id
 from imagegate.api.nebula.protocol import ImageGenerationRequest
-from imagegate.api.nebula.render import render_images, render_models
+from imagegate.api.nebula.render import render_accepted, render_images, render_models, task_view
 from imagegate.api.nebula.translate import to_image_request
+from imagegate.api.responses import JSON
+from imagegate.api.tasks import TasksDep, prefers_async
 
 router = APIRouter(prefix="/v1", tags=["nebula"])
+ENDPOINT = "v1.images.generations"
 
 
 @router.post("/images/generations")
@@ -23,18 +26,49 @@ async def generations(
     service: Service,
     loader: Loader,
     settings: SettingsDep,
+    tasks: TasksDep,
 ) -> Response:
+    if body.async_ or prefers_async(request):
+        task = await tasks.submit(
+            request,
+            principal,
+            dialect="v1",
+            endpoint=ENDPOINT,
+            model=body.model,
+            body=body.task_body(),
+            callback_url=body.callback_url,
+            idempotency_key=None,
+        )
+        return render_accepted(task)
     image_request, result = await service.generate(
         principal,
         body.model,
         lambda: to_image_request(body, loader),
-        endpoint="v1.images.generations",
+        endpoint=ENDPOINT,
         request_id=request_id(request),
     )
     delivered = await service.deliver(
         result.images, image_request.response_format, base_url(request)
     )
     return render_images(delivered, settings.v1_response_shape, result.channel)
+
+
+@router.get("/images/tasks/{task_id}")
+async def get_task(
+    task_id: str, request: Request, principal: CurrentKey, tasks: TasksDep, service: Service
+) -> Response:
+    task = await tasks.find(principal, task_id)
+    view = await task_view(task, service, base_url(request))
+    return JSON({"code": 200, "msg": "Success", "data": view})
+
+
+@router.delete("/images/tasks/{task_id}")
+async def cancel_task(
+    task_id: str, request: Request, principal: CurrentKey, tasks: TasksDep, service: Service
+) -> Response:
+    task = await tasks.cancel(principal, task_id)
+    view = await task_view(task, service, base_url(request))
+    return JSON({"code": 200, "msg": "Cancelled", "data": view})
 
 
 @router.get("/models")

@@ -1,0 +1,1 @@
+"""Nebula Lab v4: getToken, text2imageSubmit, img2imgSubmit and the image task query."""

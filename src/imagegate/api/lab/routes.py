@@ -1,0 +1,135 @@
+"""Lab v4 routes: getToken, the two submit endpoints and the image task query."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body, Request
+from starlette.responses import Response
+
+from imagegate.api.deps import CurrentKey, Loader, Service, SettingsDep, base_url, request_id
+from imagegate.api.lab import protocol
+from imagegate.api.lab.render import ok, render_images, task_query_view, task_submitted
+from imagegate.api.lab.translate import img2img_request, text2image_request, v1_body
+from imagegate.api.nebula.translate import to_image_request
+from imagegate.api.tasks import TasksDep, prefers_async
+from imagegate.service import ImageService, Principal
+
+router = APIRouter(prefix="/prod-api", tags=["lab"])
+RawBody = Body(..., media_type="application/json")
+
+
+@router.post("/v3/auth/getToken")
+async def get_token(body: protocol.GetTokenBody, service: Service) -> Response:
+    token = await service.login(body.username, body.password)
+    return ok(f"Bearer {token}")
+
+
+@router.post("/nebula/v4/api/img2imgSubmit")
+async def img2img_submit(
+    request: Request,
+    principal: CurrentKey,
+    service: Service,
+    loader: Loader,
+    settings: SettingsDep,
+    tasks: TasksDep,
+    raw: dict[str, Any] = RawBody,
+) -> Response:
+    envelope, form = protocol.split_img2img(raw)
+    model = _model_of(form, envelope, settings.lab_default_model)
+    accepts = await _accepts(service, principal, model)
+    body = img2img_request(envelope, form, settings.lab_default_model, accepts)
+    return await _answer(
+        request, principal, service, loader, tasks, envelope, body, "lab.img2imgSubmit", None
+    )
+
+
+@router.post("/nebula/v4/api/text2imageSubmit")
+async def text2image_submit(
+    request: Request,
+    principal: CurrentKey,
+    service: Service,
+    loader: Loader,
+    settings: SettingsDep,
+    tasks: TasksDep,
+    raw: dict[str, Any] = RawBody,
+) -> Response:
+    envelope, req, where = protocol.split_text2image(raw)
+    body = text2image_request(envelope, req, where, settings.lab_default_model)
+    return await _answer(
+        request,
+        principal,
+        service,
+        loader,
+        tasks,
+        envelope,
+        body,
+        "lab.text2imageSubmit",
+        req.req_key,
+    )
+
+
+@router.get("/nebula/v4/api/imageTaskQuery/{task_id}")
+async def image_task_query(
+    task_id: str, request: Request, principal: CurrentKey, tasks: TasksDep, service: Service
+) -> Response:
+    task = await tasks.find(principal, task_id)
+    return ok(await task_query_view(task, service, base_url(request)))
+
+
+async def _answer(
+    request: Request,
+    principal: Principal,
+    service: ImageService,
+    loader: Any,
+    tasks: Any,
+    envelope: protocol.Envelope,
+    body: dict[str, Any],
+    endpoint: str,
+    idempotency_key: str | None,
+) -> Response:
+    v1 = v1_body(body)
+    if envelope.async_ or prefers_async(request):
+        task = await tasks.submit(
+            request,
+            principal,
+            dialect="lab",
+            endpoint=endpoint,
+            model=v1.model,
+            body=v1.task_body(),
+            callback_url=envelope.callback_url,
+            idempotency_key=idempotency_key,
+        )
+        return task_submitted(task)
+    image_request, result = await service.generate(
+        principal,
+        v1.model,
+        lambda: to_image_request(v1, loader),
+        endpoint=endpoint,
+        request_id=request_id(request),
+    )
+    delivered = await service.deliver(
+        result.images, image_request.response_format, base_url(request)
+    )
+    return render_images(delivered, result.channel)
+
+
+def _model_of(
+    form: protocol.BatchImageGeneration | protocol.VolcImage,
+    envelope: protocol.Envelope,
+    default: str,
+) -> str | None:
+    if isinstance(form, protocol.VolcImage):
+        return form.model or envelope.model or default
+    return form.model or envelope.model
+
+
+async def _accepts(
+    service: ImageService, principal: Principal, model: str | None
+) -> frozenset[str] | None:
+    """The parameters the model accepts (to leave out Lab's always-sent fields it ignores)."""
+    if model is None:
+        return None
+    service.authorize_model(principal, model)
+    provider = await service.catalog.provider(model)
+    return frozenset(provider.capabilities.accepts)

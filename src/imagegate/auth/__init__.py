@@ -1,0 +1,1 @@
+"""Credentials: user passwords (argon2) and the signed tokens `getToken` issues (JWT)."""

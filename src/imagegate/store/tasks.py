@@ -1,0 +1,268 @@
+"""Async tasks in the database: create, claim under a lease, renew, finish, cancel.
+
+Every state change is one conditional UPDATE, so any number of workers in any number of
+processes can share the table on SQLite or PostgreSQL: a claim succeeds for exactly one worker,
+and only the worker holding a task's lease can finish it (a worker that lost its lease, because
+it stalled or the task was cancelled, finds its UPDATE matching no row and drops its result).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
+
+from imagegate.store.db import AsyncSession
+from imagegate.store.models import Task, Usage, utcnow
+
+QUEUED, IN_PROGRESS = "queued", "in_progress"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class IdempotencyConflict(ValueError):
+    """An Idempotency-Key reused for a different request."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    owner: str
+    key_id: int | None
+    user_id: int | None
+    dialect: str
+    endpoint: str
+    model: str
+    request: dict[str, Any]
+    base_url: str
+    idempotency_key: str | None = None
+    callback_url: str | None = None
+
+
+def new_task_id() -> str:
+    return "task_" + secrets.token_hex(12)
+
+
+async def create_task(session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
+    """Insert and commit a queued task; with an idempotency key, the existing task is returned
+    (created=False) when the same owner already submitted that key."""
+    if new.idempotency_key is not None:
+        existing = await _by_idempotency_key(session, new)
+        if existing is not None:
+            return existing, False
+    task = Task(
+        id=new_task_id(),
+        owner=new.owner,
+        key_id=new.key_id,
+        user_id=new.user_id,
+        dialect=new.dialect,
+        endpoint=new.endpoint,
+        model=new.model,
+        request=new.request,
+        base_url=new.base_url,
+        idempotency_key=new.idempotency_key,
+        status=QUEUED,
+        progress=0,
+        attempts=0,
+        created_at=utcnow(),
+        callback_url=new.callback_url,
+        callback_status="pending" if new.callback_url else None,
+        callback_attempts=0,
+    )
+    session.add(task)
+    try:
+        await session.commit()
+    except IntegrityError:
+        # The same key submitted twice at once: the other insert won; answer with its task.
+        await session.rollback()
+        existing = await _by_idempotency_key(session, new)
+        if existing is None:
+            raise
+        return existing, False
+    return task, True
+
+
+async def _by_idempotency_key(session: AsyncSession, new: NewTask) -> Task | None:
+    task = await session.scalar(
+        select(Task).where(Task.owner == new.owner, Task.idempotency_key == new.idempotency_key)
+    )
+    if task is not None and (task.request != new.request or task.endpoint != new.endpoint):
+        raise IdempotencyConflict(
+            f"Idempotency-Key {new.idempotency_key!r} was already used for a different request "
+            f"(task {task.id}): send a new key for a new request."
+        )
+    return task
+
+
+async def get_task(session: AsyncSession, task_id: str, owner: str | None) -> Task | None:
+    """The task, if `owner` owns it (owner None: an admin, who sees every task)."""
+    query = select(Task).where(Task.id == task_id)
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    return await session.scalar(query)
+
+
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    return or_(
+        Task.status == QUEUED,
+        and_(Task.status == IN_PROGRESS, Task.lease_expires_at < now),
+    )
+
+
+async def claim_next(session: AsyncSession, worker: str, lease_seconds: float) -> Task | None:
+    """Take the oldest queued task, or one whose worker's lease ran out; None when idle."""
+    for _ in range(5):  # another worker may win the race for a candidate: try the next one
+        now = utcnow()
+        candidate = await session.scalar(
+            select(Task.id).where(_claimable(now)).order_by(Task.created_at).limit(1)
+        )
+        if candidate is None:
+            return None
+        claimed = await session.execute(
+            update(Task)
+            .where(Task.id == candidate, _claimable(now))
+            .values(
+                status=IN_PROGRESS,
+                lease_owner=worker,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                attempts=Task.attempts + 1,
+                started_at=func.coalesce(Task.started_at, now),
+            )
+        )
+        await session.commit()
+        if _rowcount(claimed) == 1:
+            return await session.get(Task, candidate, populate_existing=True)
+    return None
+
+
+async def renew(
+    session: AsyncSession, task_id: str, worker: str, lease_seconds: float, progress: int
+) -> bool:
+    """Extend the lease and record progress; False when the task is no longer ours."""
+    renewed = await session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
+        .values(
+            lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+            progress=progress,
+        )
+    )
+    await session.commit()
+    return _rowcount(renewed) == 1
+
+
+async def finish(
+    session: AsyncSession,
+    task_id: str,
+    worker: str,
+    *,
+    status: str,
+    result: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    usage: dict[str, Any],
+) -> bool:
+    """End a task we hold and write its one usage row in the same transaction.
+
+    False (and nothing written) when the lease was lost: someone else owns the outcome.
+    """
+    now = utcnow()
+    values: dict[str, Any] = {
+        "status": status,
+        "result": result,
+        "error": error,
+        "finished_at": now,
+        "lease_owner": None,
+        "lease_expires_at": None,
+    }
+    if status == SUCCEEDED:
+        values["progress"] = 100
+    done = await session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
+        .values(**values)
+    )
+    if _rowcount(done) != 1:
+        await session.rollback()
+        return False
+    await session.execute(insert(Usage), [{**usage, "task_id": task_id, "created_at": now}])
+    await session.commit()
+    return True
+
+
+async def release(session: AsyncSession, task_id: str, worker: str) -> None:
+    """Give a task back to the queue (clean shutdown), so the next process starts it at once."""
+    await session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
+        .values(
+            status=QUEUED,
+            lease_owner=None,
+            lease_expires_at=None,
+            attempts=Task.attempts - 1,
+        )
+    )
+    await session.commit()
+
+
+async def cancel(session: AsyncSession, task_id: str) -> bool:
+    """Cancel a task that has not ended; False when it already had."""
+    cancelled = await session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status.in_((QUEUED, IN_PROGRESS)))
+        .values(status=CANCELLED, finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
+    )
+    await session.commit()
+    return _rowcount(cancelled) == 1
+
+
+async def claim_callback(session: AsyncSession, hold_seconds: float) -> Task | None:
+    """An ended task whose callback is due, held for `hold_seconds` against other senders."""
+    now = utcnow()
+    due = or_(Task.callback_due_at.is_(None), Task.callback_due_at <= now)
+    candidate = await session.scalar(
+        select(Task.id)
+        .where(Task.callback_status == "pending", Task.status.in_(FINAL), due)
+        .order_by(Task.finished_at)
+        .limit(1)
+    )
+    if candidate is None:
+        return None
+    held = await session.execute(
+        update(Task)
+        .where(Task.id == candidate, Task.callback_status == "pending", due)
+        .values(callback_due_at=now + timedelta(seconds=hold_seconds))
+    )
+    await session.commit()
+    if _rowcount(held) != 1:
+        return None
+    return await session.get(Task, candidate, populate_existing=True)
+
+
+async def record_callback(
+    session: AsyncSession, task_id: str, *, delivered: bool, retry_in: float | None
+) -> None:
+    """After one delivery attempt: delivered, due again after `retry_in`, or given up (None)."""
+    values: dict[str, Any] = {"callback_attempts": Task.callback_attempts + 1}
+    if delivered:
+        values["callback_status"] = "delivered"
+    elif retry_in is None:
+        values["callback_status"] = "failed"
+    else:
+        values["callback_due_at"] = utcnow() + timedelta(seconds=retry_in)
+    await session.execute(update(Task).where(Task.id == task_id).values(**values))
+    await session.commit()
+
+
+async def queue_depth(session: AsyncSession) -> int:
+    return int(
+        await session.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED))
+        or 0
+    )
+
+
+def _rowcount(result: Any) -> int:
+    return int(result.rowcount)

@@ -1,0 +1,1 @@
+"""Durable async tasks: rows in the tasks table, run by workers that hold them under a lease."""

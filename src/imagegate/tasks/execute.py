@@ -1,0 +1,76 @@
+"""Running one task: check its owner again, generate, keep the images, describe the outcome."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from imagegate.errors import ImagegateError
+from imagegate.progress import Reporter, reporting_to
+from imagegate.service import ImageService
+from imagegate.store.models import Task
+from imagegate.store.tasks import FAILED, SUCCEEDED
+from imagegate.types import ImageRequest
+
+logger = logging.getLogger(__name__)
+
+Prepare = Callable[[], Awaitable[ImageRequest]]
+Parse = Callable[[dict[str, Any]], tuple[str, Prepare]]
+"""A stored request body -> (model name, how to build its ImageRequest)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: str
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    images: int
+    latency_ms: float
+
+    def usage_row(self, task: Task) -> dict[str, Any]:
+        """The task's one usage row, written in the transaction that finishes it."""
+        return {
+            "request_id": task.id,
+            "key_id": task.key_id,
+            "user_id": task.user_id,
+            "model": task.model,
+            "endpoint": task.endpoint,
+            "images": self.images,
+            "latency_ms": self.latency_ms,
+            "status": 200 if self.error is None else int(self.error["code"]),
+            "error": None if self.error is None else str(self.error["message"]),
+        }
+
+
+class TaskExecutor:
+    def __init__(self, service: ImageService, parse: Parse) -> None:
+        self.service = service
+        self.parse = parse
+
+    async def run(self, task: Task, report: Reporter) -> Outcome:
+        started = time.perf_counter()
+        try:
+            principal = await self.service.principal_for(task.key_id, task.user_id)
+            model, prepare = self.parse(task.request)
+            with reporting_to(report):
+                _, result = await self.service.generate(
+                    principal,
+                    model,
+                    prepare,
+                    endpoint=task.endpoint,
+                    request_id=task.id,
+                    log_usage=False,
+                )
+            kept = await self.service.keep(result.images)
+        except ImagegateError as exc:
+            error = {"code": exc.status, "message": exc.message}
+            return Outcome(FAILED, None, error, 0, _since(started))
+        body = {"images": kept, "created": int(time.time()), "channel": result.channel}
+        return Outcome(SUCCEEDED, body, None, len(kept), _since(started))
+
+
+def _since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000

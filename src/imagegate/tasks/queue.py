@@ -1,0 +1,248 @@
+"""The task queue: the Protocol the API uses, and the in-process implementation.
+
+The API commits a task row, then calls `submitted`; it never hands the queue anything that is
+not already in the database. `InProcessQueue` runs asyncio workers inside the server that claim
+rows under a lease (store/tasks.py), renew it while they run and write progress, so a crash
+loses nothing: a restarted (or any other) process claims every queued task and every task
+whose lease expired. A PostgreSQL-backed queue (e.g. procrastinate, with separate worker
+processes) implements the same Protocol: it enqueues the task id in `submitted` and its job
+runs the same `TaskExecutor` and the same `finish` under the same lease rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from imagegate.store import tasks as task_store
+from imagegate.store.models import Task
+from imagegate.tasks.callbacks import CallbackSender
+from imagegate.tasks.execute import Outcome, TaskExecutor
+
+logger = logging.getLogger(__name__)
+RenderTask = Callable[[Task], Awaitable[bytes]]
+"""A finished task -> the JSON body its callback receives (the same as a query answers)."""
+
+
+class TaskQueue(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None:
+        """Stop taking tasks; tasks running here go back to the queue for the next process."""
+        ...
+
+    def submitted(self, task_id: str) -> None:
+        """A task row was committed: start it soon."""
+        ...
+
+    def cancelled(self, task_id: str) -> None:
+        """A task was marked cancelled in the database: stop it if it runs here."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    workers: int
+    lease_seconds: float
+    poll_seconds: float
+    max_attempts: int
+    callback_max_attempts: int
+
+
+class _Progress:
+    """The latest progress of a running task, written by any thread, read by the lease keeper."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def report(self, fraction: float) -> None:
+        self.value = max(self.value, min(100, int(fraction * 100)))
+
+
+class InProcessQueue:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        executor: TaskExecutor,
+        callbacks: CallbackSender,
+        render: RenderTask,
+        settings: QueueSettings,
+    ) -> None:
+        self.sessions = sessions
+        self.executor = executor
+        self.callbacks = callbacks
+        self.render = render
+        self.settings = settings
+        self.worker_id = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._wake = asyncio.Event()
+        self._wake_callbacks = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self._running: dict[str, asyncio.Task[Outcome]] = {}
+        self._closing = False
+
+    async def start(self) -> None:
+        for index in range(self.settings.workers):
+            self._loops.append(asyncio.create_task(self._work(), name=f"task-worker-{index}"))
+        if self.settings.workers:
+            self._loops.append(asyncio.create_task(self._deliver(), name="task-callbacks"))
+
+    async def close(self) -> None:
+        self._closing = True
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+
+    def submitted(self, task_id: str) -> None:
+        self._wake.set()
+
+    def cancelled(self, task_id: str) -> None:
+        job = self._running.get(task_id)
+        if job is not None:
+            job.cancel()
+        self._wake_callbacks.set()
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    # -- workers -----------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                async with self.sessions() as session:
+                    task = await task_store.claim_next(
+                        session, self.worker_id, self.settings.lease_seconds
+                    )
+            except Exception:
+                logger.exception("could not claim a task; trying again")
+                task = None
+            if task is None:
+                await _wait(self._wake, self.settings.poll_seconds)
+                continue
+            await self._run(task)
+
+    async def _run(self, task: Task) -> None:
+        if task.attempts > self.settings.max_attempts:
+            await self._finish(task, _abandoned(task))
+            return
+        logger.info("task %s: started (attempt %d)", task.id, task.attempts)
+        progress = _Progress()
+        job = asyncio.create_task(self.executor.run(task, progress.report))
+        self._running[task.id] = job
+        keeper = asyncio.create_task(self._keep_lease(task.id, progress, job))
+        try:
+            outcome = await job
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                await asyncio.shield(self._release(task.id))  # shutting down: hand it back
+                raise
+            logger.info("task %s: stopped (cancelled, or its lease was lost)", task.id)
+            return
+        finally:
+            keeper.cancel()
+            self._running.pop(task.id, None)
+        await self._finish(task, outcome)
+
+    async def _finish(self, task: Task, outcome: Outcome) -> None:
+        async with self.sessions() as session:
+            done = await task_store.finish(
+                session,
+                task.id,
+                self.worker_id,
+                status=outcome.status,
+                result=outcome.result,
+                error=outcome.error,
+                usage=outcome.usage_row(task),
+            )
+        if done:
+            logger.info("task %s: %s", task.id, outcome.status)
+            self._wake_callbacks.set()
+        else:
+            logger.warning("task %s: lost its lease before finishing; result dropped", task.id)
+
+    async def _keep_lease(
+        self, task_id: str, progress: _Progress, job: asyncio.Task[Outcome]
+    ) -> None:
+        """Renew the lease and record progress until the job ends; stop the job when the task
+        is no longer ours (cancelled by its owner, or taken over after a stall)."""
+        interval = min(0.5, self.settings.lease_seconds / 3)
+        while not job.done():
+            await asyncio.sleep(interval)
+            try:
+                async with self.sessions() as session:
+                    ours = await task_store.renew(
+                        session,
+                        task_id,
+                        self.worker_id,
+                        self.settings.lease_seconds,
+                        progress.value,
+                    )
+            except Exception:
+                logger.exception("task %s: could not renew the lease", task_id)
+                continue
+            if not ours:
+                job.cancel()
+                return
+
+    async def _release(self, task_id: str) -> None:
+        try:
+            async with self.sessions() as session:
+                await task_store.release(session, task_id, self.worker_id)
+        except Exception:
+            logger.exception("task %s: could not hand back; its lease will expire", task_id)
+
+    # -- callbacks ---------------------------------------------------------------------------
+
+    async def _deliver(self) -> None:
+        while True:
+            try:
+                async with self.sessions() as session:
+                    task = await task_store.claim_callback(
+                        session, hold_seconds=self.settings.lease_seconds
+                    )
+                if task is not None:
+                    await self._callback(task)
+                    continue
+            except Exception:
+                logger.exception("could not deliver a task callback; trying again")
+            await _wait(self._wake_callbacks, self.settings.poll_seconds)
+
+    async def _callback(self, task: Task) -> None:
+        assert task.callback_url is not None
+        delivered = await self.callbacks.send(task.callback_url, task.id, await self.render(task))
+        attempts = task.callback_attempts + 1
+        retry_in = None
+        if not delivered and attempts < self.settings.callback_max_attempts:
+            retry_in = self.callbacks.backoff(attempts)
+        async with self.sessions() as session:
+            await task_store.record_callback(
+                session, task.id, delivered=delivered, retry_in=retry_in
+            )
+
+
+def _abandoned(task: Task) -> Outcome:
+    message = (
+        f"The task was started {task.attempts - 1} times and the process running it stopped "
+        "each time (a crash or restart); it will not be tried again. Submit it anew."
+    )
+    return Outcome(task_store.FAILED, None, {"code": 500, "message": message}, 0, 0.0)
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    """Until `event` is set or `seconds` pass (other processes' tasks are found by polling)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    event.clear()
