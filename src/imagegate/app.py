@@ -66,6 +66,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             usage=UsageWriter(engine),
             tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
             key_cache_seconds=settings.key_cache_seconds,
+            credits_per_unit=settings.credits_per_unit,
         )
         queue = _task_queue(settings, service, loader, fetcher)
         app.state.settings = settings

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(default=5.0, ge=0)
     """How long a process trusts a checked API key; a key revoked through another process
     (the CLI, another replica) keeps working at most this long there."""
+    # Accounting.
+    credits_per_unit: int = Field(default=500_000, gt=0)
+    """Credits per currency unit of the prices in the model config (balances are credits)."""
+    redis_url: str | None = None
+    """Share rate-limit counters between processes (e.g. redis://127.0.0.1:6379/0)."""
     # Users and the Lab v4 API.
     jwt_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
     """Lifetime of the tokens POST /prod-api/v3/auth/getToken issues."""
@@ -174,6 +179,32 @@ class ChannelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class PriceRule(BaseModel):
+    """A price per image for images of this size and/or quality (unset fields match any)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: str | None = None
+    """"WxH" as produced, or the size as requested ("2K", "16:9", "1024*1024")."""
+    quality: str | None = None
+    price: float = Field(ge=0)
+
+
+class PricingConfig(BaseModel):
+    """What a model's images cost, in currency units (e.g. USD); charged as credits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_image: float = Field(default=0.0, ge=0)
+    """The price of an image no rule matches; also the per-image reservation of token-priced
+    models, and so the most one of their images can cost."""
+    images: list[PriceRule] = Field(default_factory=list)
+    """First match wins."""
+    input_token: float | None = Field(default=None, ge=0)
+    output_token: float | None = Field(default=None, ge=0)
+    """Token prices: used when the provider reports input/output tokens (Gemini, gpt-image)."""
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -182,6 +213,7 @@ class ModelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     channels: list[ChannelConfig] = Field(default_factory=list)
     defaults: ModelDefaultsConfig = Field(default_factory=ModelDefaultsConfig)
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
     description: str = ""
 
     @model_validator(mode="after")

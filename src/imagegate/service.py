@@ -7,11 +7,12 @@ import base64
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from imagegate.accounting.billing import Billing
 from imagegate.auth.passwords import verify_password
 from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
 from imagegate.catalog import Catalog
@@ -26,8 +27,9 @@ from imagegate.fastjson import Base64Text
 from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
+from imagegate.store import ledger
 from imagegate.store import users as user_store
-from imagegate.store.models import ApiKey
+from imagegate.store.models import ApiKey, User
 from imagegate.store.usage import UsageWriter
 from imagegate.types import GeneratedImage, GenerationResult, ImageRequest, ResponseFormat
 
@@ -52,6 +54,8 @@ class Principal:
     is_admin: bool
     allowed_models: tuple[str, ...] | None
     user_id: int | None = None
+    payer: str | None = None
+    """The account whose balance pays ("key:<id>", "user:<id>"); None: unlimited."""
 
     @property
     def owner(self) -> str:
@@ -70,6 +74,7 @@ class ImageService:
         usage: UsageWriter,
         tokens: TokenIssuer,
         key_cache_seconds: float = 0.0,
+        credits_per_unit: int = 500_000,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
@@ -77,6 +82,7 @@ class ImageService:
         self.signer = signer
         self.usage = usage
         self.tokens = tokens
+        self.billing = Billing(sessions, catalog, credits_per_unit)
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
@@ -105,12 +111,12 @@ class ImageService:
     async def _key_principal(self, secret: str) -> Principal:
         async with self.sessions() as session:
             key = await key_store.find_active_key(session, secret=secret)
-        if key is None:
-            raise AuthenticationFailed(
-                "Invalid or revoked API key: check the key, or create a "
-                "new one with `imagegate keys create`."
-            )
-        return _principal(key)
+            if key is None:
+                raise AuthenticationFailed(
+                    "Invalid or revoked API key: check the key, or create a "
+                    "new one with `imagegate keys create`."
+                )
+            return _principal(key, await _user_pays(session, key))
 
     async def _token_principal(self, token: str) -> Principal:
         claims = self.tokens.verify(token)
@@ -122,13 +128,7 @@ class ImageService:
             raise AuthenticationFailed(
                 "Invalid or expired token: get a new one from POST /prod-api/v3/auth/getToken."
             )
-        return Principal(
-            key_id=None,
-            name=user.username,
-            is_admin=user.is_admin,
-            allowed_models=None,
-            user_id=user.id,
-        )
+        return _user_principal(user)
 
     async def login(self, username: str, password: str) -> str:
         """A signed token for a user's name and password (getToken).
@@ -154,17 +154,11 @@ class ImageService:
             if key_id is not None:
                 key = await key_store.active_key(session, key_id)
                 if key is not None:
-                    return _principal(key)
+                    return _principal(key, await _user_pays(session, key))
             elif user_id is not None:
                 user = await user_store.active_user(session, user_id)
                 if user is not None:
-                    return Principal(
-                        key_id=None,
-                        name=user.username,
-                        is_admin=user.is_admin,
-                        allowed_models=None,
-                        user_id=user.id,
-                    )
+                    return _user_principal(user)
         raise AuthenticationFailed(
             "The API key or user that submitted this task was revoked or disabled before it ran."
         )
@@ -200,14 +194,20 @@ class ImageService:
         `log_usage=False`: they write their row in the transaction that finishes the task.
         """
         started = time.perf_counter()
-        status, error, images = 200, None, 0
+        status, error, images, charge = 200, None, 0, None
         try:
             self.authorize_model(principal, model)
             request = await prepare()
             provider = await self.catalog.provider(request.model)
-            result = await provider.generate(request)
+            hold = await self.billing.reserve(principal.payer, request, request_id)
+            try:
+                result = await provider.generate(request)
+            except BaseException:
+                await self.billing.release(hold)
+                raise
+            charge = await self.billing.settle(hold, request, result)
             images = len(result.images)
-            return request, result
+            return request, replace(result, charge=charge)
         except ImagegateError as exc:
             status, error = exc.status, exc.message
             raise
@@ -229,6 +229,7 @@ class ImageService:
                     (time.perf_counter() - started) * 1000,
                     status,
                     error,
+                    charge,
                 )
 
     def _log(
@@ -241,6 +242,7 @@ class ImageService:
         latency_ms: float,
         status: int,
         error: str | None,
+        charge: int | None,
     ) -> None:
         self.usage.record(
             request_id=request_id,
@@ -250,6 +252,7 @@ class ImageService:
             endpoint=endpoint,
             images=images,
             latency_ms=latency_ms,
+            charge=charge,
             status=status,
             error=error,
         )
@@ -300,12 +303,34 @@ async def _read(path: Path) -> bytes:
     return await asyncio.to_thread(path.read_bytes)
 
 
-def _principal(key: ApiKey) -> Principal:
+def _principal(key: ApiKey, user_pays: bool) -> Principal:
     allowed = tuple(key.allowed_models) if key.allowed_models is not None else None
+    payer = f"key:{key.id}" if key.balance is not None else None
+    if payer is None and user_pays:
+        payer = f"user:{key.user_id}"
     return Principal(
         key_id=key.id,
         name=key.name,
         is_admin=key.is_admin,
         allowed_models=allowed,
         user_id=key.user_id,
+        payer=payer,
     )
+
+
+def _user_principal(user: User) -> Principal:
+    return Principal(
+        key_id=None,
+        name=user.username,
+        is_admin=user.is_admin,
+        allowed_models=None,
+        user_id=user.id,
+        payer=f"user:{user.id}" if user.balance is not None else None,
+    )
+
+
+async def _user_pays(session: AsyncSession, key: ApiKey) -> bool:
+    """Whether a key without a balance of its own is paid for by its user's balance."""
+    if key.balance is not None or key.user_id is None:
+        return False
+    return await ledger.payer(session, None, key.user_id) is not None

@@ -195,3 +195,5 @@ class GenerationResult:
     """The channel that served the request (set by the router)."""
     text: str = ""
     """Text the model returned beside its images (Gemini), if any."""
+    charge: int | None = None
+    """Credits charged for it (set by the service)."""

@@ -14,6 +14,7 @@ from imagegate.auth.passwords import MIN_PASSWORD_LENGTH
 from imagegate.errors import Conflict, InvalidRequest, NotFound
 from imagegate.service import ImageService
 from imagegate.store import keys as key_store
+from imagegate.store import ledger
 from imagegate.store import users as user_store
 from imagegate.store.models import ApiKey, User
 
@@ -43,6 +44,7 @@ def user_view(user: User) -> dict[str, Any]:
         "id": user.id,
         "username": user.username,
         "is_admin": user.is_admin,
+        "balance": user.balance,
         "created_at": user.created_at.isoformat(),
         "disabled": user.disabled_at is not None,
     }
@@ -56,6 +58,7 @@ def key_view(key: ApiKey) -> dict[str, Any]:
         "is_admin": key.is_admin,
         "allowed_models": key.allowed_models,
         "user_id": key.user_id,
+        "balance": key.balance,
         "created_at": key.created_at.isoformat(),
         "revoked": key.revoked_at is not None,
     }
@@ -136,3 +139,37 @@ async def _set_disabled(service: ImageService, username: str, *, disabled: bool)
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
     service.forget_user(user.id)  # its keys and tokens stop working in this process at once
     return user_view(user)
+
+
+class BalanceSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    balance: int | None = Field(ge=0)
+    """Credits; null makes the account unlimited."""
+
+
+@router.put("/keys/{key_id}/balance")
+async def set_key_balance(
+    key_id: int, body: BalanceSet, admin: AdminKey, service: Service
+) -> Response:
+    async with service.sessions.begin() as session:
+        if await session.get(ApiKey, key_id) is None:
+            raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
+        account = ledger.Account("key", key_id)
+        await ledger.set_balance(session, account, body.balance, admin.owner)
+    service.forget_key(key_id)
+    return ok({"account": account.label, "balance": body.balance})
+
+
+@router.put("/users/{username}/balance")
+async def set_user_balance(
+    username: str, body: BalanceSet, admin: AdminKey, service: Service
+) -> Response:
+    async with service.sessions.begin() as session:
+        user = await user_store.find_user(session, username=username)
+        if user is None:
+            raise NotFound(f"No user {username!r}: see GET /admin/users.")
+        account = ledger.Account("user", user.id)
+        await ledger.set_balance(session, account, body.balance, admin.owner)
+    service.forget_user(user.id)
+    return ok({"account": account.label, "balance": body.balance})

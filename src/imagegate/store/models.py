@@ -17,6 +17,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import BigInteger
 
 
 def utcnow() -> datetime:
@@ -35,6 +36,8 @@ class User(Base):
     password_hash: Mapped[str] = mapped_column(String(255))
     """argon2id hash (PHC string); the password itself is never stored."""
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    balance: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Credits; None means unlimited. Changed only through store/ledger.py."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -51,6 +54,8 @@ class ApiKey(Base):
     allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True, index=True)
     """The user the key belongs to: disabling the user stops the key at once."""
+    balance: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Credits; None: the key's user pays (if it has a balance) or nobody (unlimited)."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -67,6 +72,8 @@ class Usage(Base):
     model: Mapped[str] = mapped_column(String(200))
     endpoint: Mapped[str] = mapped_column(String(100))
     images: Mapped[int] = mapped_column(Integer, default=0)
+    charge: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    """Credits kept for this request (None: nobody was charged)."""
     latency_ms: Mapped[float] = mapped_column(Float)
     status: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -117,3 +124,23 @@ class Task(Base):
     """pending (to send once the task ends) | delivered | failed; None without a callback_url."""
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0)
     callback_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class LedgerEntry(Base):
+    """Every change of a balance: reserve (before a call), settle (after it: the unused part
+    of the reservation comes back, `charge` is what was kept), refund (a failed call), set."""
+
+    __tablename__ = "ledger"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account: Mapped[str] = mapped_column(String(40), index=True)
+    """"key:<id>" or "user:<id>"."""
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(BigInteger)
+    """Signed change of the balance in credits."""
+    charge: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )

@@ -29,6 +29,7 @@ class Outcome:
     error: dict[str, Any] | None
     images: int
     latency_ms: float
+    charge: int | None = None
 
     def usage_row(self, task: Task) -> dict[str, Any]:
         """The task's one usage row, written in the transaction that finishes it."""
@@ -40,6 +41,7 @@ class Outcome:
             "endpoint": task.endpoint,
             "images": self.images,
             "latency_ms": self.latency_ms,
+            "charge": self.charge,
             "status": 200 if self.error is None else int(self.error["code"]),
             "error": None if self.error is None else str(self.error["message"]),
         }
@@ -69,7 +71,7 @@ class TaskExecutor:
             error = {"code": exc.status, "message": exc.message}
             return Outcome(FAILED, None, error, 0, _since(started))
         body = {"images": kept, "created": int(time.time()), "channel": result.channel}
-        return Outcome(SUCCEEDED, body, None, len(kept), _since(started))
+        return Outcome(SUCCEEDED, body, None, len(kept), _since(started), result.charge)
 
 
 def _since(started: float) -> float:

@@ -1,0 +1,89 @@
+"""Charging requests: reserve the most a request can cost, then keep what it really cost.
+
+Accounts without a balance (None) are unlimited: nothing is reserved, but the charge is still
+computed and written to the usage row. Free models (no prices) cost no database work at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from imagegate.accounting.pricing import PriceList
+from imagegate.catalog import Catalog
+from imagegate.errors import PermissionDenied
+from imagegate.store import ledger
+from imagegate.types import GenerationResult, ImageRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Credits reserved for one request on one account."""
+
+    account: ledger.Account
+    credits: int
+    request_id: str
+
+
+class Billing:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], catalog: Catalog, credits_per_unit: int
+    ) -> None:
+        self.sessions = sessions
+        self.catalog = catalog
+        self.credits_per_unit = credits_per_unit
+
+    def prices(self, model: str) -> PriceList:
+        return PriceList(self.catalog.config(model).pricing, self.credits_per_unit)
+
+    async def reserve(
+        self, payer: str | None, request: ImageRequest, request_id: str
+    ) -> Hold | None:
+        """Reserve the request's maximum cost from the payer; 403 when the balance is short."""
+        prices = self.prices(request.model)
+        if payer is None or prices.free:
+            return None
+        kind, _, raw_id = payer.partition(":")
+        account = ledger.Account(kind, int(raw_id))
+        quote = prices.maximum(request)
+        async with self.sessions() as session:
+            if await ledger.reserve(session, account, quote.credits, request_id, quote.detail):
+                return Hold(account, quote.credits, request_id)
+            balance = await ledger.balance_of(session, account)
+        raise PermissionDenied(
+            f"Insufficient balance: this request may cost up to {quote.credits} credits "
+            f"({quote.detail} on model {request.model}) and the balance is {balance} credits. "
+            "Ask an admin to top it up, or ask for fewer or smaller images.",
+            param="balance",
+        )
+
+    async def settle(
+        self, hold: Hold | None, request: ImageRequest, result: GenerationResult
+    ) -> int:
+        """Keep what the delivered images cost (at most the reservation); returns the charge."""
+        prices = self.prices(request.model)
+        if prices.free:
+            return 0
+        reserved = hold.credits if hold is not None else prices.maximum(request).credits
+        quote = prices.charge(request, result, reserved)
+        if hold is not None:
+            await self._close(hold, quote.credits, quote.detail)
+        return quote.credits
+
+    async def release(self, hold: Hold | None) -> None:
+        """A failed or cancelled call: the whole reservation comes back."""
+        if hold is not None:
+            await asyncio.shield(self._close(hold, 0, "failed"))
+
+    async def _close(self, hold: Hold, charge: int, detail: str) -> None:
+        async with self.sessions() as session:
+            await ledger.settle(
+                session,
+                hold.account,
+                reserved=hold.credits,
+                charge=charge,
+                request_id=hold.request_id,
+                detail=detail,
+            )
