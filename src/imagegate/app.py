@@ -12,6 +12,7 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from imagegate import __version__, fastjson
+from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
 from imagegate.api.errors import ErrorRenderers, install
 from imagegate.api.gemini import routes as gemini
@@ -67,6 +68,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
             key_cache_seconds=settings.key_cache_seconds,
             credits_per_unit=settings.credits_per_unit,
+            limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
         )
         queue = _task_queue(settings, service, loader, fetcher)
         app.state.settings = settings
@@ -82,6 +84,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         finally:
             await queue.close()
             await service.usage.close()
+            await service.limiter.close()
             await catalog.close()
             await fetcher.aclose()
             await engine.dispose()

@@ -13,6 +13,8 @@ class ImagegateError(Exception):
 
     status: int = 500
     kind: str = "internal_error"
+    retry_after: float | None = None
+    """Seconds the client should wait before retrying (sent as Retry-After), if any."""
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)

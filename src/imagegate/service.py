@@ -13,6 +13,7 @@ from pathlib import Path
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from imagegate.accounting.billing import Billing
+from imagegate.accounting.limits import Limits, MemoryLimiter, RateLimiter, Subject
 from imagegate.auth.passwords import verify_password
 from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
 from imagegate.catalog import Catalog
@@ -24,10 +25,10 @@ from imagegate.errors import (
     PermissionDenied,
 )
 from imagegate.fastjson import Base64Text
+from imagegate.providers.base import Provider
 from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
-from imagegate.store import ledger
 from imagegate.store import users as user_store
 from imagegate.store.models import ApiKey, User
 from imagegate.store.usage import UsageWriter
@@ -56,6 +57,8 @@ class Principal:
     user_id: int | None = None
     payer: str | None = None
     """The account whose balance pays ("key:<id>", "user:<id>"); None: unlimited."""
+    limits: tuple[Subject, ...] = ()
+    """Rate limits that apply: the key's and its user's."""
 
     @property
     def owner(self) -> str:
@@ -75,6 +78,7 @@ class ImageService:
         tokens: TokenIssuer,
         key_cache_seconds: float = 0.0,
         credits_per_unit: int = 500_000,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
@@ -83,6 +87,7 @@ class ImageService:
         self.usage = usage
         self.tokens = tokens
         self.billing = Billing(sessions, catalog, credits_per_unit)
+        self.limiter: RateLimiter = limiter or MemoryLimiter()
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
@@ -113,10 +118,10 @@ class ImageService:
             key = await key_store.find_active_key(session, secret=secret)
             if key is None:
                 raise AuthenticationFailed(
-                    "Invalid or revoked API key: check the key, or create a "
+                    "Invalid, revoked or expired API key: check the key, or create a "
                     "new one with `imagegate keys create`."
                 )
-            return _principal(key, await _user_pays(session, key))
+            return _principal(key, await _owner_of(session, key))
 
     async def _token_principal(self, token: str) -> Principal:
         claims = self.tokens.verify(token)
@@ -154,7 +159,7 @@ class ImageService:
             if key_id is not None:
                 key = await key_store.active_key(session, key_id)
                 if key is not None:
-                    return _principal(key, await _user_pays(session, key))
+                    return _principal(key, await _owner_of(session, key))
             elif user_id is not None:
                 user = await user_store.active_user(session, user_id)
                 if user is not None:
@@ -199,13 +204,7 @@ class ImageService:
             self.authorize_model(principal, model)
             request = await prepare()
             provider = await self.catalog.provider(request.model)
-            hold = await self.billing.reserve(principal.payer, request, request_id)
-            try:
-                result = await provider.generate(request)
-            except BaseException:
-                await self.billing.release(hold)
-                raise
-            charge = await self.billing.settle(hold, request, result)
+            result, charge = await self._limited(principal, request, provider, request_id)
             images = len(result.images)
             return request, replace(result, charge=charge)
         except ImagegateError as exc:
@@ -231,6 +230,24 @@ class ImageService:
                     error,
                     charge,
                 )
+
+    async def _limited(
+        self, principal: Principal, request: ImageRequest, provider: Provider, request_id: str
+    ) -> tuple[GenerationResult, int]:
+        """Within the caller's rate limits and balance: generate, and charge what was made."""
+        if principal.limits:
+            await self.limiter.acquire(principal.limits, max(request.n, request.max_images or 0))
+        try:
+            hold = await self.billing.reserve(principal.payer, request, request_id)
+            try:
+                result = await provider.generate(request)
+            except BaseException:
+                await self.billing.release(hold)
+                raise
+            return result, await self.billing.settle(hold, request, result)
+        finally:
+            if principal.limits:
+                await self.limiter.release(principal.limits)
 
     def _log(
         self,
@@ -303,11 +320,12 @@ async def _read(path: Path) -> bytes:
     return await asyncio.to_thread(path.read_bytes)
 
 
-def _principal(key: ApiKey, user_pays: bool) -> Principal:
+def _principal(key: ApiKey, user: User | None) -> Principal:
     allowed = tuple(key.allowed_models) if key.allowed_models is not None else None
     payer = f"key:{key.id}" if key.balance is not None else None
-    if payer is None and user_pays:
-        payer = f"user:{key.user_id}"
+    if payer is None and user is not None and user.balance is not None:
+        payer = f"user:{user.id}"
+    limits = _subjects(f"key:{key.id}", key) + (_subjects(f"user:{user.id}", user) if user else ())
     return Principal(
         key_id=key.id,
         name=key.name,
@@ -315,6 +333,7 @@ def _principal(key: ApiKey, user_pays: bool) -> Principal:
         allowed_models=allowed,
         user_id=key.user_id,
         payer=payer,
+        limits=limits,
     )
 
 
@@ -326,11 +345,14 @@ def _user_principal(user: User) -> Principal:
         allowed_models=None,
         user_id=user.id,
         payer=f"user:{user.id}" if user.balance is not None else None,
+        limits=_subjects(f"user:{user.id}", user),
     )
 
 
-async def _user_pays(session: AsyncSession, key: ApiKey) -> bool:
-    """Whether a key without a balance of its own is paid for by its user's balance."""
-    if key.balance is not None or key.user_id is None:
-        return False
-    return await ledger.payer(session, None, key.user_id) is not None
+def _subjects(name: str, row: ApiKey | User) -> tuple[Subject, ...]:
+    limits = Limits(rpm=row.rpm, ipm=row.ipm, concurrency=row.max_concurrency)
+    return () if limits.empty else (Subject(name, limits),)
+
+
+async def _owner_of(session: AsyncSession, key: ApiKey) -> User | None:
+    return None if key.user_id is None else await session.get(User, key.user_id)

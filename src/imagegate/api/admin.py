@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter
@@ -45,6 +46,9 @@ def user_view(user: User) -> dict[str, Any]:
         "username": user.username,
         "is_admin": user.is_admin,
         "balance": user.balance,
+        "rpm": user.rpm,
+        "ipm": user.ipm,
+        "max_concurrency": user.max_concurrency,
         "created_at": user.created_at.isoformat(),
         "disabled": user.disabled_at is not None,
     }
@@ -59,6 +63,10 @@ def key_view(key: ApiKey) -> dict[str, Any]:
         "allowed_models": key.allowed_models,
         "user_id": key.user_id,
         "balance": key.balance,
+        "rpm": key.rpm,
+        "ipm": key.ipm,
+        "max_concurrency": key.max_concurrency,
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
         "created_at": key.created_at.isoformat(),
         "revoked": key.revoked_at is not None,
     }
@@ -173,3 +181,46 @@ async def set_user_balance(
         await ledger.set_balance(session, account, body.balance, admin.owner)
     service.forget_user(user.id)
     return ok({"account": account.label, "balance": body.balance})
+
+
+class LimitsSet(BaseModel):
+    """Rate limits (null: no limit); for keys also expiry and allowed models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(default=None, ge=1)
+    ipm: int | None = Field(default=None, ge=1)
+    max_concurrency: int | None = Field(default=None, ge=1)
+
+
+class KeyLimitsSet(LimitsSet):
+    expires_at: datetime | None = None
+    allowed_models: list[str] | None = None
+
+
+@router.put("/keys/{key_id}/limits")
+async def set_key_limits(
+    key_id: int, body: KeyLimitsSet, _admin: AdminKey, service: Service
+) -> Response:
+    async with service.sessions.begin() as session:
+        key = await session.get(ApiKey, key_id)
+        if key is None:
+            raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
+        for name, value in body.model_dump().items():
+            setattr(key, name, value)
+    service.forget_key(key_id)
+    return ok(key_view(key))
+
+
+@router.put("/users/{username}/limits")
+async def set_user_limits(
+    username: str, body: LimitsSet, _admin: AdminKey, service: Service
+) -> Response:
+    async with service.sessions.begin() as session:
+        user = await user_store.find_user(session, username=username)
+        if user is None:
+            raise NotFound(f"No user {username!r}: see GET /admin/users.")
+        for name, value in body.model_dump().items():
+            setattr(user, name, value)
+    service.forget_user(user.id)
+    return ok(user_view(user))

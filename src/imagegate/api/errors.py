@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,7 +66,10 @@ def describe_validation(errors: Sequence[Any]) -> InvalidRequest:
 def install(app: FastAPI, renderers: ErrorRenderers) -> None:
     async def on_imagegate(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ImagegateError)
-        return renderers.render(request.url.path, exc)
+        response = renderers.render(request.url.path, exc)
+        if exc.retry_after is not None and exc.status == 429:
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)

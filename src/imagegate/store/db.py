@@ -15,11 +15,17 @@ from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-def create_engine(url: str) -> AsyncEngine:
+def _ensure_sqlite_folder(url: str) -> None:
+    """SQLite creates the file but not its folder (a fresh data dir)."""
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    _ensure_sqlite_folder(url)
+    if url.startswith("sqlite"):
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -55,6 +61,7 @@ def alembic_config(url: str) -> Config:
 
 def upgrade_sync(url: str, revision: str = "head") -> None:
     """Apply migrations (blocking; the env runs its own event loop)."""
+    _ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)
 
 

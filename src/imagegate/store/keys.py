@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from datetime import UTC
 
 from sqlalchemy import func, select
 
@@ -59,7 +60,7 @@ async def find_active_key(session: AsyncSession, *, secret: str) -> ApiKey | Non
     # free of timing differences should the lookup ever become a prefix or range scan.
     if not hmac.compare_digest(key.digest, wanted) or key.revoked_at or user_disabled_at:
         return None
-    return key
+    return None if expired(key) else key
 
 
 async def active_key(session: AsyncSession, key_id: int) -> ApiKey | None:
@@ -74,7 +75,14 @@ async def active_key(session: AsyncSession, key_id: int) -> ApiKey | None:
     if row is None or row[0].revoked_at or row[1]:
         return None
     key: ApiKey = row[0]
-    return key
+    return None if expired(key) else key
+
+
+def expired(key: ApiKey) -> bool:
+    if key.expires_at is None:
+        return False
+    moment = key.expires_at
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)) <= utcnow()
 
 
 async def list_keys(session: AsyncSession) -> list[ApiKey]:

@@ -38,6 +38,12 @@ class User(Base):
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     balance: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """Credits; None means unlimited. Changed only through store/ledger.py."""
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Requests per minute; None: no limit."""
+    ipm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Images per minute (images asked for); None: no limit."""
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Requests in flight at once; None: no limit."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
@@ -56,6 +62,13 @@ class ApiKey(Base):
     """The user the key belongs to: disabling the user stops the key at once."""
     balance: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """Credits; None: the key's user pays (if it has a balance) or nobody (unlimited)."""
+    rpm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Requests per minute; None: no limit."""
+    ipm: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Images per minute (images asked for); None: no limit."""
+    max_concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Requests in flight at once; None: no limit."""
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
