@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.responses import Response
 
-from imagegate import __version__, fastjson
+from imagegate import __version__, fastjson, metrics
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
 from imagegate.api.errors import ErrorRenderers, install
@@ -153,6 +155,37 @@ def _health(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> Response:
+        """Ready when the database answers, the image folder is writable and a model exists."""
+        checks = {
+            "database": await _database_ok(app),
+            "storage": _storage_ok(app.state.settings),
+            "models": bool(app.state.catalog.models),
+        }
+        ready = all(checks.values())
+        return JSON(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", tags=["health"])
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _database_ok(app: FastAPI) -> bool:
+    try:
         async with app.state.engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
-        return JSON({"status": "ready"})
+    except Exception:
+        logger.exception("readiness: the database does not answer")
+        return False
+    return True
+
+
+def _storage_ok(settings: Settings) -> bool:
+    folder = settings.resolved_storage_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from imagegate import metrics
 from imagegate.accounting.billing import Billing
 from imagegate.accounting.limits import Limits, MemoryLimiter, RateLimiter, Subject
 from imagegate.auth.passwords import verify_password
@@ -23,6 +24,7 @@ from imagegate.errors import (
     InternalError,
     NotFound,
     PermissionDenied,
+    RateLimited,
 )
 from imagegate.fastjson import Base64Text
 from imagegate.providers.base import Provider
@@ -218,6 +220,7 @@ class ImageService:
                 "x-request-id header identifies it in the server log."
             ) from exc
         finally:
+            _observe(model, endpoint, status, images, time.perf_counter() - started)
             if log_usage:
                 self._log(
                     principal,
@@ -236,7 +239,13 @@ class ImageService:
     ) -> tuple[GenerationResult, int]:
         """Within the caller's rate limits and balance: generate, and charge what was made."""
         if principal.limits:
-            await self.limiter.acquire(principal.limits, max(request.n, request.max_images or 0))
+            try:
+                await self.limiter.acquire(
+                    principal.limits, max(request.n, request.max_images or 0)
+                )
+            except RateLimited:
+                metrics.RATE_LIMIT_REJECTIONS.inc()
+                raise
         try:
             hold = await self.billing.reserve(principal.payer, request, request_id)
             try:
@@ -318,6 +327,14 @@ class ImageService:
 
 async def _read(path: Path) -> bytes:
     return await asyncio.to_thread(path.read_bytes)
+
+
+def _observe(model: str, endpoint: str, status: int, images: int, seconds: float) -> None:
+    dialect = metrics.dialect_of(endpoint)
+    metrics.REQUESTS.labels(dialect, model, str(status)).inc()
+    metrics.LATENCY.labels(dialect, model).observe(seconds)
+    if images:
+        metrics.IMAGES.labels(model).inc(images)
 
 
 def _principal(key: ApiKey, user: User | None) -> Principal:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from imagegate import metrics
 from imagegate.accounting.pricing import PriceList
 from imagegate.catalog import Catalog
 from imagegate.errors import PermissionDenied
@@ -52,6 +53,7 @@ class Billing:
             if await ledger.reserve(session, account, quote.credits, request_id, quote.detail):
                 return Hold(account, quote.credits, request_id)
             balance = await ledger.balance_of(session, account)
+        metrics.BALANCE_REJECTIONS.inc()
         raise PermissionDenied(
             f"Insufficient balance: this request may cost up to {quote.credits} credits "
             f"({quote.detail} on model {request.model}) and the balance is {balance} credits. "

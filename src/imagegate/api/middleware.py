@@ -8,6 +8,7 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from imagegate import metrics
 from imagegate.timing import RequestTiming, current
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -62,6 +63,8 @@ class RequestContext:
             await self.app(scope, limited_receive, send_with_id)
         finally:
             current.reset(token)
+            if timing.upstream:  # a generation: the gateway's own share of it
+                metrics.OVERHEAD.observe(timing.overhead_ms())
 
 
 def _too_large(limit: int) -> str:

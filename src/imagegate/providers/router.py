@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from imagegate import metrics
 from imagegate.errors import ProviderError, ProviderTimeout
 from imagegate.providers.base import Capabilities, Provider
 from imagegate.timing import upstream_call
@@ -154,6 +155,7 @@ class Router:
             try:
                 result = await self._attempt(channel, request)
             except ProviderError as exc:
+                metrics.PROVIDER_ERRORS.labels(channel.name, str(exc.status)).inc()
                 if exc.failover:
                     channel.breaker.failure()
                 if not exc.retryable:

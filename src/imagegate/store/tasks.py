@@ -257,11 +257,14 @@ async def record_callback(
     await session.commit()
 
 
-async def queue_depth(session: AsyncSession) -> int:
-    return int(
-        await session.scalar(select(func.count()).select_from(Task).where(Task.status == QUEUED))
-        or 0
-    )
+async def queue_stats(session: AsyncSession) -> tuple[int, datetime | None]:
+    """How many tasks wait to start, and since when the oldest has waited."""
+    row = (
+        await session.execute(
+            select(func.count(), func.min(Task.created_at)).where(Task.status == QUEUED)
+        )
+    ).one()
+    return int(row[0] or 0), row[1]
 
 
 def _rowcount(result: Any) -> int:

@@ -19,12 +19,14 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from imagegate import metrics
 from imagegate.store import tasks as task_store
-from imagegate.store.models import Task
+from imagegate.store.models import Task, utcnow
 from imagegate.tasks.callbacks import CallbackSender
 from imagegate.tasks.execute import Outcome, TaskExecutor
 
@@ -208,6 +210,7 @@ class InProcessQueue:
     async def _deliver(self) -> None:
         while True:
             try:
+                await self._measure()
                 async with self.sessions() as session:
                     task = await task_store.claim_callback(
                         session, hold_seconds=self.settings.lease_seconds
@@ -218,6 +221,12 @@ class InProcessQueue:
             except Exception:
                 logger.exception("could not deliver a task callback; trying again")
             await _wait(self._wake_callbacks, self.settings.poll_seconds)
+
+    async def _measure(self) -> None:
+        async with self.sessions() as session:
+            depth, oldest = await task_store.queue_stats(session)
+        metrics.QUEUE_DEPTH.set(depth)
+        metrics.QUEUE_AGE.set(0.0 if oldest is None else _age(oldest))
 
     async def _callback(self, task: Task) -> None:
         assert task.callback_url is not None
@@ -230,6 +239,11 @@ class InProcessQueue:
             await task_store.record_callback(
                 session, task.id, delivered=delivered, retry_in=retry_in
             )
+
+
+def _age(moment: datetime) -> float:
+    aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return max(0.0, (utcnow() - aware).total_seconds())
 
 
 def _abandoned(task: Task) -> Outcome:

@@ -1,0 +1,93 @@
+"""Operations: /healthz, /readyz, Prometheus /metrics, request ids on every answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from imagegate.config import ModelConfig, PricingConfig
+from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
+
+MODELS = [
+    *FAKE_MODELS,
+    ModelConfig(name="dear", provider="fake", pricing=PricingConfig(per_image=1.0)),
+]
+
+
+@pytest.fixture
+async def ops(tmp_path: Path) -> AsyncIterator[Api]:
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'ops.db'}")
+    async for api in start_api(settings, MODELS):
+        yield api
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_metrics_count_requests_images_errors_and_rejections(ops: Api) -> None:
+    key = await ops.key()
+    auth = {"Authorization": f"Bearer {key}"}
+    for body in (
+        {"model": "fake-model", "prompt": "red", "n": 2},
+        {"model": "fake-model", "prompt": "red", "quality": "hd"},
+        {"model": "fake-broken", "prompt": "x"},
+    ):
+        await ops.client.post("/v1/images/generations", json=body, headers=auth)
+    poor = await ops.key()
+    principal = await ops.app.state.service.authenticate(poor)
+    admin = {"Authorization": f"Bearer {await ops.key(admin=True)}"}
+    await ops.client.put(
+        f"/admin/keys/{principal.key_id}/balance", json={"balance": 1}, headers=admin
+    )
+    ops.app.state.service.forget_key(principal.key_id)
+    refused = await ops.client.post(
+        "/v1/images/generations",
+        json={"model": "dear", "prompt": "x"},
+        headers={"Authorization": f"Bearer {poor}"},
+    )
+    assert refused.status_code == 403
+
+    response = await ops.client.get("/metrics")
+    assert response.status_code == 200
+    got = samples(response.text)
+
+    def value(name: str, **labels: str) -> float:
+        return got.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("imagegate_requests_total", dialect="v1", model="fake-model", status="200") >= 1
+    assert value("imagegate_requests_total", dialect="v1", model="fake-model", status="400") >= 1
+    assert value("imagegate_requests_total", dialect="v1", model="fake-broken", status="502") >= 1
+    assert value("imagegate_images_generated_total", model="fake-model") >= 2
+    assert value("imagegate_provider_errors_total", channel="fake-broken", status="502") >= 1
+    assert value("imagegate_balance_rejections_total") >= 1
+    assert value("imagegate_request_seconds_count", dialect="v1", model="fake-model") >= 2
+    assert ("imagegate_task_queue_depth", ()) in got
+    assert ("imagegate_rate_limit_rejections_total", ()) in got
+
+
+async def test_health_readiness_and_request_ids(ops: Api) -> None:
+    health = await ops.client.get("/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    ready = await ops.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"database": True, "storage": True, "models": True},
+    }
+    for response in (
+        health,
+        ready,
+        await ops.client.get("/nope"),
+        await ops.client.post("/v1/images/generations", json={}),
+    ):
+        assert len(response.headers["x-request-id"]) >= 16
+    mine = await ops.client.get("/healthz", headers={"x-request-id": "trace-123"})
+    assert mine.headers["x-request-id"] == "trace-123"
