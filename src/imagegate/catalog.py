@@ -81,6 +81,52 @@ class Catalog:
             max_retries=config.max_retries,
         )
 
+    async def reload(self, models: list[ModelConfig]) -> dict[str, list[str]]:
+        """Serve a new model list without a restart.
+
+        Every new or changed model is built first, so a bad config changes nothing. Unchanged
+        models keep their router (a loaded local pipeline stays loaded); the routers of removed
+        or changed models are closed (their queued local jobs fail, running ones finish).
+        """
+        configs = {m.name: m for m in models}
+        routers: dict[str, Router] = {}
+        for name, config in configs.items():
+            same = self._configs.get(name) == config and name in self._routers
+            routers[name] = self._routers[name] if same else self._build(config)
+        retired = [r for n, r in self._routers.items() if routers.get(n) is not r]
+        changes = {
+            "added": sorted(set(configs) - set(self._configs)),
+            "removed": sorted(set(self._configs) - set(configs)),
+            "changed": sorted(
+                n for n in configs if n in self._configs and self._configs[n] != configs[n]
+            ),
+        }
+        self._configs, self._routers = configs, routers
+        for router in retired:
+            try:
+                await router.close()
+            except Exception:
+                logger.exception("closing the providers of model %s failed", router.model)
+        return changes
+
+    def health(self) -> list[dict[str, object]]:
+        """Each model's channels with their circuit state (for the admin API)."""
+        views: list[dict[str, object]] = []
+        for name, config in self._configs.items():
+            router = self._routers.get(name)
+            channels = [
+                {
+                    "name": c.name,
+                    "priority": c.priority,
+                    "weight": c.weight,
+                    "circuit": _circuit(c.breaker),
+                    "consecutive_failures": c.breaker.consecutive,
+                }
+                for c in (router.channels if router is not None else [])
+            ]
+            views.append({"name": name, "providers": config.providers, "channels": channels})
+        return views
+
     async def start_all(self) -> None:
         for name in self._configs:
             await (await self.provider(name)).start()
@@ -92,3 +138,9 @@ class Catalog:
             except Exception:
                 logger.exception("closing the providers of model %s failed", name)
         self._routers.clear()
+
+
+def _circuit(breaker: Breaker) -> str:
+    if not breaker.is_open:
+        return "closed"
+    return "resting" if breaker.resting else "half_open"

@@ -6,40 +6,25 @@ import asyncio
 import base64
 import os
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import httpx
 
-from imagegate.config import Settings, load_models
+from imagegate import cli_common
+from imagegate import cli_usage as usage_commands
+from imagegate.cli_common import audited
+from imagegate.config import load_models
 from imagegate.errors import ConfigError
 from imagegate.store import keys as key_store
 from imagegate.store import ledger
 from imagegate.store import users as user_store
-from imagegate.store.db import AsyncSession, create_engine, session_factory, upgrade
+from imagegate.store.db import AsyncSession, upgrade
 from imagegate.store.models import ApiKey
 
-T = TypeVar("T")
-
-
-def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def _with_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
-    async def main() -> T:
-        url = settings.resolved_database_url
-        await upgrade(url)
-        engine = create_engine(url)
-        try:
-            async with session_factory(engine).begin() as session:
-                return await work(session)
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(main())
+_settings = cli_common.settings
+_with_session = cli_common.with_session
 
 
 @click.group()
@@ -139,13 +124,14 @@ def keys_create(name: str, admin: bool, models: tuple[str, ...], username: str |
             if user is None:
                 raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
             user_id = user.id
-        _, secret = await key_store.create_key(
+        key, secret = await key_store.create_key(
             session,
             name=name,
             is_admin=admin,
             allowed_models=list(models) or None,
             user_id=user_id,
         )
+        await audited(session, "key.create", f"key:{key.id}", {"name": name, "admin": admin})
         return secret
 
     click.echo(_with_session(_settings(), work))
@@ -173,6 +159,7 @@ def keys_revoke(key_id: int) -> None:
     """Revoke a key by id."""
 
     async def work(session: AsyncSession) -> bool:
+        await audited(session, "key.revoke", f"key:{key_id}")
         return await key_store.revoke_key(session, key_id=key_id)
 
     if not _with_session(_settings(), work):
@@ -193,6 +180,8 @@ def keys_limit(key_id: int, rpm: int | None, ipm: int | None, concurrency: int |
         if key is None:
             return False
         key.rpm, key.ipm, key.max_concurrency = rpm, ipm, concurrency
+        detail = {"rpm": rpm, "ipm": ipm, "concurrency": concurrency}
+        await audited(session, "key.limits", f"key:{key_id}", detail)
         return True
 
     if not _with_session(_settings(), work):
@@ -215,6 +204,7 @@ def _set_balance(account: ledger.Account, credits: str) -> None:
         if await session.get(account.table, account.id) is None:
             return False
         await ledger.set_balance(session, account, balance, "cli")
+        await audited(session, "balance.set", account.label, {"balance": balance})
         return True
 
     if not _with_session(_settings(), work):
@@ -245,6 +235,7 @@ def users_create(username: str, password: str, admin: bool) -> None:
         user = await user_store.create_user(
             session, username=username, password=password, is_admin=admin
         )
+        await audited(session, "user.create", f"user:{user.id}", {"username": username})
         return user.id
 
     try:
@@ -287,6 +278,8 @@ def users_enable(username: str) -> None:
 def _set_disabled(username: str, *, disabled: bool) -> None:
     async def work(session: AsyncSession) -> bool:
         user = await user_store.set_disabled(session, username=username, disabled=disabled)
+        if user is not None:
+            await audited(session, f"user.{'disable' if disabled else 'enable'}", f"user:{user.id}")
         return user is not None
 
     if not _with_session(_settings(), work):
@@ -407,3 +400,7 @@ def _output_paths(output: Path, count: int) -> list[Path]:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+main.add_command(usage_commands.usage)
+users.add_command(usage_commands.users_balance)

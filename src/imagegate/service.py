@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -34,6 +35,7 @@ from imagegate.store import keys as key_store
 from imagegate.store import users as user_store
 from imagegate.store.models import ApiKey, User
 from imagegate.store.usage import UsageWriter
+from imagegate.timing import current as current_timing
 from imagegate.types import GeneratedImage, GenerationResult, ImageRequest, ResponseFormat
 
 logger = logging.getLogger(__name__)
@@ -192,47 +194,46 @@ class ImageService:
         *,
         endpoint: str,
         request_id: str,
-        log_usage: bool = True,
+        usage_row: dict[str, Any] | None = None,
     ) -> tuple[ImageRequest, GenerationResult]:
         """Run one request and log its usage row, whether it succeeds or fails.
 
         The model is authorized before `prepare` runs, so nobody without access to a model
-        can make the server fetch the image URLs of a request. Async tasks pass
-        `log_usage=False`: they write their row in the transaction that finishes the task.
+        can make the server fetch the image URLs of a request. Async tasks pass a `usage_row`
+        dict to fill instead: they write the row in the transaction that finishes the task.
         """
         started = time.perf_counter()
-        status, error, images, charge = 200, None, 0, None
+        row = _usage_row(principal, model, endpoint, request_id)
         try:
             self.authorize_model(principal, model)
             request = await prepare()
+            row.update(n_requested=request.n, size=request.size.raw if request.size else None)
             provider = await self.catalog.provider(request.model)
             result, charge = await self._limited(principal, request, provider, request_id)
-            images = len(result.images)
+            row.update(images=len(result.images), charge=charge, channel=result.channel or None)
             return request, replace(result, charge=charge)
         except ImagegateError as exc:
-            status, error = exc.status, exc.message
+            row.update(status=exc.status, error=exc.message, error_class=type(exc).__name__)
             raise
         except Exception as exc:
             logger.exception("generation failed for model %s", model)
-            status, error = 500, repr(exc)
+            row.update(status=500, error=repr(exc)[:1000], error_class=type(exc).__name__)
             raise InternalError(
                 "Internal error while generating; the request id in the "
                 "x-request-id header identifies it in the server log."
             ) from exc
         finally:
-            _observe(model, endpoint, status, images, time.perf_counter() - started)
-            if log_usage:
-                self._log(
-                    principal,
-                    model,
-                    endpoint,
-                    request_id,
-                    images,
-                    (time.perf_counter() - started) * 1000,
-                    status,
-                    error,
-                    charge,
-                )
+            seconds = time.perf_counter() - started
+            _observe(model, endpoint, row["status"], row["images"], seconds)
+            timing = current_timing.get()
+            row.update(
+                latency_ms=seconds * 1000,
+                overhead_ms=timing.overhead_ms() if timing is not None else None,
+            )
+            if usage_row is None:
+                self.usage.record(**row)
+            else:
+                usage_row.update(row)
 
     async def _limited(
         self, principal: Principal, request: ImageRequest, provider: Provider, request_id: str
@@ -257,31 +258,6 @@ class ImageService:
         finally:
             if principal.limits:
                 await self.limiter.release(principal.limits)
-
-    def _log(
-        self,
-        principal: Principal,
-        model: str,
-        endpoint: str,
-        request_id: str,
-        images: int,
-        latency_ms: float,
-        status: int,
-        error: str | None,
-        charge: int | None,
-    ) -> None:
-        self.usage.record(
-            request_id=request_id,
-            key_id=principal.key_id,
-            user_id=principal.user_id,
-            model=model,
-            endpoint=endpoint,
-            images=images,
-            latency_ms=latency_ms,
-            charge=charge,
-            status=status,
-            error=error,
-        )
 
     async def deliver(
         self, images: tuple[GeneratedImage, ...], response_format: ResponseFormat, base_url: str
@@ -327,6 +303,24 @@ class ImageService:
 
 async def _read(path: Path) -> bytes:
     return await asyncio.to_thread(path.read_bytes)
+
+
+def _usage_row(principal: Principal, model: str, endpoint: str, request_id: str) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "key_id": principal.key_id,
+        "user_id": principal.user_id,
+        "model": model,
+        "endpoint": endpoint,
+        "images": 0,
+        "n_requested": None,
+        "size": None,
+        "channel": None,
+        "charge": None,
+        "status": 200,
+        "error": None,
+        "error_class": None,
+    }
 
 
 def _observe(model: str, endpoint: str, status: int, images: int, seconds: float) -> None:

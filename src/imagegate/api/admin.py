@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from imagegate.api.deps import AdminKey, Service
+from imagegate.api.deps import AdminKey, Service, SettingsDep
 from imagegate.api.responses import JSON
 from imagegate.auth.passwords import MIN_PASSWORD_LENGTH
-from imagegate.errors import Conflict, InvalidRequest, NotFound
-from imagegate.service import ImageService
+from imagegate.config import load_models
+from imagegate.errors import ConfigError, Conflict, InvalidRequest, NotFound
+from imagegate.service import ImageService, Principal
+from imagegate.store import audit, ledger
 from imagegate.store import keys as key_store
-from imagegate.store import ledger
+from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
+from imagegate.store.db import AsyncSession
 from imagegate.store.models import ApiKey, User
 
 router = APIRouter(prefix="/admin", tags=["admin"])
@@ -77,7 +80,7 @@ def ok(data: Any) -> Response:
 
 
 @router.post("/keys")
-async def create_key(body: KeyCreate, _admin: AdminKey, service: Service) -> Response:
+async def create_key(body: KeyCreate, admin: AdminKey, service: Service) -> Response:
     async with service.sessions.begin() as session:
         user_id = None
         if body.user is not None:
@@ -92,6 +95,7 @@ async def create_key(body: KeyCreate, _admin: AdminKey, service: Service) -> Res
             allowed_models=body.allowed_models,
             user_id=user_id,
         )
+        await _audit(session, admin, "key.create", f"key:{key.id}", body.model_dump())
     return ok({**key_view(key), "key": secret})
 
 
@@ -102,21 +106,24 @@ async def list_keys(_admin: AdminKey, service: Service) -> Response:
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(key_id: int, _admin: AdminKey, service: Service) -> Response:
+async def revoke_key(key_id: int, admin: AdminKey, service: Service) -> Response:
     async with service.sessions.begin() as session:
         if not await key_store.revoke_key(session, key_id=key_id):
             raise NotFound(f"No active key with id {key_id}.")
+        await _audit(session, admin, "key.revoke", f"key:{key_id}", None)
     service.forget_key(key_id)
     return ok({"id": key_id, "revoked": True})
 
 
 @router.post("/users")
-async def create_user(body: UserCreate, _admin: AdminKey, service: Service) -> Response:
+async def create_user(body: UserCreate, admin: AdminKey, service: Service) -> Response:
     try:
         async with service.sessions.begin() as session:
             user = await user_store.create_user(
                 session, username=body.username, password=body.password, is_admin=body.is_admin
             )
+            detail = {"username": body.username, "is_admin": body.is_admin}
+            await _audit(session, admin, "user.create", f"user:{user.id}", detail)
     except user_store.UserExists as exc:
         raise Conflict(str(exc), param="username") from None
     except ValueError as exc:
@@ -131,20 +138,24 @@ async def list_users(_admin: AdminKey, service: Service) -> Response:
 
 
 @router.post("/users/{username}/disable")
-async def disable_user(username: str, _admin: AdminKey, service: Service) -> Response:
-    return ok(await _set_disabled(service, username, disabled=True))
+async def disable_user(username: str, admin: AdminKey, service: Service) -> Response:
+    return ok(await _set_disabled(service, admin, username, disabled=True))
 
 
 @router.post("/users/{username}/enable")
-async def enable_user(username: str, _admin: AdminKey, service: Service) -> Response:
-    return ok(await _set_disabled(service, username, disabled=False))
+async def enable_user(username: str, admin: AdminKey, service: Service) -> Response:
+    return ok(await _set_disabled(service, admin, username, disabled=False))
 
 
-async def _set_disabled(service: ImageService, username: str, *, disabled: bool) -> dict[str, Any]:
+async def _set_disabled(
+    service: ImageService, admin: Principal, username: str, *, disabled: bool
+) -> dict[str, Any]:
     async with service.sessions.begin() as session:
         user = await user_store.set_disabled(session, username=username, disabled=disabled)
         if user is None:
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
+        action = "user.disable" if disabled else "user.enable"
+        await _audit(session, admin, action, f"user:{user.id}", None)
     service.forget_user(user.id)  # its keys and tokens stop working in this process at once
     return user_view(user)
 
@@ -165,6 +176,7 @@ async def set_key_balance(
             raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
         account = ledger.Account("key", key_id)
         await ledger.set_balance(session, account, body.balance, admin.owner)
+        await _audit(session, admin, "balance.set", account.label, body.model_dump())
     service.forget_key(key_id)
     return ok({"account": account.label, "balance": body.balance})
 
@@ -179,6 +191,7 @@ async def set_user_balance(
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
         account = ledger.Account("user", user.id)
         await ledger.set_balance(session, account, body.balance, admin.owner)
+        await _audit(session, admin, "balance.set", account.label, body.model_dump())
     service.forget_user(user.id)
     return ok({"account": account.label, "balance": body.balance})
 
@@ -200,7 +213,7 @@ class KeyLimitsSet(LimitsSet):
 
 @router.put("/keys/{key_id}/limits")
 async def set_key_limits(
-    key_id: int, body: KeyLimitsSet, _admin: AdminKey, service: Service
+    key_id: int, body: KeyLimitsSet, admin: AdminKey, service: Service
 ) -> Response:
     async with service.sessions.begin() as session:
         key = await session.get(ApiKey, key_id)
@@ -208,13 +221,15 @@ async def set_key_limits(
             raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
         for name, value in body.model_dump().items():
             setattr(key, name, value)
+        detail = body.model_dump(mode="json")
+        await _audit(session, admin, "key.limits", f"key:{key_id}", detail)
     service.forget_key(key_id)
     return ok(key_view(key))
 
 
 @router.put("/users/{username}/limits")
 async def set_user_limits(
-    username: str, body: LimitsSet, _admin: AdminKey, service: Service
+    username: str, body: LimitsSet, admin: AdminKey, service: Service
 ) -> Response:
     async with service.sessions.begin() as session:
         user = await user_store.find_user(session, username=username)
@@ -222,5 +237,84 @@ async def set_user_limits(
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
         for name, value in body.model_dump().items():
             setattr(user, name, value)
+        await _audit(session, admin, "user.limits", f"user:{user.id}", body.model_dump())
     service.forget_user(user.id)
     return ok(user_view(user))
+
+
+@router.get("/usage")
+async def usage(
+    admin: AdminKey,
+    service: Service,
+    key_id: int | None = None,
+    user_id: int | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = Query(default=1000, ge=1, le=100_000),
+    format: Literal["json", "csv"] = "json",
+) -> Response:
+    """Usage rows, newest first; `format=csv` downloads them as CSV."""
+    where = usage_store.UsageFilter(key_id, user_id, model, since, until)
+    await service.usage.flush()
+    async with service.sessions() as session:
+        found = await usage_store.rows(session, where, limit)
+    if format == "csv":
+        headers = {"Content-Disposition": 'attachment; filename="usage.csv"'}
+        return Response(usage_store.to_csv(found), media_type="text/csv", headers=headers)
+    return ok(found)
+
+
+@router.get("/usage/totals")
+async def usage_totals(
+    admin: AdminKey,
+    service: Service,
+    by: Literal["model", "day"] = "model",
+    key_id: int | None = None,
+    user_id: int | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Response:
+    """Requests, images, credits and errors per model or per day (UTC)."""
+    where = usage_store.UsageFilter(key_id, user_id, model, since, until)
+    await service.usage.flush()
+    async with service.sessions() as session:
+        return ok(await usage_store.totals(session, where, by))
+
+
+@router.get("/audit")
+async def audit_trail(
+    admin: AdminKey, service: Service, limit: int = Query(default=100, ge=1, le=10_000)
+) -> Response:
+    async with service.sessions() as session:
+        return ok(await audit.recent(session, limit))
+
+
+@router.get("/models")
+async def models(admin: AdminKey, service: Service) -> Response:
+    """Configured models with each channel's circuit state."""
+    return ok(service.catalog.health())
+
+
+@router.post("/models/reload")
+async def reload_models(admin: AdminKey, service: Service, settings: SettingsDep) -> Response:
+    """Re-read the model config file and serve it without a restart."""
+    try:
+        changes = await service.catalog.reload(load_models(settings))
+    except ConfigError as exc:
+        raise InvalidRequest(f"The model config was not reloaded: {exc}") from None
+    async with service.sessions.begin() as session:
+        await _audit(session, admin, "models.reload", "catalog", changes)
+    return ok(changes)
+
+
+async def _audit(
+    session: AsyncSession,
+    admin: Principal,
+    action: str,
+    target: str,
+    detail: dict[str, Any] | None,
+) -> None:
+    actor = f"{admin.owner} ({admin.name})"[:100]
+    await audit.record(session, actor, action, target, detail)

@@ -81,8 +81,11 @@ async def settle(
     charge: int,
     request_id: str,
     detail: str,
+    commit: bool = True,
 ) -> None:
-    """Keep `charge` of a reservation and give the rest back (a failure keeps nothing)."""
+    """Keep `charge` of a reservation and give the rest back (a failure keeps nothing).
+
+    commit=False leaves the transaction to the caller (the CLI runs one per command)."""
     back = reserved - charge
     if back:
         table = account.table
@@ -91,7 +94,8 @@ async def settle(
         )
     kind = SETTLE if charge else REFUND
     await _entry(session, account, kind, back, charge, request_id, detail)
-    await session.commit()
+    if commit:
+        await session.commit()
 
 
 async def set_balance(
@@ -116,6 +120,17 @@ async def open_reservations(session: AsyncSession, older_than: datetime) -> list
         )
     )
     return list(rows)
+
+
+async def accounts_with_balance(session: AsyncSession) -> list[Account]:
+    """Every key and user with a balance, or with ledger entries."""
+    keys = await session.scalars(select(ApiKey.id).where(ApiKey.balance.is_not(None)))
+    users = await session.scalars(select(User.id).where(User.balance.is_not(None)))
+    found = {Account("key", i) for i in keys} | {Account("user", i) for i in users}
+    for label in await session.scalars(select(LedgerEntry.account).distinct()):
+        kind, _, raw_id = label.partition(":")
+        found.add(Account(kind, int(raw_id)))
+    return sorted(found, key=lambda a: a.label)
 
 
 async def ledger_sum(session: AsyncSession, account: Account) -> int:

@@ -85,6 +85,12 @@ class Usage(Base):
     model: Mapped[str] = mapped_column(String(200))
     endpoint: Mapped[str] = mapped_column(String(100))
     images: Mapped[int] = mapped_column(Integer, default=0)
+    """Images delivered."""
+    n_requested: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    size: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    channel: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    overhead_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error_class: Mapped[str | None] = mapped_column(String(60), nullable=True)
     charge: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     """Credits kept for this request (None: nobody was charged)."""
     latency_ms: Mapped[float] = mapped_column(Float)
@@ -154,6 +160,21 @@ class LedgerEntry(Base):
     charge: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     request_id: Mapped[str] = mapped_column(String(64), index=True)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+
+
+class AuditEntry(Base):
+    """Who changed what through the admin API or CLI, and when."""
+
+    __tablename__ = "audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(100))
+    target: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imagegate.errors import ImagegateError
@@ -27,24 +27,24 @@ class Outcome:
     status: str
     result: dict[str, Any] | None
     error: dict[str, Any] | None
-    images: int
-    latency_ms: float
-    charge: int | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    """What the service recorded of the generation (images, charge, channel, ...)."""
 
     def usage_row(self, task: Task) -> dict[str, Any]:
         """The task's one usage row, written in the transaction that finishes it."""
-        return {
+        row = {
             "request_id": task.id,
             "key_id": task.key_id,
             "user_id": task.user_id,
             "model": task.model,
             "endpoint": task.endpoint,
-            "images": self.images,
-            "latency_ms": self.latency_ms,
-            "charge": self.charge,
+            "images": 0,
+            "latency_ms": 0.0,
             "status": 200 if self.error is None else int(self.error["code"]),
             "error": None if self.error is None else str(self.error["message"]),
         }
+        row.update(self.usage)
+        return row
 
 
 class TaskExecutor:
@@ -53,7 +53,7 @@ class TaskExecutor:
         self.parse = parse
 
     async def run(self, task: Task, report: Reporter) -> Outcome:
-        started = time.perf_counter()
+        usage: dict[str, Any] = {}
         try:
             principal = await self.service.principal_for(task.key_id, task.user_id)
             model, prepare = self.parse(task.request)
@@ -64,15 +64,11 @@ class TaskExecutor:
                     prepare,
                     endpoint=task.endpoint,
                     request_id=task.id,
-                    log_usage=False,
+                    usage_row=usage,
                 )
             kept = await self.service.keep(result.images)
         except ImagegateError as exc:
             error = {"code": exc.status, "message": exc.message}
-            return Outcome(FAILED, None, error, 0, _since(started))
+            return Outcome(FAILED, None, error, usage)
         body = {"images": kept, "created": int(time.time()), "channel": result.channel}
-        return Outcome(SUCCEEDED, body, None, len(kept), _since(started), result.charge)
-
-
-def _since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
+        return Outcome(SUCCEEDED, body, None, usage)

@@ -251,7 +251,7 @@ def _abandoned(task: Task) -> Outcome:
         f"The task was started {task.attempts - 1} times and the process running it stopped "
         "each time (a crash or restart); it will not be tried again. Submit it anew."
     )
-    return Outcome(task_store.FAILED, None, {"code": 500, "message": message}, 0, 0.0)
+    return Outcome(task_store.FAILED, None, {"code": 500, "message": message})
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -1,0 +1,141 @@
+"""`imagegate usage`: usage rows, totals, CSV export, and the ledger reconciliation."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import click
+
+from imagegate.cli_common import audited, settings, with_session
+from imagegate.store import ledger
+from imagegate.store import usage as usage_store
+from imagegate.store import users as user_store
+from imagegate.store.db import AsyncSession
+from imagegate.store.models import utcnow
+
+_FILTERS = [
+    click.option("--key", "key_id", type=int, default=None, help="Only this key id."),
+    click.option("--user", "user_id", type=int, default=None, help="Only this user id."),
+    click.option("--model", default=None, help="Only this model."),
+    click.option("--since", type=click.DateTime(), default=None, help="From (UTC)."),
+    click.option("--until", type=click.DateTime(), default=None, help="Before (UTC)."),
+]
+
+
+def _filtered(command: Any) -> Any:
+    for option in reversed(_FILTERS):
+        command = option(command)
+    return command
+
+
+@click.group()
+def usage() -> None:
+    """Usage rows, totals by model or day, CSV export, ledger reconciliation."""
+
+
+@usage.command("list")
+@_filtered
+@click.option("--limit", type=int, default=100, show_default=True)
+@click.option("--csv", "as_csv", is_flag=True, help="CSV instead of JSON lines.")
+def usage_list(limit: int, as_csv: bool, **filters: Any) -> None:
+    """Usage rows, newest first."""
+    where = usage_store.UsageFilter(**filters)
+
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        return await usage_store.rows(session, where, limit)
+
+    found = with_session(settings(), work)
+    if as_csv:
+        click.echo(usage_store.to_csv(found), nl=False)
+        return
+    for row in found:
+        click.echo(json.dumps(row))
+
+
+@usage.command("totals")
+@_filtered
+@click.option("--by", type=click.Choice(["model", "day"]), default="model", show_default=True)
+def usage_totals(by: str, **filters: Any) -> None:
+    """Requests, images, credits and errors per model or per day."""
+    where = usage_store.UsageFilter(**filters)
+
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        return await usage_store.totals(session, where, by)
+
+    for row in with_session(settings(), work):
+        click.echo(json.dumps(row))
+
+
+@usage.command("reconcile")
+@click.option(
+    "--older-than",
+    type=int,
+    default=60,
+    show_default=True,
+    help="Minutes after which an unsettled reservation counts as abandoned.",
+)
+@click.option("--fix", is_flag=True, help="Refund the abandoned reservations.")
+def usage_reconcile(older_than: int, fix: bool) -> None:
+    """Check every balance against its ledger, and find reservations whose call never ended
+    (the process died mid-call); with --fix, refund them."""
+
+    async def work(session: AsyncSession) -> list[str]:
+        cutoff = utcnow() - timedelta(minutes=older_than)
+        lines = []
+        for entry in await ledger.open_reservations(session, cutoff):
+            kind, _, raw_id = entry.account.partition(":")
+            account = ledger.Account(kind, int(raw_id))
+            lines.append(f"abandoned reservation {entry.request_id}: {-entry.amount} credits")
+            if fix:
+                await ledger.settle(
+                    session,
+                    account,
+                    reserved=-entry.amount,
+                    charge=0,
+                    request_id=entry.request_id,
+                    detail="reconcile: abandoned",
+                    commit=False,
+                )
+                await audited(session, "ledger.refund", account.label, {"id": entry.request_id})
+        lines += await _mismatches(session)
+        return lines
+
+    lines = with_session(settings(), work)
+    for line in lines:
+        click.echo(line)
+    click.echo("ledger consistent" if not any("mismatch" in x for x in lines) else "MISMATCH")
+    if any("mismatch" in x for x in lines):
+        raise SystemExit(1)
+
+
+async def _mismatches(session: AsyncSession) -> list[str]:
+    lines = []
+    for account in await ledger.accounts_with_balance(session):
+        balance = await ledger.balance_of(session, account) or 0
+        total = await ledger.ledger_sum(session, account)
+        if balance != total:
+            lines.append(f"mismatch {account.label}: balance {balance}, ledger sum {total}")
+    return lines
+
+
+@click.command("balance")
+@click.argument("username")
+@click.argument("credits")
+def users_balance(username: str, credits: str) -> None:
+    """Set a user's balance in credits ("unlimited" removes it)."""
+    balance = None if credits == "unlimited" else int(credits)
+
+    async def work(session: AsyncSession) -> bool:
+        user = await user_store.find_user(session, username=username)
+        if user is None:
+            return False
+        account = ledger.Account("user", user.id)
+        await ledger.set_balance(session, account, balance, "cli")
+        await audited(session, "balance.set", account.label, {"balance": balance})
+        return True
+
+    if not with_session(settings(), work):
+        raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
+    click.echo(f"user {username}: balance {balance if balance is not None else 'unlimited'}")
