@@ -60,9 +60,7 @@ async def test_usage_rows_filters_csv_and_totals(admin_api: Api) -> None:
     assert [r["model"] for r in only.json()["data"]] == ["priced"]
     future = await admin_api.client.get("/admin/usage?since=2999-01-01T00:00:00", headers=admin)
     assert future.json()["data"] == []
-    exported = await admin_api.client.get(
-        f"/admin/usage?key_id={key_id}&format=csv", headers=admin
-    )
+    exported = await admin_api.client.get(f"/admin/usage?key_id={key_id}&format=csv", headers=admin)
     assert exported.headers["content-type"].startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(exported.text)))
     assert len(table) == 3 and table[2]["charge"] == "2000"
@@ -159,7 +157,7 @@ def test_cli_usage_totals_csv_and_reconcile(
     models = [json.loads(line)["model"] for line in listed.output.splitlines()]
     assert models == ["fake-broken", "fake-model", "priced"]
     exported = runner.invoke(main, ["usage", "list", "--model", "priced", "--csv"])
-    assert list(csv.DictReader(io.StringIO(exported.output)))[0]["images"] == "2"
+    assert next(csv.DictReader(io.StringIO(exported.output)))["images"] == "2"
     totals = runner.invoke(main, ["usage", "totals", "--by", "model"])
     rows: dict[str, Any] = {
         json.loads(x)["model"]: json.loads(x) for x in totals.output.splitlines()
