@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.responses import Response
 
-from imagegate import __version__, fastjson, metrics
+from imagegate import __version__, fastjson, logs, metrics
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
 from imagegate.api.errors import ErrorRenderers, install
@@ -70,6 +70,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
             key_cache_seconds=settings.key_cache_seconds,
             credits_per_unit=settings.credits_per_unit,
+            log_prompts=settings.log_prompts,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
         )
         queue = _task_queue(settings, service, loader, fetcher)
@@ -145,7 +146,9 @@ def _task_queue(
 
 def app_from_environment() -> FastAPI:
     """Factory for `imagegate serve --workers N`: each worker reads Settings itself."""
-    return create_app(Settings())
+    settings = Settings()
+    logs.configure(settings.log_format, settings.log_level)
+    return create_app(settings)
 
 
 def _health(app: FastAPI) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import httpx
 
-from imagegate import cli_common
+from imagegate import cli_common, logs
 from imagegate import cli_usage as usage_commands
 from imagegate.cli_common import audited
 from imagegate.config import load_models
@@ -56,6 +56,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
     from imagegate.app import create_app
 
     settings = _settings(host=host, port=port, config_file=config_file)
+    logs.configure(settings.log_format, settings.log_level)
     try:
         app = create_app(settings)
     except ConfigError as exc:
@@ -73,8 +74,9 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
             app,
             host=settings.host,
             port=settings.port,
-            log_level="info",
+            log_level=settings.log_level,
             access_log=settings.access_log,
+            log_config=None,
         )
         return
     # Worker processes build their own app from the environment: pass the flags on through it.
@@ -89,6 +91,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
         workers=workers,
         log_level="warning",
         access_log=settings.access_log,
+        log_config=None,
     )
 
 

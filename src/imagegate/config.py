@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     callback_retry_seconds: float = Field(default=5.0, gt=0)
     """Delay before the first callback retry; it doubles with each failed attempt."""
     callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = False
+    """Debugging only: include prompts in the request log lines (never keys or image bytes)."""
     access_log: bool = False
     """One log line per request from the HTTP server (costly under load; usage rows exist)."""
     auto_migrate: bool = True

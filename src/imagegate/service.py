@@ -83,6 +83,7 @@ class ImageService:
         key_cache_seconds: float = 0.0,
         credits_per_unit: int = 500_000,
         limiter: RateLimiter | None = None,
+        log_prompts: bool = False,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
@@ -92,6 +93,7 @@ class ImageService:
         self.tokens = tokens
         self.billing = Billing(sessions, catalog, credits_per_unit)
         self.limiter: RateLimiter = limiter or MemoryLimiter()
+        self.log_prompts = log_prompts
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
@@ -208,6 +210,8 @@ class ImageService:
             self.authorize_model(principal, model)
             request = await prepare()
             row.update(n_requested=request.n, size=request.size.raw if request.size else None)
+            if self.log_prompts:
+                row["prompt"] = request.prompt
             provider = await self.catalog.provider(request.model)
             result, charge = await self._limited(principal, request, provider, request_id)
             row.update(images=len(result.images), charge=charge, channel=result.channel or None)
@@ -230,6 +234,8 @@ class ImageService:
                 latency_ms=seconds * 1000,
                 overhead_ms=timing.overhead_ms() if timing is not None else None,
             )
+            _log_line(row, self.log_prompts)
+            row.pop("prompt", None)
             if usage_row is None:
                 self.usage.record(**row)
             else:
@@ -321,6 +327,27 @@ def _usage_row(principal: Principal, model: str, endpoint: str, request_id: str)
         "error": None,
         "error_class": None,
     }
+
+
+def _log_line(row: dict[str, Any], with_prompt: bool) -> None:
+    """One line per generation: what was asked of which model and how it went. No prompt
+    (unless IMAGEGATE_LOG_PROMPTS asks for it), no key, no image bytes."""
+    prompt = f" prompt={row.get('prompt', '')!r}" if with_prompt else ""
+    logger.info(
+        "generation model=%s endpoint=%s key=%s user=%s n=%s images=%d charge=%s status=%d "
+        "latency_ms=%.1f error=%s%s",
+        row["model"],
+        row["endpoint"],
+        row["key_id"],
+        row["user_id"],
+        row["n_requested"],
+        row["images"],
+        row["charge"],
+        row["status"],
+        row["latency_ms"],
+        row["error_class"],
+        prompt,
+    )
 
 
 def _observe(model: str, endpoint: str, status: int, images: int, seconds: float) -> None:

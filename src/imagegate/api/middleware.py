@@ -8,7 +8,7 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imagegate import metrics
+from imagegate import logs, metrics
 from imagegate.timing import RequestTiming, current
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -48,6 +48,7 @@ class RequestContext:
 
         timing = RequestTiming()
         token = current.set(timing)
+        id_token = logs.request_id.set(rid)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -63,6 +64,7 @@ class RequestContext:
             await self.app(scope, limited_receive, send_with_id)
         finally:
             current.reset(token)
+            logs.request_id.reset(id_token)
             if timing.upstream:  # a generation: the gateway's own share of it
                 metrics.OVERHEAD.observe(timing.overhead_ms())
 
