@@ -3,8 +3,10 @@
 Starts, on 127.0.0.1 only:
   * a fake OpenAI-style images upstream (a bare asyncio HTTP/1.1 server answering every
     POST with one prebuilt b64_json body: a 64x64 PNG, or a 1024x1024 noisy PNG ~4 MB JSON);
-  * imagegate (`imagegate serve`, SQLite, API-key auth and usage logging on) with an
-    `openai_compatible` model pointing at the upstream, called on its OpenAI dialect;
+  * imagegate (`imagegate serve`, SQLite, API-key auth, a priced model, a key with a balance
+    and rate limits, usage logging on) with an `openai_compatible` model pointing at the
+    upstream, called on its OpenAI dialect; target `imagegate-plain` is the same with a free
+    model, a key without balance or limits, and usage logging off (issue 6's ratio);
   * LiteLLM's proxy 1.100.0 (installed by this script into bench/.venv-litellm, never a
     dependency of imagegate), one worker, pointing at the same upstream;
 then drives each with wrk (a separate process; Debian package `wrk`) at concurrency 1, 16 and
@@ -12,6 +14,7 @@ then drives each with wrk (a separate process; Debian package `wrk`) at concurre
 Each cell is the median of --repeat runs. Every process stops when the script ends.
 
     python bench/gateway_overhead.py [--duration 5] [--repeat 3] [--workers 2] [--targets ...]
+    python bench/gateway_overhead.py --targets imagegate imagegate-plain --sizes small
 """
 
 from __future__ import annotations
@@ -213,16 +216,29 @@ def measure(
 
 
 @contextlib.contextmanager
-def imagegate(upstream: int, work: Path, workers: int) -> Iterator[tuple[str, str]]:
+def imagegate(
+    upstream: int, work: Path, workers: int, accounting: bool = True
+) -> Iterator[tuple[str, str]]:
+    """imagegate in front of the upstream. accounting=True: the model has a price, the key a
+    balance and rate limits (high enough never to refuse), and usage rows are written;
+    False: a free model, a key without balance or limits, and no usage rows."""
     port = free_port()
-    work = Path(tempfile.mkdtemp(dir=work))  # a fresh database, so the admin key is printed
+    work = Path(tempfile.mkdtemp(dir=work))
     config = work / "imagegate.yaml"
+    pricing = "    pricing:\n      per_image: 0.001\n" if accounting else ""
     config.write_text(
         "models:\n  - name: bench\n    channels:\n      - name: upstream\n"
         f"        provider: openai_compatible\n        base_url: http://127.0.0.1:{upstream}/v1\n"
-        "        max_retries: 0\n"
+        "        max_retries: 0\n" + pricing
     )
-    env = {**os.environ, "IMAGEGATE_DATA_DIR": str(work / "data"), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "IMAGEGATE_DATA_DIR": str(work / "data"),
+        "IMAGEGATE_USAGE_LOG": "true" if accounting else "false",
+        "IMAGEGATE_LOG_LEVEL": "warning",
+        "PYTHONUNBUFFERED": "1",
+    }
+    key = _bench_key(env, work, accounting)
     log = work / "imagegate.log"
     with process(
         [
@@ -243,10 +259,26 @@ def imagegate(upstream: int, work: Path, workers: int) -> Iterator[tuple[str, st
     ):
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/healthz")
-        key = re.search(r"(sk-[A-Za-z0-9_-]{20,})", log.read_text())
-        if key is None:
-            raise SystemExit(f"imagegate printed no key:\n{log.read_text()}")
-        yield url + "/openai/v1/images/generations", key[1]
+        yield url + "/openai/v1/images/generations", key
+
+
+def _bench_key(env: dict[str, str], work: Path, accounting: bool) -> str:
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "imagegate", *args],
+            env=env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return done.stdout.strip().splitlines()[-1]
+
+    key = cli("keys", "create", "bench")
+    if accounting:
+        cli("keys", "balance", "1", str(10**15))
+        cli("keys", "limit", "1", "--rpm", "100000000", "--ipm", "100000000")
+    return key
 
 
 @contextlib.contextmanager
@@ -335,6 +367,9 @@ def run_size(size: str, args: argparse.Namespace, work: Path) -> dict[tuple[str,
         ]
         if "imagegate" in args.targets:
             targets.append(("imagegate", imagegate(port, work, args.workers)))
+        if "imagegate-plain" in args.targets:
+            plain = imagegate(port, work, args.workers, accounting=False)
+            targets.append(("imagegate-plain", plain))
         if "litellm" in args.targets:
             targets.append(("litellm", litellm(port, work)))
         for name, target in targets:
@@ -363,6 +398,12 @@ def report(results: dict[tuple[str, str, int], Result], args: argparse.Namespace
         added99 = "-" if name == "direct" else f"{r.p99_ms - base.p99_ms:.2f}"
         print(f"| {size} | {name} | {c} | {added} | {added99} | {r.rps:.1f} |")
     for size in args.sizes:
+        for c in CONCURRENCY:
+            if (size, "imagegate", c) in results and (size, "imagegate-plain", c) in results:
+                ratio = (
+                    results[(size, "imagegate", c)].rps / results[(size, "imagegate-plain", c)].rps
+                )
+                print(f"{size}: accounting on/off requests per second at c={c}: {ratio:.2f}x")
         if (size, "litellm", 64) in results and (size, "imagegate", 64) in results:
             ratio = results[(size, "imagegate", 64)].rps / results[(size, "litellm", 64)].rps
             print(f"\n{size}: imagegate/LiteLLM requests per second at c=64: {ratio:.1f}x")

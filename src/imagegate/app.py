@@ -71,6 +71,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             key_cache_seconds=settings.key_cache_seconds,
             credits_per_unit=settings.credits_per_unit,
             log_prompts=settings.log_prompts,
+            usage_log=settings.usage_log,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
         )
         queue = _task_queue(settings, service, loader, fetcher)

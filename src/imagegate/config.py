@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     callback_retry_seconds: float = Field(default=5.0, gt=0)
     """Delay before the first callback retry; it doubles with each failed attempt."""
     callback_timeout_seconds: float = Field(default=10.0, gt=0)
+    usage_log: bool = True
+    """Write a usage row per request (balances and the ledger do not depend on it)."""
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False

@@ -84,6 +84,7 @@ class ImageService:
         credits_per_unit: int = 500_000,
         limiter: RateLimiter | None = None,
         log_prompts: bool = False,
+        usage_log: bool = True,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
@@ -94,6 +95,7 @@ class ImageService:
         self.billing = Billing(sessions, catalog, credits_per_unit)
         self.limiter: RateLimiter = limiter or MemoryLimiter()
         self.log_prompts = log_prompts
+        self.usage_log = usage_log
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
@@ -237,7 +239,8 @@ class ImageService:
             _log_line(row, self.log_prompts)
             row.pop("prompt", None)
             if usage_row is None:
-                self.usage.record(**row)
+                if self.usage_log:
+                    self.usage.record(**row)
             else:
                 usage_row.update(row)
 
