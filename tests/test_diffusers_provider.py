@@ -16,7 +16,7 @@ import io
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,6 +28,7 @@ from PIL import Image
 
 from imagegate.config import ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, InvalidRequest, ProviderError
+from imagegate.progress import reporting_to
 from imagegate.providers.base import Provider
 from imagegate.providers.diffusers import DiffusersProvider
 from imagegate.types import ImageRequest, InputImage, Size
@@ -41,7 +42,8 @@ RED, BLUE = (220, 30, 30), (30, 30, 220)
 
 
 class RecordingPipeline(StableDiffusionPipeline):
-    """A real SD pipeline that counts its loads and calls and notices overlapping calls."""
+    """A real SD pipeline that counts its loads and calls, notices overlapping calls, and keeps
+    the prompts of each call and whether the call was interrupted."""
 
     loads: ClassVar[int] = 0
     calls: ClassVar[int] = 0
@@ -49,12 +51,15 @@ class RecordingPipeline(StableDiffusionPipeline):
     max_active: ClassVar[int] = 0
     delay: ClassVar[float] = 0.0
     fail: ClassVar[str | None] = None
+    prompts: ClassVar[list[list[str]]] = []
+    interrupted: ClassVar[list[bool]] = []
     _lock = threading.Lock()
 
     @classmethod
     def reset(cls) -> None:
         cls.loads = cls.calls = cls.active = cls.max_active = 0
         cls.delay, cls.fail = 0.0, None
+        cls.prompts, cls.interrupted = [], []
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -69,11 +74,14 @@ class RecordingPipeline(StableDiffusionPipeline):
             cls.calls += 1
             cls.active += 1
             cls.max_active = max(cls.max_active, cls.active)
+            cls.prompts.append(list(kwargs["prompt"]))
         try:
             time.sleep(cls.delay)
             if cls.fail:
                 raise RuntimeError(cls.fail)
-            return super().__call__(*args, **kwargs)
+            output = super().__call__(*args, **kwargs)
+            cls.interrupted.append(self.interrupt)
+            return output
         finally:
             with cls._lock:
                 cls.active -= 1
@@ -121,8 +129,8 @@ async def provider(tiny_sd: Path) -> AsyncIterator[DiffusersProvider]:
     await provider.close()
 
 
-def request(**fields: Any) -> ImageRequest:
-    return ImageRequest(model="tiny", prompt="lower newer", **fields)
+def request(prompt: str = "lower newer", **fields: Any) -> ImageRequest:
+    return ImageRequest(model="tiny", prompt=prompt, **fields)
 
 
 def solid(colour: tuple[int, int, int], width: int = 64, height: int = 64) -> InputImage:
@@ -139,6 +147,17 @@ def pixels(data: bytes) -> list[int]:
 def mean_abs_diff(a: bytes, b: bytes) -> float:
     pa, pb = pixels(a), pixels(b)
     return sum(abs(x - y) for x, y in zip(pa, pb, strict=True)) / len(pa)
+
+
+def max_abs_diff(a: bytes, b: bytes) -> int:
+    return max(abs(x - y) for x, y in zip(pixels(a), pixels(b), strict=True))
+
+
+async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
 
 
 async def test_text_to_image_returns_n_pngs_of_the_native_size(provider: DiffusersProvider) -> None:
@@ -210,7 +229,7 @@ async def test_pipeline_class_that_edits_is_called_with_the_resized_image(tiny_s
     )
     await provider.close()
     assert (result.images[0].width, result.images[0].height) == (64, 64)
-    [init] = EditingPipeline.received
+    [[init]] = EditingPipeline.received
     assert init.size == (64, 64)
     assert init.getpixel((10, 10)) == RED
 
@@ -304,10 +323,10 @@ async def test_output_formats(
         assert (decoded.format, decoded.size) == (pil_format, (64, 64))
 
 
-async def test_concurrent_jobs_run_one_at_a_time(
+async def test_without_batching_concurrent_jobs_run_one_at_a_time(
     tiny_sd: Path, recording: type[RecordingPipeline]
 ) -> None:
-    provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
+    provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline", max_batch=1)
     recording.delay = 0.02
     results = await asyncio.gather(*(provider.generate(request(seed=i)) for i in range(4)))
     await provider.close()
@@ -386,39 +405,196 @@ async def test_pipeline_without_image_to_image_refuses_edits(
     await provider.close()
 
 
-async def test_pipeline_failure_is_a_provider_error(
+async def test_pipeline_failure_fails_every_job_of_the_batch(
     tiny_sd: Path, recording: type[RecordingPipeline]
 ) -> None:
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
     recording.fail = "out of memory"
-    with pytest.raises(ProviderError, match="RuntimeError: out of memory") as info:
-        await provider.generate(request())
-    assert info.value.status == 502
+    outcomes = await asyncio.gather(
+        provider.generate(request(seed=1)),
+        provider.generate(request(seed=2)),
+        return_exceptions=True,
+    )
+    assert recording.calls == 1
+    for outcome in outcomes:
+        assert isinstance(outcome, ProviderError)
+        assert outcome.status == 502
+        assert "RuntimeError: out of memory" in outcome.message
     recording.fail = None
     assert len((await provider.generate(request())).images) == 1
     await provider.close()
+    with pytest.raises(ProviderError, match="Model tiny is shut down"):
+        await provider.generate(request())
 
 
-async def test_progress_is_reported_and_a_job_can_be_interrupted(
-    provider: DiffusersProvider,
+# -- batching ----------------------------------------------------------------------------------
+# Batching tests use a long admission window (300 ms), so that jobs started together always meet
+# in one batch however busy the machine is.
+
+
+async def test_concurrent_jobs_run_as_one_batch_and_keep_their_own_images(
+    tiny_sd: Path, recording: type[RecordingPipeline], provider: DiffusersProvider
 ) -> None:
-    seen: list[float] = []
+    batching = make_provider(
+        tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline", batch_window_ms=300
+    )
+    requests = [
+        request("lower", seed=5, n=2),
+        request("wider", seed=9, negative_prompt="newer"),
+        request("newer", seed=5, n=3, output_format="jpeg"),
+    ]
+    batched = await asyncio.gather(*(batching.generate(r) for r in requests))
+    await batching.close()
+    assert recording.prompts == [["lower"] * 2 + ["wider"] + ["newer"] * 3]
+    assert recording.max_active == 1
+    assert batching.batches == 1
+    assert [[i.seed for i in r.images] for r in batched] == [[5, 6], [9], [5, 6, 7]]
+    assert [r.images[0].mime for r in batched] == ["image/png", "image/png", "image/jpeg"]
+    # Seed determinism: each job's images are those it gets alone (the shared provider runs
+    # it alone). CPU float sums may round differently for another batch size, so pixels may
+    # differ by a step or two; a mixed-up seed or prompt differs by far more.
+    for req, result in zip(requests[:2], batched[:2], strict=True):
+        alone = await provider.generate(req)
+        for a, b in zip(alone.images, result.images, strict=True):
+            assert max_abs_diff(a.data, b.data) <= 2
+    assert max_abs_diff(batched[0].images[0].data, batched[2].images[0].data) > 10
 
-    def stop_early(progress: float) -> None:
-        if progress > 0:
-            provider.interrupt()
 
-    try:
-        provider.on_progress = seen.append
-        await provider.generate(request(num_inference_steps=4))
-        assert seen == [0.0, 0.25, 0.5, 0.75, 1.0]
-        assert provider.progress == 1.0
-        provider.on_progress = stop_early
-        with pytest.raises(ProviderError, match="interrupted"):
-            await provider.generate(request(num_inference_steps=4))
-    finally:
-        provider.on_progress = None
+async def test_edits_batch_with_each_jobs_own_image(
+    tiny_sd: Path, provider: DiffusersProvider
+) -> None:
+    batching = make_provider(tiny_sd, batch_window_ms=300)
+    common = {"seed": 3, "num_inference_steps": 5, "strength": 0.5}
+    requests = [request(images=(solid(colour),), **common) for colour in (RED, BLUE, RED)]
+    batched = await asyncio.gather(*(batching.generate(r) for r in requests))
+    assert batching.batches == 1
+    await batching.close()
+    red = await provider.generate(requests[0])
+    blue = await provider.generate(requests[1])
+    assert max_abs_diff(batched[0].images[0].data, red.images[0].data) <= 2
+    assert max_abs_diff(batched[1].images[0].data, blue.images[0].data) <= 2
+    assert max_abs_diff(batched[2].images[0].data, red.images[0].data) <= 2
+
+
+async def test_incompatible_jobs_wait_for_their_own_batch_in_arrival_order(
+    tiny_sd: Path, recording: type[RecordingPipeline]
+) -> None:
+    provider = make_provider(
+        tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline", batch_window_ms=300
+    )
+    await provider.start()
+    await asyncio.gather(
+        provider.generate(request("low", num_inference_steps=2)),
+        provider.generate(request("lower", num_inference_steps=3)),
+        provider.generate(request("lowest", num_inference_steps=2)),
+        provider.generate(request("newer", num_inference_steps=2, size=Size.parse("48x48"))),
+        provider.generate(request("wider", num_inference_steps=3)),
+    )
+    await provider.close()
+    assert recording.prompts == [["low", "lowest"], ["lower", "wider"], ["newer"]]
+
+
+async def test_max_batch_caps_the_images_of_one_call(
+    tiny_sd: Path, recording: type[RecordingPipeline]
+) -> None:
+    provider = make_provider(
+        tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline", batch_window_ms=300, max_batch=3
+    )
+    await provider.start()
+    results = await asyncio.gather(
+        provider.generate(request("low", n=2)),
+        provider.generate(request("lower", n=2)),
+        provider.generate(request("lowest", n=1)),
+        provider.generate(request("newer", n=4)),
+    )
+    await provider.close()
+    # First fit in arrival order; a job larger than max_batch still runs, alone.
+    assert recording.prompts == [["low", "low", "lowest"], ["lower", "lower"], ["newer"] * 4]
+    assert [len(r.images) for r in results] == [2, 2, 1, 4]
+
+
+async def test_a_cancelled_queued_job_never_runs(
+    tiny_sd: Path, recording: type[RecordingPipeline]
+) -> None:
+    provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
+    await provider.start()
+    recording.delay = 0.3
+    running = asyncio.create_task(provider.generate(request("low")))
+    await until(lambda: recording.active == 1)
+    queued = asyncio.create_task(provider.generate(request("lower")))
+    await asyncio.sleep(0.02)
+    queued.cancel()
+    recording.delay = 0.0
+    assert len((await running).images) == 1
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert len((await provider.generate(request("wider"))).images) == 1
+    await provider.close()
+    assert recording.prompts == [["low"], ["wider"]]
+
+
+async def test_cancelling_one_job_of_a_running_batch_spares_the_others(
+    tiny_sd: Path, recording: type[RecordingPipeline], provider: DiffusersProvider
+) -> None:
+    batching = make_provider(
+        tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline", batch_window_ms=300
+    )
+    await batching.start()
+    recording.delay = 0.3
+    keep = asyncio.create_task(batching.generate(request(seed=11)))
+    drop = asyncio.create_task(batching.generate(request(seed=12)))
+    await until(lambda: recording.active == 1)
+    drop.cancel()
+    result = await keep
+    with pytest.raises(asyncio.CancelledError):
+        await drop
+    await batching.close()
+    assert recording.prompts == [["lower newer"] * 2]
+    assert recording.interrupted == [False]
+    alone = await provider.generate(request(seed=11))
+    assert max_abs_diff(result.images[0].data, alone.images[0].data) <= 2
+
+
+async def test_a_batch_whose_every_job_is_cancelled_stops_early(
+    tiny_sd: Path, recording: type[RecordingPipeline]
+) -> None:
+    provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
+    await provider.start()
+    recording.delay = 0.3
+    tasks = [
+        asyncio.create_task(provider.generate(request(seed=i, num_inference_steps=20)))
+        for i in range(2)
+    ]
+    await until(lambda: recording.active == 1)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await until(lambda: len(recording.interrupted) == 1)
+    recording.delay = 0.0
     assert len((await provider.generate(request())).images) == 1
+    await provider.close()
+    assert recording.interrupted == [True, False]
+
+
+async def test_progress_is_reported_to_each_job_of_a_batch(tiny_sd: Path) -> None:
+    provider = make_provider(tiny_sd, batch_window_ms=300)
+    seen: dict[str, list[float]] = {"a": [], "b": []}
+
+    async def generate(label: str, seed: int) -> None:
+        with reporting_to(seen[label].append):
+            await provider.generate(request(seed=seed, num_inference_steps=4))
+
+    def broken(progress: float) -> None:
+        raise RuntimeError("a broken reporter must not fail the batch")
+
+    async def generate_broken() -> None:
+        with reporting_to(broken):
+            await provider.generate(request(seed=3, num_inference_steps=4))
+
+    await asyncio.gather(generate("a", 1), generate("b", 2), generate_broken())
+    assert provider.batches == 1
+    await provider.close()
+    assert seen == {"a": [0.0, 0.25, 0.5, 0.75, 1.0], "b": [0.0, 0.25, 0.5, 0.75, 1.0]}
 
 
 async def test_missing_folder_names_the_path(tmp_path: Path) -> None:

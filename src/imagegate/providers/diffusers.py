@@ -1,8 +1,10 @@
 """Local models through Hugging Face diffusers: text-to-image and image-to-image.
 
-torch and diffusers are imported by this module only; the registry imports it the first time a
-model with `provider: diffusers` is configured. Weights load on `start()` or the first request,
-in the pipeline's runner thread, which also runs every generation one after another.
+torch and diffusers are imported by this module and diffusers_batch.py (one batched pipeline
+call) only; the registry imports it the first time a model with `provider: diffusers` is
+configured. Weights load on `start()` or the first request, in the pipeline's runner thread,
+which also runs every generation. Concurrent requests that differ only in prompts, seeds and n
+run as one batched pipeline call (see `DiffusersOptions`).
 """
 
 from __future__ import annotations
@@ -10,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
-import io
 import logging
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -23,19 +23,18 @@ import diffusers
 import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
 from diffusers.utils import deprecation_utils
-from PIL import Image
 from pydantic import Field, ValidationError, model_validator
 
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, ImagegateError, ProviderError
+from imagegate.progress import current_reporter
 from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
-from imagegate.providers.diffusers_plan import FORMATS, Job, Planner
-from imagegate.providers.runner import PipelineRunner
+from imagegate.providers.diffusers_batch import Images, accepts, run_batch
+from imagegate.providers.diffusers_plan import Job, Planner
+from imagegate.providers.runner import Batch, PipelineRunner, RunnerClosed
 from imagegate.types import (
-    GeneratedImage,
     GenerationResult,
     ImageRequest,
-    InputImage,
 )
 
 logger = logging.getLogger(__name__)
@@ -59,6 +58,15 @@ _DEFAULT_STEPS = 30
 
 
 class DiffusersOptions(ProviderOptions):
+    """Options of a `provider: diffusers` model.
+
+    Batching: concurrent requests with the same kind (text-to-image or edit), size, steps,
+    guidance and strength run as one pipeline call with one generator per image, so each image
+    still depends on its own seed only. The oldest queued request waits at most
+    `batch_window_ms` (after it arrived and the pipeline came free) for others to join it;
+    `max_batch` caps the images of one call (1 turns batching off).
+    """
+
     path: str = Field(min_length=1)
     """A local pipeline folder (written by save_pretrained) or a Hugging Face hub id."""
     pipeline_class: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
@@ -69,6 +77,10 @@ class DiffusersOptions(ProviderOptions):
     max_n: int = Field(default=4, ge=1, le=64)
     max_side: int = Field(default=1024, ge=8)
     min_side: int = Field(default=8, ge=8)
+    batch_window_ms: float = Field(default=5.0, ge=0, le=1000)
+    """How long the oldest queued request waits for compatible ones; 0: no waiting."""
+    max_batch: int = Field(default=8, ge=1, le=256)
+    """Most images in one pipeline call; a request with more n still runs, alone."""
 
     @model_validator(mode="after")
     def _sides(self) -> DiffusersOptions:
@@ -84,6 +96,14 @@ class _Loaded:
     """The image-to-image pipeline sharing pipe's weights; None when there is none."""
     native_side: int
     default_steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Work:
+    """A planned job and the pipelines it runs on (the same for every job of a batch)."""
+
+    loaded: _Loaded
+    job: Job
 
 
 class DiffusersProvider:
@@ -111,12 +131,12 @@ class DiffusersProvider:
             max_input_images=16,
             accepts=_ACCEPTS,
         )
-        self.progress = 0.0
-        """Progress of the running job, 0..1 (written by the runner thread)."""
-        self.on_progress: Callable[[float], None] | None = None
-        """Called from the runner thread after each step; use loop.call_soon_threadsafe."""
-        self._interrupt = threading.Event()
-        self._runner = PipelineRunner(name)
+        self._runner: PipelineRunner[_Work, Images] = PipelineRunner(
+            name,
+            self._execute,
+            window_s=self.options.batch_window_ms / 1000,
+            max_batch=self.options.max_batch,
+        )
         self._loading: asyncio.Future[_Loaded] | None = None
 
     async def start(self) -> None:
@@ -127,6 +147,11 @@ class DiffusersProvider:
         self._loading = None
 
     @property
+    def batches(self) -> int:
+        """Pipeline calls made for generations so far (each one batch of requests)."""
+        return self._runner.batches
+
+    @property
     def defaults(self) -> ModelDefaultsConfig:
         return self._planner.defaults
 
@@ -134,11 +159,13 @@ class DiffusersProvider:
     def defaults(self, value: ModelDefaultsConfig) -> None:
         self._planner.defaults = value
 
-    def interrupt(self) -> None:
-        """Ask the running job to stop after its current step; it then fails with ProviderError."""
-        self._interrupt.set()
-
     async def generate(self, request: ImageRequest) -> GenerationResult:
+        """Generate images; progress goes to the `progress.current_reporter()` of the caller.
+
+        Cancelling the awaiting task cancels the job: a queued job never runs, a running one's
+        images are dropped (its batch stops early when no other job in it is still awaited).
+        """
+        reporter = current_reporter()
         check_capabilities(self.name, self.capabilities, request)
         output_format = self._planner.output_format(request)
         loaded = await self._ensure_loaded()
@@ -150,7 +177,12 @@ class DiffusersProvider:
             output_format=output_format,
         )
         started = time.perf_counter()
-        images = await self._in_runner(lambda: self._execute(loaded, job), "generate images")
+        images = await self._in_runner(
+            self._runner.submit(
+                _Work(loaded, job), key=job.batch_key, size=len(job.seeds), reporter=reporter
+            ),
+            "generate images",
+        )
         usage = {
             "images": len(images),
             "num_inference_steps": job.steps,
@@ -165,7 +197,9 @@ class DiffusersProvider:
         # requests wait for the same load, and a cancelled first request does not abandon a
         # load already running in the runner thread (which the next request would repeat).
         if self._loading is None:
-            self._loading = asyncio.ensure_future(self._in_runner(self._load, "load"))
+            self._loading = asyncio.ensure_future(
+                self._in_runner(self._runner.call(self._load), "load")
+            )
             self._loading.add_done_callback(self._forget_failed_load)
         return await asyncio.shield(self._loading)
 
@@ -244,7 +278,7 @@ class DiffusersProvider:
         return {key: value for key, value in wanted.items() if key in params}
 
     def _edit_pipeline(self, pipe: Any) -> Any | None:
-        if _accepts(pipe, "image", "strength"):
+        if accepts(pipe, "image", "strength"):
             return pipe
         try:
             # from_pipe shares the loaded components: no second copy of the weights.
@@ -273,76 +307,23 @@ class DiffusersProvider:
 
     # -- generation (runner thread) ----------------------------------------------------------
 
-    async def _in_runner(self, fn: Callable[[], T], action: str) -> T:
-        """Run fn in the runner thread; unexpected failures become a ProviderError."""
-        if self._runner.closed:
-            raise ProviderError(f"Model {self.name} is shut down.")
+    async def _in_runner(self, work: Awaitable[T], action: str) -> T:
+        """Await work queued on the runner; unexpected failures become a ProviderError."""
         try:
-            return await self._runner.run(fn)
+            return await work
         except ImagegateError:
             raise
+        except RunnerClosed:
+            raise ProviderError(f"Model {self.name} is shut down.") from None
         except Exception as exc:
             logger.error("model %s: failed to %s", self.name, action, exc_info=exc)
             raise ProviderError(f"Model {self.name} failed to {action}: {_describe(exc)}") from exc
 
-    def _execute(self, loaded: _Loaded, job: Job) -> tuple[GeneratedImage, ...]:
-        pipe: Any = loaded.pipe if job.init_image is None else loaded.edit_pipe
-        kwargs = self._call_kwargs(pipe, job)
-        self._interrupt.clear()
-        self._report(0.0)
-        with torch.no_grad():
-            output = pipe(**kwargs)
-        if self._interrupt.is_set():
-            raise ProviderError(f"Generation on model {self.name} was interrupted.")
-        if self.progress < 1.0:  # a pipeline without step callbacks reports only the end
-            self._report(1.0)
-        return tuple(
-            _encode(image, job.output_format, seed)
-            for image, seed in zip(output.images, job.seeds, strict=True)
-        )
-
-    def _call_kwargs(self, pipe: Any, job: Job) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
-            "prompt": job.prompt,
-            "num_inference_steps": job.steps,
-            "output_type": "pil",
-            "num_images_per_prompt": len(job.seeds),
-            # One CPU generator per image: image i depends on seed i only, on any device.
-            "generator": [torch.Generator().manual_seed(seed) for seed in job.seeds],
-        }
-        if _accepts(pipe, "height", "width"):  # SD's img2img takes its size from the image
-            kwargs.update(height=job.height, width=job.width)
-        if job.negative_prompt:
-            kwargs["negative_prompt"] = job.negative_prompt
-        if job.guidance_scale is not None:
-            kwargs["guidance_scale"] = job.guidance_scale
-        if job.init_image is not None:
-            kwargs.update(
-                image=_decode(job.init_image, job.width, job.height), strength=job.strength
-            )
-        if _accepts(pipe, "callback_on_step_end"):
-            kwargs["callback_on_step_end"] = self._step_callback(job.steps)
-        return kwargs
-
-    def _step_callback(self, steps: int) -> Callable[..., dict[str, Any]]:
-        def on_step_end(
-            pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
-        ) -> dict[str, Any]:
-            total = getattr(pipe, "num_timesteps", None) or steps
-            self._report(min(1.0, (step + 1) / total))
-            if self._interrupt.is_set():
-                pipe._interrupt = True  # diffusers pipelines skip the remaining steps
-            return callback_kwargs
-
-        return on_step_end
-
-    def _report(self, progress: float) -> None:
-        self.progress = progress
-        if self.on_progress is not None:
-            try:
-                self.on_progress(progress)
-            except Exception:
-                logger.exception("model %s: progress callback failed", self.name)
+    def _execute(self, batch: Batch[_Work]) -> list[Images]:
+        """Run one batch (runner thread) on the pipeline its kind needs."""
+        loaded, jobs = batch.jobs[0].loaded, [work.job for work in batch.jobs]
+        pipe = loaded.pipe if jobs[0].init_image is None else loaded.edit_pipe
+        return run_batch(pipe, jobs, batch)
 
 
 def _parse_options(name: str, options: dict[str, Any]) -> DiffusersOptions:
@@ -376,11 +357,6 @@ def _import_pipeline_class(name: str, target: str | None) -> Any:
     return cls
 
 
-def _accepts(pipe: Any, *names: str) -> bool:
-    params = inspect.signature(pipe.__call__).parameters
-    return all(name in params for name in names)
-
-
 def _default_steps(pipe: Any) -> int:
     param = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
     default = param.default if param is not None else None
@@ -396,21 +372,3 @@ def _describe(exc: BaseException) -> str:
     """The first line of an exception, short enough for a client-facing message."""
     text = (str(exc).strip().splitlines() or [""])[0][:300].rstrip(".")
     return f"{type(exc).__name__}: {text}." if text else f"{type(exc).__name__}."
-
-
-def _decode(image: InputImage, width: int, height: int) -> Image.Image:
-    with Image.open(io.BytesIO(image.data)) as opened:
-        rgb = opened.convert("RGB")
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), Image.Resampling.LANCZOS)
-    return rgb
-
-
-def _encode(image: Image.Image, fmt: str, seed: int) -> GeneratedImage:
-    pil_format, mime = FORMATS[fmt]
-    buffer = io.BytesIO()
-    options = {} if pil_format == "PNG" else {"quality": 90}
-    image.convert("RGB").save(buffer, format=pil_format, **options)
-    return GeneratedImage(
-        data=buffer.getvalue(), mime=mime, width=image.width, height=image.height, seed=seed
-    )

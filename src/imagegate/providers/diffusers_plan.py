@@ -7,6 +7,7 @@ before a job is queued, so a bad request fails fast without waiting for the pipe
 from __future__ import annotations
 
 import secrets
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -31,10 +32,7 @@ _MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """One request, resolved: what the runner thread needs and nothing it must look up.
-
-    Jobs whose size, steps, guidance and strength match are what a batching window will merge.
-    """
+    """One request, resolved: what the runner thread needs and nothing it must look up."""
 
     prompt: str
     negative_prompt: str | None
@@ -46,6 +44,13 @@ class Job:
     init_image: InputImage | None
     seeds: tuple[int, ...]
     output_format: str
+
+    @property
+    def batch_key(self) -> Hashable:
+        """Jobs with equal keys can run as one pipeline call: they differ only in prompts,
+        negative prompts, seeds, n, init images and output format."""
+        edit = self.init_image is not None
+        return (edit, self.width, self.height, self.steps, self.guidance_scale, self.strength)
 
 
 class Planner:

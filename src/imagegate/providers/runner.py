@@ -1,48 +1,259 @@
-"""Runs the jobs of one loaded pipeline, one at a time, off the event loop.
+"""Runs the jobs of one loaded pipeline off the event loop, merging compatible jobs into batches.
 
 Diffusers schedulers keep step state on the pipeline object, so a pipeline must never be
 called from two threads at once: every job (loading included) runs in one dedicated worker
-thread, in submission order, while the event loop awaits the result.
+thread while the event loop awaits the result.
+
+Jobs queue in arrival order. The worker takes the oldest job, waits up to an admission window
+for more jobs with the same batch key (up to `max_batch` images in all), and hands them to the
+batch function as one `Batch`. Jobs with another key stay queued, in order, for a later batch,
+so the oldest job is never passed over. While a batch runs, new jobs queue and form the next.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
+from imagegate.progress import Reporter
+
+logger = logging.getLogger(__name__)
+J = TypeVar("J")
+R = TypeVar("R")
 T = TypeVar("T")
 
 
-class PipelineRunner:
-    """A single-thread job queue for one pipeline.
+class RunnerClosed(RuntimeError):
+    """The runner was closed before the job could run."""
 
-    Dynamic batching (a later issue) slots in here: `run` would put the job on a queue, and a
-    collector would wait a short admission window for compatible jobs (same size, steps,
-    guidance) before submitting them to the worker as one batch.
-    """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipeline-{name}")
-        self._closed = False
+@dataclass(eq=False, kw_only=True)
+class _Pending:
+    """A queued job and the future its caller awaits on its own event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    arrived: float = field(default_factory=time.monotonic)
+
+    def settle(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Resolve the future from the worker thread; a cancelled caller is no longer there."""
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody to tell
+            self.loop.call_soon_threadsafe(_resolve, self.future, result, error)
+
+
+@dataclass(eq=False, kw_only=True)
+class _Solo(_Pending):
+    """A job that runs alone (loading the pipeline)."""
+
+    fn: Callable[[], Any]
+
+
+@dataclass(eq=False, kw_only=True)
+class Ticket(_Pending, Generic[J]):
+    """One job of a batch, as the batch function sees it."""
+
+    job: J
+    key: Hashable
+    size: int
+    reporter: Reporter | None = None
+    cancelled: bool = False
+    """Set on the event loop when the caller gives up; read by the worker thread."""
+
+
+class Batch(Generic[J]):
+    """The jobs run by one call of the batch function, and their progress."""
+
+    def __init__(self, tickets: Sequence[Ticket[J]]) -> None:
+        self.tickets = tuple(tickets)
+        self.progress = 0.0
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def jobs(self) -> list[J]:
+        return [ticket.job for ticket in self.tickets]
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run `fn` in the worker thread after the jobs before it; await its result.
+    @property
+    def abandoned(self) -> bool:
+        """Every caller has given up: the rest of the work is wasted."""
+        return all(ticket.cancelled for ticket in self.tickets)
 
-        Cancelling the awaiting task does not stop a job that has started: the thread cannot
-        be interrupted, so the pipeline's own interrupt flag is the way to stop one early.
+    def report(self, progress: float) -> None:
+        """Tell every job still awaited how far the batch is, 0..1."""
+        self.progress = progress
+        for ticket in self.tickets:
+            if ticket.reporter is None or ticket.cancelled:
+                continue
+            try:
+                ticket.reporter(progress)
+            except Exception:
+                logger.exception("progress reporter failed")
+
+
+class PipelineRunner(Generic[J, R]):
+    """One worker thread and its queue for one pipeline.
+
+    `execute` runs a batch in the worker thread and returns one result per ticket, in order
+    (what it returns for a cancelled ticket is dropped); if it raises, every job of the batch
+    fails with that exception.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        execute: Callable[[Batch[J]], Sequence[R]],
+        *,
+        window_s: float = 0.0,
+        max_batch: int = 1,
+    ) -> None:
+        self.name = name
+        self._execute = execute
+        self._window_s = window_s
+        self._max_batch = max_batch
+        self._queue: deque[_Solo | Ticket[J]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._idle_since = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        """Batches run so far (each one pipeline call)."""
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` alone in the worker thread, after the jobs queued before it."""
+        loop = asyncio.get_running_loop()
+        result: T = await self._enqueue(_Solo(loop=loop, future=loop.create_future(), fn=fn))
+        return result
+
+    async def submit(
+        self, job: J, *, key: Hashable, size: int, reporter: Reporter | None = None
+    ) -> R:
+        """Queue `job` (`size` images) to run with other jobs of the same `key`; await its result.
+
+        Cancelling the awaiting task takes a queued job off the queue; a job whose batch is
+        running has its result dropped, and a batch whose every job is cancelled is told so
+        through `Batch.abandoned`.
         """
-        if self._closed:
-            raise RuntimeError(f"pipeline runner {self.name} is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        loop = asyncio.get_running_loop()
+        ticket: Ticket[J] = Ticket(
+            loop=loop, future=loop.create_future(), job=job, key=key, size=size, reporter=reporter
+        )
+        ticket.future.add_done_callback(lambda future: self._forget(ticket, future))
+        result: R = await self._enqueue(ticket)
+        return result
 
     def close(self) -> None:
-        """Refuse new jobs and drop queued ones; a running job finishes in the background."""
-        self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Refuse new jobs and fail queued ones; a running batch finishes in the background."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for pending in dropped:
+            pending.settle(error=RunnerClosed(f"pipeline runner {self.name} is closed"))
+
+    # -- event loop side ---------------------------------------------------------------------
+
+    async def _enqueue(self, pending: _Solo | Ticket[J]) -> Any:
+        with self._cond:
+            if self._closed:
+                raise RunnerClosed(f"pipeline runner {self.name} is closed")
+            self._queue.append(pending)
+            self._start()
+            self._cond.notify()
+        return await pending.future
+
+    def _start(self) -> None:
+        if self._thread is None:
+            # A daemon thread: a batch still running when the process exits is abandoned.
+            self._thread = threading.Thread(
+                target=self._work, name=f"pipeline-{self.name}", daemon=True
+            )
+            self._thread.start()
+
+    def _forget(self, ticket: Ticket[J], future: asyncio.Future[Any]) -> None:
+        if not future.cancelled():
+            return
+        with self._cond:
+            ticket.cancelled = True
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+                self._cond.notify()
+
+    # -- worker thread -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (item := self._next()) is not None:
+            if isinstance(item, _Solo):
+                self._run_solo(item)
+            else:
+                self._run_batch(item)
+            with self._cond:
+                self._idle_since = time.monotonic()
+
+    def _next(self) -> _Solo | list[Ticket[J]] | None:
+        """Wait for the next thing to run: a solo job, or a batch once it is full or due."""
+        with self._cond:
+            while not self._closed:
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                head = self._queue[0]
+                if isinstance(head, _Solo):
+                    self._queue.popleft()
+                    return head
+                batch = self._compatible(head)
+                # The window opens when the oldest job arrived or the worker came free, whichever
+                # is later: jobs that queued behind a batch give clients whose requests it just
+                # answered a moment to send their next ones, so closed-loop load stays batched.
+                due = max(head.arrived, self._idle_since) + self._window_s
+                if sum(t.size for t in batch) >= self._max_batch or time.monotonic() >= due:
+                    for ticket in batch:
+                        self._queue.remove(ticket)
+                    return batch
+                self._cond.wait(due - time.monotonic())
+            return None
+
+    def _compatible(self, head: Ticket[J]) -> list[Ticket[J]]:
+        """The oldest job and the queued jobs of its key that fit, in arrival order."""
+        batch, size = [head], head.size
+        same_key = [t for t in self._queue if isinstance(t, Ticket) and t.key == head.key]
+        for ticket in same_key[1:]:
+            if size + ticket.size <= self._max_batch:
+                batch.append(ticket)
+                size += ticket.size
+        return batch
+
+    def _run_solo(self, solo: _Solo) -> None:
+        try:
+            solo.settle(solo.fn())
+        except Exception as exc:  # the caller gets it; the worker thread must live on
+            solo.settle(error=exc)
+
+    def _run_batch(self, tickets: list[Ticket[J]]) -> None:
+        self.batches += 1
+        images = sum(ticket.size for ticket in tickets)
+        logger.debug("pipeline %s: batch of %d jobs, %d images", self.name, len(tickets), images)
+        try:
+            results = self._execute(Batch(tickets))
+            if len(results) != len(tickets):
+                raise RuntimeError(f"{len(results)} results for {len(tickets)} jobs")
+        except Exception as exc:
+            for ticket in tickets:
+                ticket.settle(error=exc)
+            return
+        for ticket, result in zip(tickets, results, strict=True):
+            ticket.settle(result)
+
+
+def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
