@@ -59,6 +59,14 @@ def test_users_create_list_disable_and_their_keys(runner: CliRunner) -> None:
     assert "active" in runner.invoke(main, ["users", "list"]).output.splitlines()[0]
     missing = runner.invoke(main, ["users", "disable", "nobody"])
     assert missing.exit_code != 0 and "No user 'nobody'" in missing.output
+    limited = runner.invoke(main, ["users", "limit", "alice", "--rpm", "9"])
+    assert limited.exit_code == 0 and "rpm=9" in limited.output
+    funded = runner.invoke(main, ["users", "balance", "alice", "700"])
+    assert funded.exit_code == 0 and "balance 700" in funded.output
+    models = runner.invoke(main, ["keys", "models", "1", "--model", "m1", "--model", "m2"])
+    assert models.exit_code == 0 and "m1, m2" in models.output
+    assert runner.invoke(main, ["keys", "models", "1"]).exit_code != 0
+    assert runner.invoke(main, ["keys", "balance", "1", "unlimited"]).exit_code == 0
 
 
 def test_db_upgrade_is_idempotent(runner: CliRunner) -> None:

@@ -12,8 +12,8 @@ from typing import Any
 import click
 import httpx
 
+from imagegate import cli_accounts as accounts
 from imagegate import cli_common, logs
-from imagegate import cli_usage as usage_commands
 from imagegate.cli_common import audited
 from imagegate.config import load_models
 from imagegate.errors import ConfigError
@@ -405,5 +405,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-main.add_command(usage_commands.usage)
-users.add_command(usage_commands.users_balance)
+main.add_command(accounts.usage)
+users.add_command(accounts.users_balance)
+users.add_command(accounts.users_limit)
+keys.add_command(accounts.keys_models)

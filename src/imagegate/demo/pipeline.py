@@ -176,7 +176,8 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         cfg = self.do_classifier_free_guidance
         model_in = torch.cat([latents, latents]) if cfg else latents
         model_in = self.scheduler.scale_model_input(model_in, t)
-        pred = denoise(self.unet, model_in, t, embeds, mask)
+        pooled = self.text_encoder.pool(embeds, mask)
+        pred = denoise(self.unet, model_in, t, embeds, mask, pooled)
         if cfg:
             uncond, cond = pred.chunk(2)
             pred = uncond + self._guidance_scale * (cond - uncond)
@@ -197,8 +198,16 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
 
 
 def patch_size(unet: UNet2DConditionModel) -> int:
-    """Side of the pixel blocks the UNet works on (its channels are 3 x patch x patch)."""
-    return round(math.sqrt(int(unet.config.in_channels) // 3))
+    """Side of the pixel blocks the UNet works on (its outputs are 3 x patch x patch channels)."""
+    return round(math.sqrt(int(unet.config.out_channels) // 3))
+
+
+def coordinates(batch: int, side: int, like: torch.Tensor) -> torch.Tensor:
+    """Two channels holding each position's x and y in [-1, 1] ("CoordConv"): where "top left" is
+    becomes an input, not something the convolutions must infer from the padding."""
+    axis = torch.linspace(-1.0, 1.0, side, device=like.device, dtype=like.dtype)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.stack([x, y])[None].expand(batch, -1, -1, -1)
 
 
 def denoise(
@@ -207,19 +216,22 @@ def denoise(
     t: torch.Tensor | int,
     embeds: torch.Tensor,
     mask: torch.Tensor,
+    pooled: torch.Tensor | None,
 ) -> torch.Tensor:
     """The UNet's prediction for RGB pixels.
 
     The UNet sees each patch x patch block of pixels as one position with 3 x patch^2 channels
     (pixel unshuffle): the diffusion process is still on pixels, but the full-resolution
-    convolutions, which dominate CPU time, cost a quarter as much at patch 2.
+    convolutions, which dominate CPU time, cost a quarter as much at patch 2. A UNet with two
+    more input than output channels also gets the x/y coordinate channels.
     """
     patch = patch_size(unet)
     x = F.pixel_unshuffle(pixels, patch) if patch > 1 else pixels
-    pooled = None
-    if unet.config.class_embed_type == "projection":
-        weights = mask.to(embeds.dtype)[..., None]
-        pooled = (embeds * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    extra = int(unet.config.in_channels) - int(unet.config.out_channels)
+    if extra == 2:
+        x = torch.cat([x, coordinates(x.shape[0], x.shape[-1], x)], dim=1)
+    if unet.config.class_embed_type != "projection":
+        pooled = None
     out = unet(
         x, t, encoder_hidden_states=embeds, encoder_attention_mask=mask, class_labels=pooled
     ).sample

@@ -23,7 +23,13 @@ class DemoTextEncoder(ModelMixin, ConfigMixin):  # type: ignore[misc]
 
     @register_to_config  # type: ignore[untyped-decorator]
     def __init__(
-        self, vocab: list[str], dim: int = 64, layers: int = 2, heads: int = 4, max_length: int = 32
+        self,
+        vocab: list[str],
+        dim: int = 64,
+        layers: int = 2,
+        heads: int = 4,
+        max_length: int = 32,
+        pooling: str = "mean",
     ) -> None:
         super().__init__()
         self.index = {w: i + 2 for i, w in enumerate(vocab)}
@@ -52,6 +58,18 @@ class DemoTextEncoder(ModelMixin, ConfigMixin):  # type: ignore[misc]
         x = self.embed(ids) + self.position[None, : ids.shape[1]].to(self.embed.weight.dtype)
         x = self.encoder(x, src_key_padding_mask=~mask)
         return torch.as_tensor(self.norm(x) * mask[..., None].to(x.dtype))
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One vector per caption for the UNet's FiLM conditioning.
+
+        "first" is the BOS token's state: after self-attention it can tell "a red circle on a blue
+        background" from "a blue circle on a red background", which a mean over the words (a bag
+        of words, "mean", kept for older weights) cannot.
+        """
+        if self.config.pooling == "first":
+            return states[:, 0]
+        weights = mask.to(states.dtype)[..., None]
+        return (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states and mask for prompts, on this encoder's device."""

@@ -53,7 +53,7 @@ def build_unet(
     )
     return UNet2DConditionModel(
         sample_size=size // patch,
-        in_channels=3 * patch * patch,
+        in_channels=3 * patch * patch + 2,  # + the x/y coordinate channels, see `denoise`
         out_channels=3 * patch * patch,
         block_out_channels=channels,
         layers_per_block=1,
@@ -103,7 +103,7 @@ class Trainer:
         self.batch: int = args.batch_size
         self.steps: int = args.steps
         self.unet = build_unet(args.size, tuple(args.channels), args.attention_from, args.patch)
-        self.text = DemoTextEncoder(vocab=dataset.vocabulary(), dim=TEXT_DIM)
+        self.text = DemoTextEncoder(vocab=dataset.vocabulary(), dim=TEXT_DIM, pooling="first")
         if args.init is not None:
             # Continue from a saved pipeline (a second stage with a fresh learning-rate schedule).
             start = DemoPipeline.from_pretrained(args.init)
@@ -130,7 +130,8 @@ class Trainer:
         noisy = self.scheduler.add_noise(pixels, noise, t)
         target = self.scheduler.get_velocity(pixels, noise, t)
         ids, mask = self.text.tokenize(captions)
-        pred = denoise(self.unet, noisy, t, self.text(ids, mask), mask)
+        states = self.text(ids, mask)
+        pred = denoise(self.unet, noisy, t, states, mask, self.text.pool(states, mask))
         alphas = self.scheduler.alphas_cumprod[t]
         snr = alphas / (1 - alphas)
         # Min-SNR with the +1 that suits v-prediction: the noisiest steps, which decide the

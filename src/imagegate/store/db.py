@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 from alembic import command
@@ -63,6 +64,22 @@ def upgrade_sync(url: str, revision: str = "head") -> None:
     """Apply migrations (blocking; the env runs its own event loop)."""
     _ensure_sqlite_folder(url)
     command.upgrade(alembic_config(url), revision)
+    _switch_to_wal(url)
+
+
+def _switch_to_wal(url: str) -> None:
+    """Put a SQLite file in WAL mode once, at migration time, before the server's pools open
+    connections: switching later needs every other connection gone."""
+    if not url.startswith("sqlite"):
+        return
+    path = url.split(":///", 1)[-1]
+    if not path or path == ":memory:":
+        return
+    connection = sqlite3.connect(path, timeout=30)
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")
+    finally:
+        connection.close()
 
 
 async def upgrade(url: str, revision: str = "head") -> None:

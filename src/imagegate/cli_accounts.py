@@ -1,4 +1,5 @@
-"""`imagegate usage`: usage rows, totals, CSV export, and the ledger reconciliation."""
+"""CLI commands about accounts: usage rows and totals, ledger reconciliation, balances, limits
+and allowed models of keys and users."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from imagegate.store import ledger
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import utcnow
+from imagegate.store.models import ApiKey, utcnow
 
 _FILTERS = [
     click.option("--key", "key_id", type=int, default=None, help="Only this key id."),
@@ -139,3 +140,48 @@ def users_balance(username: str, credits: str) -> None:
     if not with_session(settings(), work):
         raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
     click.echo(f"user {username}: balance {balance if balance is not None else 'unlimited'}")
+
+
+@click.command("limit")
+@click.argument("username")
+@click.option("--rpm", type=int, default=None, help="Requests per minute.")
+@click.option("--ipm", type=int, default=None, help="Images per minute.")
+@click.option("--concurrency", type=int, default=None, help="Requests in flight at once.")
+def users_limit(username: str, rpm: int | None, ipm: int | None, concurrency: int | None) -> None:
+    """Set a user's rate limits (an option left out means no limit)."""
+
+    async def work(session: AsyncSession) -> bool:
+        user = await user_store.find_user(session, username=username)
+        if user is None:
+            return False
+        user.rpm, user.ipm, user.max_concurrency = rpm, ipm, concurrency
+        detail = {"rpm": rpm, "ipm": ipm, "concurrency": concurrency}
+        await audited(session, "user.limits", f"user:{user.id}", detail)
+        return True
+
+    if not with_session(settings(), work):
+        raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
+    click.echo(f"user {username}: rpm={rpm} ipm={ipm} concurrency={concurrency}")
+
+
+@click.command("models")
+@click.argument("key_id", type=int)
+@click.option("--model", "models", multiple=True, help="Allow this model (repeatable).")
+@click.option("--all", "all_models", is_flag=True, help="Allow every model.")
+def keys_models(key_id: int, models: tuple[str, ...], all_models: bool) -> None:
+    """Set the models a key may use."""
+    if not models and not all_models:
+        raise click.UsageError("Give --model NAME (repeatable) or --all.")
+    allowed = None if all_models else list(models)
+
+    async def work(session: AsyncSession) -> bool:
+        key = await session.get(ApiKey, key_id)
+        if key is None:
+            return False
+        key.allowed_models = allowed
+        await audited(session, "key.models", f"key:{key_id}", {"allowed_models": allowed})
+        return True
+
+    if not with_session(settings(), work):
+        raise click.ClickException(f"No key with id {key_id}.")
+    click.echo(f"key {key_id}: models {', '.join(allowed) if allowed else 'all'}")
