@@ -402,3 +402,35 @@ async def test_callback_to_a_private_address_is_refused_at_submit(
         assert response.status_code == 400
         assert "callback_url" in response.json()["msg"]
         assert "not allowed" in response.json()["msg"]
+
+
+async def test_a_priced_task_is_charged_once_per_attempt_id(tmp_path: Path, db_url: str) -> None:
+    from imagegate.config import PricingConfig
+    from imagegate.store import ledger
+    from imagegate.store.models import LedgerEntry
+
+    priced = ModelConfig(name="priced", provider="fake", pricing=PricingConfig(per_image=0.001))
+    settings = make_settings(tmp_path, db_url, task_poll_seconds=0.1)
+    async for api in start_api(settings, [*MODELS, priced]):
+        key, key_id = await _key_id(api)
+        engine = create_engine(api.settings.resolved_database_url)
+        async with session_factory(engine)() as session:
+            await ledger.set_balance(session, ledger.Account("key", key_id), 5000, "test")
+            await session.commit()
+        api.app.state.service.forget_key(key_id)
+        body = {"model": "priced", "prompt": "red", "n": 2, "async": True}
+        task_id = (await submit(api, key, body)).json()["data"]["task_id"]
+        await wait_for(api, key, task_id, "succeeded")
+        async with session_factory(engine)() as session:
+            entries = list(
+                await session.scalars(select(LedgerEntry).where(LedgerEntry.kind != "set"))
+            )
+            balance = await ledger.balance_of(session, ledger.Account("key", key_id))
+        await engine.dispose()
+        assert [(e.kind, e.request_id) for e in entries] == [
+            ("reserve", f"{task_id}.1"),
+            ("settle", f"{task_id}.1"),
+        ]
+        assert balance == 4000
+        rows = [r for r in await usage_rows(api) if r.task_id == task_id]
+        assert len(rows) == 1 and rows[0].charge == 1000 and rows[0].request_id == task_id

@@ -44,6 +44,7 @@ class Outcome:
             "error": None if self.error is None else str(self.error["message"]),
         }
         row.update(self.usage)
+        row["request_id"] = task.id
         return row
 
 
@@ -63,7 +64,9 @@ class TaskExecutor:
                     model,
                     prepare,
                     endpoint=task.endpoint,
-                    request_id=task.id,
+                    # One id per attempt: a reservation left by a crashed attempt stays
+                    # distinguishable from the next attempt's (usage reconcile refunds it).
+                    request_id=f"{task.id}.{task.attempts}",
                     usage_row=usage,
                 )
             kept = await self.service.keep(result.images)
