@@ -284,3 +284,83 @@ def test_cli_generate_against_the_server(server: Server, tmp_path: Path) -> None
         check=False,
     )
     assert failed.returncode != 0 and "Unknown model 'nope'" in failed.stderr
+
+
+def test_lab_get_token_and_the_seed_img2img_submit_in_all_three_forms(server: Server) -> None:
+    """The second seed document's flow against the running server: a user made with the CLI,
+    getToken, then img2imgSubmit in the documented flat form, the nested form and the form
+    Nebula's own site sends."""
+    subprocess.run(
+        [sys.executable, "-m", "imagegate", "users", "create", "e2e-user"],
+        env={**server.env, "IMAGEGATE_USER_PASSWORD": "e2e password"},
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    login = httpx.post(
+        f"{server.url}/prod-api/v3/auth/getToken",
+        json={"username": "e2e-user", "password": "e2e password"},
+        timeout=30,
+    )
+    assert login.status_code == 200, login.text
+    assert login.json()["msg"] == "Operation successful"
+    token = login.json()["data"]
+    assert token.startswith("Bearer ")
+    fields = {
+        "model": "tiny-sd",
+        "prompt": "Generate a bird eye view of Canton Tower based on this image",
+        "n": 1,
+        "size": "64x64",
+        "temperature": 1,
+        "watermark": False,
+        "image": _png(64, 64, (200, 30, 30)),
+        "responseFormat": "url",
+    }
+    forms = [
+        {f"batchImageGenerationDTO.{k}": v for k, v in fields.items()},
+        {"batchImageGenerationDTO": fields},
+        {
+            "score": "1",
+            "model": "tiny-sd",
+            "volcImageBo": {
+                "image_urls": [fields["image"]],
+                "prompt": fields["prompt"],
+                "size": "64x64",
+                "style": "general",
+            },
+        },
+    ]
+    for body in forms:
+        response = httpx.post(
+            f"{server.url}/prod-api/nebula/v4/api/img2imgSubmit",
+            json=body,
+            headers={"Authorization": token},
+            timeout=120,
+        )
+        assert response.status_code == 200, response.text
+        got = response.json()
+        assert got["code"] == 200 and got["msg"] == "Operation successful"
+        [image] = got["data"]["images"]
+        fetched = httpx.get(image["url"], timeout=10)
+        assert fetched.status_code == 200
+        assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+
+
+def test_cli_reload_asks_the_running_server(server: Server) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "imagegate", "reload", "--server", server.url, "--key", server.key],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["added: -", "removed: -", "changed: -"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "imagegate", "reload", "--server", server.url, "--key", "sk-bad"],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "Invalid" in refused.stderr

@@ -302,6 +302,26 @@ def models(config_file: Path | None) -> None:
         click.echo(f"{model.name}\t{model.provider}\t{model.description}")
 
 
+@main.command()
+@click.option("--server", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--key", envvar="IMAGEGATE_KEY", required=True, help="An admin key.")
+def reload(server: str, key: str) -> None:
+    """Make a running server re-read its model config (POST /admin/models/reload)."""
+    try:
+        response = httpx.post(
+            f"{server.rstrip('/')}/admin/models/reload",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=60,
+        )
+    except httpx.HTTPError as exc:
+        raise click.ClickException(f"Cannot reach {server}: {exc}") from exc
+    if response.status_code != 200:
+        raise click.ClickException(_error_text(response.json()))
+    changes = response.json()["data"]
+    for kind in ("added", "removed", "changed"):
+        click.echo(f"{kind}: {', '.join(changes[kind]) or '-'}")
+
+
 @main.group()
 def db() -> None:
     """Database maintenance."""
