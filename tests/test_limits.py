@@ -75,6 +75,34 @@ async def test_images_per_minute_count_the_images_asked_for(limited: Api) -> Non
     assert refused.status_code == 429 and "5 images per minute" in refused.json()["msg"]
 
 
+async def test_more_images_than_a_minute_allows_is_refused_for_good(limited: Api) -> None:
+    key = await key_with(limited, ipm=3)
+    refused = await generate(limited, key, n=4)
+    assert refused.status_code == 403 and "at most 3 per minute" in refused.json()["msg"]
+    assert (await generate(limited, key, n=3)).status_code == 200
+
+
+async def test_setting_one_limit_keeps_the_others(limited: Api) -> None:
+    key = await key_with(limited, allowed_models=["fake-model"], rpm=100)
+    principal = await limited.app.state.service.authenticate(key)
+    admin = {"Authorization": f"Bearer {await limited.key(admin=True)}"}
+    response = await limited.client.put(
+        f"/admin/keys/{principal.key_id}/limits", json={"ipm": 50}, headers=admin
+    )
+    data = response.json()["data"]
+    assert (data["allowed_models"], data["rpm"], data["ipm"]) == (["fake-model"], 100, 50)
+
+
+def test_retry_after_counts_the_fading_previous_window() -> None:
+    from imagegate.accounting.limits import wait_seconds
+
+    # 10 of 10 used this window, 30 s into it: not before the turn, and then the old count
+    # still weighs: 30 s to the turn plus 6 s until 10 * (1 - y/60) + 1 <= 10.
+    assert wait_seconds(previous=0, current=10, elapsed=30, limit=10, ask=1) == 36
+    # Room in this window once the previous one has faded enough.
+    assert wait_seconds(previous=10, current=0, elapsed=0, limit=10, ask=1) == 6
+
+
 async def test_concurrent_requests(limited: Api) -> None:
     key = await key_with(limited, max_concurrency=1)
     first, second = await asyncio.gather(

@@ -14,7 +14,7 @@ from imagegate.store import ledger
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, utcnow
+from imagegate.store.models import ApiKey, to_utc, utcnow
 
 _FILTERS = [
     click.option("--key", "key_id", type=int, default=None, help="Only this key id."),
@@ -23,6 +23,11 @@ _FILTERS = [
     click.option("--since", type=click.DateTime(), default=None, help="From (UTC)."),
     click.option("--until", type=click.DateTime(), default=None, help="Before (UTC)."),
 ]
+
+
+def _where(filters: dict[str, Any]) -> usage_store.UsageFilter:
+    times = {name: to_utc(filters[name]) for name in ("since", "until")}
+    return usage_store.UsageFilter(**{**filters, **times})
 
 
 def _filtered(command: Any) -> Any:
@@ -42,7 +47,7 @@ def usage() -> None:
 @click.option("--csv", "as_csv", is_flag=True, help="CSV instead of JSON lines.")
 def usage_list(limit: int, as_csv: bool, **filters: Any) -> None:
     """Usage rows, newest first."""
-    where = usage_store.UsageFilter(**filters)
+    where = _where(filters)
 
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
         return await usage_store.rows(session, where, limit)
@@ -60,7 +65,7 @@ def usage_list(limit: int, as_csv: bool, **filters: Any) -> None:
 @click.option("--by", type=click.Choice(["model", "day"]), default="model", show_default=True)
 def usage_totals(by: str, **filters: Any) -> None:
     """Requests, images, credits and errors per model or per day."""
-    where = usage_store.UsageFilter(**filters)
+    where = _where(filters)
 
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
         return await usage_store.totals(session, where, by)

@@ -181,7 +181,9 @@ class Fetcher:
                     content=content,
                     extensions={"sni_hostname": target.raw_host.decode("ascii")},
                 )
-                response = await self._client.send(request)
+                # The answer's body is never read: a receiver cannot make us buffer anything.
+                response = await self._client.send(request, stream=True)
+                await response.aclose()
                 return response.status_code
         except (TimeoutError, httpx.TimeoutException) as exc:
             raise InvalidRequest(f"{_shown(target)} did not answer in time.") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from imagegate import metrics
-from imagegate.accounting.billing import Billing
+from imagegate.accounting.billing import Billing, Hold
 from imagegate.accounting.limits import Limits, MemoryLimiter, RateLimiter, Subject
 from imagegate.auth.passwords import verify_password
 from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
@@ -247,7 +248,11 @@ class ImageService:
     async def _limited(
         self, principal: Principal, request: ImageRequest, provider: Provider, request_id: str
     ) -> tuple[GenerationResult, int]:
-        """Within the caller's rate limits and balance: generate, and charge what was made."""
+        """Within the caller's rate limits and balance: generate, and charge what was made.
+
+        The bookkeeping around the call (reservation, settlement, the concurrency slot) is
+        shielded from cancellation, so a cancelled task or a dropped client neither keeps
+        credits reserved nor holds a slot."""
         if principal.limits:
             try:
                 await self.limiter.acquire(
@@ -257,7 +262,9 @@ class ImageService:
                 metrics.RATE_LIMIT_REJECTIONS.inc()
                 raise
         try:
-            hold = await self.billing.reserve(principal.payer, request, request_id)
+            hold = await _finish_even_if_cancelled(
+                self.billing.reserve(principal.payer, request, request_id), self.billing.release
+            )
             try:
                 result = await provider.generate(request)
             except BaseException:
@@ -266,7 +273,7 @@ class ImageService:
             return result, await self.billing.settle(hold, request, result)
         finally:
             if principal.limits:
-                await self.limiter.release(principal.limits)
+                await asyncio.shield(self.limiter.release(principal.limits))
 
     async def deliver(
         self, images: tuple[GeneratedImage, ...], response_format: ResponseFormat, base_url: str
@@ -312,6 +319,19 @@ class ImageService:
 
 async def _read(path: Path) -> bytes:
     return await asyncio.to_thread(path.read_bytes)
+
+
+async def _finish_even_if_cancelled(
+    work: Awaitable[Hold | None], undo: Callable[[Hold | None], Awaitable[None]]
+) -> Hold | None:
+    """Await `work` to its end; if the caller is cancelled meanwhile, undo what it did."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await undo(await task)
+        raise
 
 
 def _usage_row(principal: Principal, model: str, endpoint: str, request_id: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ computed and written to the usage row. Free models (no prices) cost no database 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -21,11 +22,15 @@ from imagegate.types import GenerationResult, ImageRequest
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """Credits reserved for one request on one account."""
+    """Credits reserved for one request on one account, and the prices they were reserved at
+    (a config reload during the call does not change what it costs)."""
 
     account: ledger.Account
     credits: int
     request_id: str
+    """The ledger's id of this reservation: the request's id plus a random part, because a
+    client may choose its x-request-id and a task runs again after a crash."""
+    prices: PriceList
 
 
 class Billing:
@@ -49,9 +54,10 @@ class Billing:
         kind, _, raw_id = payer.partition(":")
         account = ledger.Account(kind, int(raw_id))
         quote = prices.maximum(request)
+        ledger_id = f"{request_id[:40]}.{secrets.token_hex(6)}"
         async with self.sessions() as session:
-            if await ledger.reserve(session, account, quote.credits, request_id, quote.detail):
-                return Hold(account, quote.credits, request_id)
+            if await ledger.reserve(session, account, quote.credits, ledger_id, quote.detail):
+                return Hold(account, quote.credits, ledger_id, prices)
             balance = await ledger.balance_of(session, account)
         metrics.BALANCE_REJECTIONS.inc()
         raise PermissionDenied(
@@ -65,14 +71,14 @@ class Billing:
         self, hold: Hold | None, request: ImageRequest, result: GenerationResult
     ) -> int:
         """Keep what the delivered images cost (at most the reservation); returns the charge."""
+        if hold is not None:
+            quote = hold.prices.charge(request, result, hold.credits)
+            await asyncio.shield(self._close(hold, quote.credits, quote.detail))
+            return quote.credits
         prices = self.prices(request.model)
         if prices.free:
             return 0
-        reserved = hold.credits if hold is not None else prices.maximum(request).credits
-        quote = prices.charge(request, result, reserved)
-        if hold is not None:
-            await self._close(hold, quote.credits, quote.detail)
-        return quote.credits
+        return prices.charge(request, result, prices.maximum(request).credits).credits
 
     async def release(self, hold: Hold | None) -> None:
         """A failed or cancelled call: the whole reservation comes back."""

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from imagegate.errors import RateLimited
+from imagegate.errors import PermissionDenied, RateLimited
 
 WINDOW = 60.0
 
@@ -57,11 +57,25 @@ def estimate(previous: float, current: float, elapsed: float) -> float:
 def wait_seconds(previous: float, current: float, elapsed: float, limit: int, ask: int) -> int:
     """Seconds until `ask` more fit under `limit` (at least 1)."""
     room = limit - current - ask
-    if room < 0 or previous <= 0:
-        return max(1, math.ceil(WINDOW - elapsed))
-    # previous * (1 - (elapsed + x) / WINDOW) <= room
-    needed = WINDOW * (1.0 - room / previous) - elapsed
-    return max(1, math.ceil(needed))
+    if room >= 0 and previous > 0:
+        # Within this window: previous * (1 - (elapsed + x) / WINDOW) <= room.
+        return max(1, math.ceil(WINDOW * (1.0 - room / previous) - elapsed))
+    # Not before the window turns; then this window's count is the previous one, fading:
+    # current * (1 - y / WINDOW) + ask <= limit.
+    fade = WINDOW * (1.0 - (limit - ask) / current) if current > 0 else 0.0
+    return max(1, math.ceil(WINDOW - elapsed + max(0.0, fade)))
+
+
+def check_asks(subjects: tuple[Subject, ...], images: int) -> None:
+    """A request for more images than a per-minute limit allows can never pass: say so."""
+    for subject in subjects:
+        ipm = subject.limits.ipm
+        if ipm is not None and images > ipm:
+            raise PermissionDenied(
+                f"This request asks for {images} images but {subject.name} may make at most "
+                f"{ipm} per minute: ask for fewer images, or ask an admin to raise the limit.",
+                param="n",
+            )
 
 
 def refusal(subject: str, what: str, limit: int, retry_after: int) -> RateLimited:
@@ -83,6 +97,7 @@ class MemoryLimiter:
         self._in_flight: dict[str, int] = {}
 
     async def acquire(self, subjects: tuple[Subject, ...], images: int) -> None:
+        check_asks(subjects, images)
         now = time.time()
         checks = [c for s in subjects for c in _checks(s, images)]
         for counter, limit, ask, what, name in checks:
@@ -161,9 +176,17 @@ for i = 1, checks do
 end
 for j = 1, caps do
   redis.call('INCR', KEYS[2*checks + j])
-  redis.call('EXPIRE', KEYS[2*checks + j], 3600)
+  redis.call('EXPIRE', KEYS[2*checks + j], 900)
 end
 return {0, 0, '0', '0'}
+"""
+
+
+# Never below zero: a slot released after its key expired must not grant an extra one.
+_RELEASE = """
+local left = redis.call('DECR', KEYS[1])
+if left <= 0 then redis.call('DEL', KEYS[1]) end
+return left
 """
 
 
@@ -175,9 +198,11 @@ class RedisLimiter:
 
         self._redis: Any = redis.from_url(url)
         self._script: Any = self._redis.register_script(_ACQUIRE)
+        self._release: Any = self._redis.register_script(_RELEASE)
         self.prefix = prefix
 
     async def acquire(self, subjects: tuple[Subject, ...], images: int) -> None:
+        check_asks(subjects, images)
         now = time.time()
         index = int(now // WINDOW)
         checks = [c for s in subjects for c in _checks(s, images)]
@@ -201,7 +226,7 @@ class RedisLimiter:
     async def release(self, subjects: tuple[Subject, ...]) -> None:
         for subject in subjects:
             if subject.limits.concurrency is not None:
-                await self._redis.decr(self._key(f"{subject.name}:conc"))
+                await self._release(keys=[self._key(f"{subject.name}:conc")])
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from imagegate.api.deps import AdminKey, Service, SettingsDep
@@ -20,7 +20,7 @@ from imagegate.store import keys as key_store
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, User
+from imagegate.store.models import ApiKey, User, to_utc
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -197,7 +197,8 @@ async def set_user_balance(
 
 
 class LimitsSet(BaseModel):
-    """Rate limits (null: no limit); for keys also expiry and allowed models."""
+    """Rate limits (null: no limit); for keys also expiry and allowed models. Fields left out
+    keep their value."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -210,6 +211,11 @@ class KeyLimitsSet(LimitsSet):
     expires_at: datetime | None = None
     allowed_models: list[str] | None = None
 
+    @field_validator("expires_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        return to_utc(value)
+
 
 @router.put("/keys/{key_id}/limits")
 async def set_key_limits(
@@ -219,7 +225,7 @@ async def set_key_limits(
         key = await session.get(ApiKey, key_id)
         if key is None:
             raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
-        for name, value in body.model_dump().items():
+        for name, value in body.model_dump(exclude_unset=True).items():
             setattr(key, name, value)
         detail = body.model_dump(mode="json")
         await _audit(session, admin, "key.limits", f"key:{key_id}", detail)
@@ -235,7 +241,7 @@ async def set_user_limits(
         user = await user_store.find_user(session, username=username)
         if user is None:
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
-        for name, value in body.model_dump().items():
+        for name, value in body.model_dump(exclude_unset=True).items():
             setattr(user, name, value)
         await _audit(session, admin, "user.limits", f"user:{user.id}", body.model_dump())
     service.forget_user(user.id)
@@ -255,7 +261,7 @@ async def usage(
     format: Literal["json", "csv"] = "json",
 ) -> Response:
     """Usage rows, newest first; `format=csv` downloads them as CSV."""
-    where = usage_store.UsageFilter(key_id, user_id, model, since, until)
+    where = usage_store.UsageFilter(key_id, user_id, model, to_utc(since), to_utc(until))
     await service.usage.flush()
     async with service.sessions() as session:
         found = await usage_store.rows(session, where, limit)
@@ -277,7 +283,7 @@ async def usage_totals(
     until: datetime | None = None,
 ) -> Response:
     """Requests, images, credits and errors per model or per day (UTC)."""
-    where = usage_store.UsageFilter(key_id, user_id, model, since, until)
+    where = usage_store.UsageFilter(key_id, user_id, model, to_utc(since), to_utc(until))
     await service.usage.flush()
     async with service.sessions() as session:
         return ok(await usage_store.totals(session, where, by))

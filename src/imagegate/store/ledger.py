@@ -103,6 +103,9 @@ async def set_balance(
 ) -> None:
     """Set a balance (None: unlimited); the ledger records the change as an amount."""
     table = account.table
+    # A no-op write first takes the row's lock (the database's on SQLite), so no reservation
+    # can land between reading the old balance and writing the new one.
+    await session.execute(update(table).where(table.id == account.id).values(balance=table.balance))
     before = await balance_of(session, account)
     await session.execute(update(table).where(table.id == account.id).values(balance=balance))
     delta = (balance or 0) - (before or 0)

@@ -24,6 +24,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def to_utc(moment: datetime | None) -> datetime | None:
+    """An aware time in UTC (naive ones are taken as UTC): SQLite keeps the wall-clock part
+    only, so every time must be UTC before it is stored or compared."""
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     pass
 

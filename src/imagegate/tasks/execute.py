@@ -73,5 +73,9 @@ class TaskExecutor:
         except ImagegateError as exc:
             error = {"code": exc.status, "message": exc.message}
             return Outcome(FAILED, None, error, usage)
+        except Exception as exc:  # a stored body that no longer parses, a full disk, ...
+            logger.exception("task %s failed", task.id)
+            message = f"Internal error while running the task ({type(exc).__name__}); see the log."
+            return Outcome(FAILED, None, {"code": 500, "message": message}, usage)
         body = {"images": kept, "created": int(time.time()), "channel": result.channel}
         return Outcome(SUCCEEDED, body, None, usage)

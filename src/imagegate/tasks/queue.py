@@ -87,6 +87,7 @@ class InProcessQueue:
         self.worker_id = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wake = asyncio.Event()
         self._wake_callbacks = asyncio.Event()
+        # Set by close(): workers take no new task; running ones are handed back.
         self._loops: list[asyncio.Task[None]] = []
         self._running: dict[str, asyncio.Task[Outcome]] = {}
         self._closing = False
@@ -120,19 +121,37 @@ class InProcessQueue:
     # -- workers -----------------------------------------------------------------------------
 
     async def _work(self) -> None:
-        while True:
-            try:
-                async with self.sessions() as session:
-                    task = await task_store.claim_next(
-                        session, self.worker_id, self.settings.lease_seconds
-                    )
-            except Exception:
-                logger.exception("could not claim a task; trying again")
-                task = None
+        while not self._closing:
+            task = await self._claim()
             if task is None:
                 await _wait(self._wake, self.settings.poll_seconds)
                 continue
-            await self._run(task)
+            try:
+                await self._run(task)
+            except Exception:  # the loop must outlive any one task
+                logger.exception("task %s: the worker failed; its lease will expire", task.id)
+
+    async def _claim(self) -> Task | None:
+        """The next task, claimed under our lease. A claim that a shutdown interrupts is
+        finished and handed straight back, so the task is not stranded until its lease ends."""
+        claim = asyncio.ensure_future(self._claim_once())
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            task = await claim
+            if task is not None:
+                await self._release(task.id)
+            raise
+
+    async def _claim_once(self) -> Task | None:
+        try:
+            async with self.sessions() as session:
+                return await task_store.claim_next(
+                    session, self.worker_id, self.settings.lease_seconds
+                )
+        except Exception:
+            logger.exception("could not claim a task; trying again")
+            return None
 
     async def _run(self, task: Task) -> None:
         if task.attempts > self.settings.max_attempts:
@@ -155,7 +174,8 @@ class InProcessQueue:
         finally:
             keeper.cancel()
             self._running.pop(task.id, None)
-        await self._finish(task, outcome)
+        # A shutdown now must not lose the outcome of a generation that already ran.
+        await asyncio.shield(self._finish(task, outcome))
 
     async def _finish(self, task: Task, outcome: Outcome) -> None:
         async with self.sessions() as session:
@@ -180,6 +200,8 @@ class InProcessQueue:
         """Renew the lease and record progress until the job ends; stop the job when the task
         is no longer ours (cancelled by its owner, or taken over after a stall)."""
         interval = min(0.5, self.settings.lease_seconds / 3)
+        loop = asyncio.get_running_loop()
+        renewed = loop.time()
         while not job.done():
             await asyncio.sleep(interval)
             try:
@@ -191,11 +213,15 @@ class InProcessQueue:
                         self.settings.lease_seconds,
                         progress.value,
                     )
+                renewed = loop.time()
             except Exception:
                 logger.exception("task %s: could not renew the lease", task_id)
-                continue
+                # Past the lease another process may take the task over: stop before it does,
+                # so the task is not generated (and charged) twice.
+                ours = loop.time() - renewed < self.settings.lease_seconds * 0.8
             if not ours:
-                job.cancel()
+                if not job.cancelling():
+                    job.cancel()
                 return
 
     async def _release(self, task_id: str) -> None:
@@ -230,7 +256,12 @@ class InProcessQueue:
 
     async def _callback(self, task: Task) -> None:
         assert task.callback_url is not None
-        delivered = await self.callbacks.send(task.callback_url, task.id, await self.render(task))
+        try:
+            body = await self.render(task)
+            delivered = await self.callbacks.send(task.callback_url, task.id, body)
+        except Exception:
+            logger.exception("task %s: callback attempt failed", task.id)
+            delivered = False
         attempts = task.callback_attempts + 1
         retry_in = None
         if not delivered and attempts < self.settings.callback_max_attempts:
