@@ -98,7 +98,6 @@ class Settings(BaseSettings):
     callback_max_attempts: int = Field(default=6, ge=1)
     callback_retry_seconds: float = Field(default=5.0, gt=0)
     """Delay before the first callback retry; it doubles with each failed attempt."""
-    callback_timeout_seconds: float = Field(default=10.0, gt=0)
     usage_log: bool = True
     """Write a usage row per request (balances and the ledger do not depend on it)."""
     log_format: Literal["text", "json"] = "text"
