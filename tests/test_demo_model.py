@@ -49,16 +49,6 @@ def test_held_out_split_is_never_drawn_for_training() -> None:
     assert not any(dataset.random_scene(rng) in held_out for _ in range(3000))
 
 
-# Strict: once a trained model meets these, the unexpected pass fails the run, so the marker
-# cannot outlive the problem it records.
-UNDERTRAINED = pytest.mark.xfail(
-    strict=True,
-    reason="issue 3: the shipped demo model is undertrained; held-out colour and shape "
-    "accuracy are below target (see the issue note)",
-)
-
-
-@UNDERTRAINED
 def test_model_meets_targets_on_held_out_subset(pipe: DemoPipeline) -> None:
     result = evaluate(pipe, held_out_captions(16, seed=1), batch=16)
     below = {k: v for k, v in result.items() if v < TARGETS[k]}
@@ -77,7 +67,6 @@ def test_same_seed_same_pixels_and_n_images(pipe: DemoPipeline) -> None:
     assert not np.array_equal(np.asarray(several[0]), np.asarray(several[1]))
 
 
-@UNDERTRAINED
 def test_edit_changes_colour_and_keeps_the_scene(pipe: DemoPipeline) -> None:
     before = pipe(
         "a large red circle in the center on a blue background",
@@ -85,12 +74,33 @@ def test_edit_changes_colour_and_keeps_the_scene(pipe: DemoPipeline) -> None:
         height=256,
         width=256,
     ).images[0]
-    after = pipe(
-        "now make the circle green", image=before, generator=_seed(0), height=256, width=256
-    ).images[0]
-    small = after.resize((32, 32))
-    got = read_image(small)
-    assert (got.background, got.colour, got.position) == ("blue", "green", "center")
+    assert read_image(before.resize((32, 32))).colour == "red"
+    readings = []
+    for seed in range(4):  # a sampled edit: most seeds must do it
+        after = pipe(
+            "now make the circle green", image=before, generator=_seed(seed), height=256, width=256
+        ).images[0]
+        got = read_image(after.resize((32, 32)))
+        readings.append((got.background, got.colour, got.position))
+    assert readings.count(("blue", "green", "center")) >= 3, readings
+
+
+@pytest.mark.parametrize(
+    ("prompt", "colour", "background"),
+    [
+        ("a red circle on a blue background", "red", "blue"),  # the README's example
+        ("blue background with a green square", "green", "blue"),
+    ],
+)
+def test_short_captions_put_each_colour_in_its_place(
+    pipe: DemoPipeline, prompt: str, colour: str, background: str
+) -> None:
+    """Captions without size or position are what people type first; the held-out set (full
+    captions) does not cover them, and an earlier model swapped their colours."""
+    images = pipe([prompt] * 4, generator=[_seed(s) for s in range(4)], height=64, width=64)
+    reads = [read_image(image) for image in images.images]
+    right = sum(r.colour == colour and r.background == background for r in reads)
+    assert right >= 3, [(r.colour, r.background) for r in reads]
 
 
 def test_unknown_words_are_ignored(pipe: DemoPipeline) -> None:

@@ -161,8 +161,11 @@ def _position_phrase(rng: random.Random, pos: str) -> str:
     return rng.choice(_WHERE).format(p=pos)
 
 
-def _object_phrase(rng: random.Random, obj: Obj, full: bool) -> str:
+def _object_phrase(rng: random.Random, obj: Obj, full: bool, short: bool = False) -> str:
+    """The object in words; `short` leaves out size and position ("a red circle")."""
     words = [rng.choice(("a", "one")) if rng.random() < 0.8 or full else "the"]
+    if short:
+        return " ".join([*words, obj.colour, obj.shape])
     if full or rng.random() < 0.7:
         words.append(
             {
@@ -182,8 +185,12 @@ def _join(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def caption(scene: Scene, rng: random.Random, full: bool = False) -> str:
-    """One English description of the scene; `full` mentions every attribute."""
+def caption(scene: Scene, rng: random.Random, full: bool = False, short: bool = False) -> str:
+    """One English description of the scene; `full` mentions every attribute, `short` only
+    colours and shapes ("a red circle on a blue background")."""
+    if short:
+        objs = _join([_object_phrase(rng, o, False, short=True) for o in scene.objects])
+        return rng.choice(_TEMPLATES).format(o=objs, b=scene.background)
     if not full and len(scene.objects) == 1 and rng.random() < 0.12:
         # Edit phrasings: name only the new colour of the shape ("now make the circle green").
         obj = scene.objects[0]
@@ -201,16 +208,16 @@ def caption(scene: Scene, rng: random.Random, full: bool = False) -> str:
     bg = scene.background
     if not full and rng.random() < 0.1:
         return objs
-    template = rng.choice(
-        (
-            "{o} on a {b} background",
-            "{b} background with {o}",
-            "a {b} background with {o}",
-            "{o} against a {b} background",
-            "{o} on {b}",
-        )
-    )
-    return template.format(o=objs, b=bg)
+    return rng.choice(_TEMPLATES).format(o=objs, b=bg)
+
+
+_TEMPLATES = (
+    "{o} on a {b} background",
+    "{b} background with {o}",
+    "a {b} background with {o}",
+    "{o} against a {b} background",
+    "{o} on {b}",
+)
 
 
 def vocabulary() -> list[str]:

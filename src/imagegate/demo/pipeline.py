@@ -122,7 +122,7 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         height: int | None = None,
         width: int | None = None,
         image: Image.Image | list[Image.Image] | None = None,
-        strength: float = 0.6,
+        strength: float = 0.7,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         output_type: str = "pil",
