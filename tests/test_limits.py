@@ -62,7 +62,8 @@ async def test_requests_per_minute(limited: Api) -> None:
     refused = await generate(limited, key)
     assert refused.status_code == 429
     assert "3 requests per minute" in refused.json()["msg"]
-    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    # Until the window turns and its count fades enough: at most two windows.
+    assert 1 <= int(refused.headers["retry-after"]) <= 120
     other = await limited.key()  # another key has its own budget
     assert (await generate(limited, other)).status_code == 200
 
