@@ -18,10 +18,8 @@ from imagegate.cli_common import audited
 from imagegate.config import load_models
 from imagegate.errors import ConfigError
 from imagegate.store import keys as key_store
-from imagegate.store import ledger
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession, upgrade
-from imagegate.store.models import ApiKey
 
 _settings = cli_common.settings
 _with_session = cli_common.with_session
@@ -168,51 +166,6 @@ def keys_revoke(key_id: int) -> None:
     if not _with_session(_settings(), work):
         raise click.ClickException(f"No active key with id {key_id}.")
     click.echo(f"revoked key {key_id}")
-
-
-@keys.command("limit")
-@click.argument("key_id", type=int)
-@click.option("--rpm", type=int, default=None, help="Requests per minute.")
-@click.option("--ipm", type=int, default=None, help="Images per minute.")
-@click.option("--concurrency", type=int, default=None, help="Requests in flight at once.")
-def keys_limit(key_id: int, rpm: int | None, ipm: int | None, concurrency: int | None) -> None:
-    """Set a key's rate limits (an option left out means no limit)."""
-
-    async def work(session: AsyncSession) -> bool:
-        key = await session.get(ApiKey, key_id)
-        if key is None:
-            return False
-        key.rpm, key.ipm, key.max_concurrency = rpm, ipm, concurrency
-        detail = {"rpm": rpm, "ipm": ipm, "concurrency": concurrency}
-        await audited(session, "key.limits", f"key:{key_id}", detail)
-        return True
-
-    if not _with_session(_settings(), work):
-        raise click.ClickException(f"No key with id {key_id}.")
-    click.echo(f"key {key_id}: rpm={rpm} ipm={ipm} concurrency={concurrency}")
-
-
-@keys.command("balance")
-@click.argument("key_id", type=int)
-@click.argument("credits")
-def keys_balance(key_id: int, credits: str) -> None:
-    """Set a key's balance in credits ("unlimited" removes it)."""
-    _set_balance(ledger.Account("key", key_id), credits)
-
-
-def _set_balance(account: ledger.Account, credits: str) -> None:
-    balance = None if credits == "unlimited" else int(credits)
-
-    async def work(session: AsyncSession) -> bool:
-        if await session.get(account.table, account.id) is None:
-            return False
-        await ledger.set_balance(session, account, balance, "cli")
-        await audited(session, "balance.set", account.label, {"balance": balance})
-        return True
-
-    if not _with_session(_settings(), work):
-        raise click.ClickException(f"No {account.kind} with id {account.id}.")
-    click.echo(f"{account.label}: balance {balance if balance is not None else 'unlimited'}")
 
 
 @main.group()
@@ -426,6 +379,8 @@ if __name__ == "__main__":
 
 
 main.add_command(accounts.usage)
+keys.add_command(accounts.keys_limit)
+keys.add_command(accounts.keys_balance)
+keys.add_command(accounts.keys_models)
 users.add_command(accounts.users_balance)
 users.add_command(accounts.users_limit)
-keys.add_command(accounts.keys_models)

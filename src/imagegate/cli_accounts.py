@@ -4,6 +4,7 @@ and allowed models of keys and users."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -14,7 +15,7 @@ from imagegate.store import ledger
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, to_utc, utcnow
+from imagegate.store.models import ApiKey, User, to_utc, utcnow
 
 _FILTERS = [
     click.option("--key", "key_id", type=int, default=None, help="Only this key id."),
@@ -126,47 +127,105 @@ async def _mismatches(session: AsyncSession) -> list[str]:
     return lines
 
 
+Row = ApiKey | User
+Finder = Callable[[AsyncSession], Awaitable[Row | None]]
+Change = Callable[[AsyncSession, Row, str], Awaitable[str]]
+_LIMIT_OPTIONS = [
+    click.option("--rpm", type=int, default=None, help="Requests per minute."),
+    click.option("--ipm", type=int, default=None, help="Images per minute."),
+    click.option("--concurrency", type=int, default=None, help="Requests in flight at once."),
+]
+
+
+def _limit_options(command: Any) -> Any:
+    for option in reversed(_LIMIT_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _key(key_id: int) -> tuple[Finder, str]:
+    async def find(session: AsyncSession) -> Row | None:
+        return await session.get(ApiKey, key_id)
+
+    return find, f"No key with id {key_id}: see `imagegate keys list`."
+
+
+def _user(username: str) -> tuple[Finder, str]:
+    async def find(session: AsyncSession) -> Row | None:
+        return await user_store.find_user(session, username=username)
+
+    return find, f"No user {username!r}: see `imagegate users list`."
+
+
+def _change(target: tuple[Finder, str], change: Change) -> None:
+    """Apply `change` to one key or user in one audited transaction; print what it says."""
+    find, missing = target
+
+    async def work(session: AsyncSession) -> str | None:
+        row = await find(session)
+        if row is None:
+            return None
+        label = f"{'key' if isinstance(row, ApiKey) else 'user'}:{row.id}"
+        return await change(session, row, label)
+
+    said = with_session(settings(), work)
+    if said is None:
+        raise click.ClickException(missing)
+    click.echo(said)
+
+
+def _limits(rpm: int | None, ipm: int | None, concurrency: int | None) -> Change:
+    async def change(session: AsyncSession, row: Row, label: str) -> str:
+        row.rpm, row.ipm, row.max_concurrency = rpm, ipm, concurrency
+        detail = {"rpm": rpm, "ipm": ipm, "concurrency": concurrency}
+        await audited(session, f"{label.split(':')[0]}.limits", label, detail)
+        return f"{label}: rpm={rpm} ipm={ipm} concurrency={concurrency}"
+
+    return change
+
+
+def _balance(credits: str) -> Change:
+    balance = None if credits == "unlimited" else int(credits)
+
+    async def change(session: AsyncSession, row: Row, label: str) -> str:
+        kind, _, raw_id = label.partition(":")
+        await ledger.set_balance(session, ledger.Account(kind, int(raw_id)), balance, "cli")
+        await audited(session, "balance.set", label, {"balance": balance})
+        return f"{label}: balance {balance if balance is not None else 'unlimited'}"
+
+    return change
+
+
+@click.command("limit")
+@click.argument("key_id", type=int)
+@_limit_options
+def keys_limit(key_id: int, rpm: int | None, ipm: int | None, concurrency: int | None) -> None:
+    """Set a key's rate limits (an option left out means no limit)."""
+    _change(_key(key_id), _limits(rpm, ipm, concurrency))
+
+
+@click.command("balance")
+@click.argument("key_id", type=int)
+@click.argument("credits")
+def keys_balance(key_id: int, credits: str) -> None:
+    """Set a key's balance in credits ("unlimited" removes it)."""
+    _change(_key(key_id), _balance(credits))
+
+
 @click.command("balance")
 @click.argument("username")
 @click.argument("credits")
 def users_balance(username: str, credits: str) -> None:
     """Set a user's balance in credits ("unlimited" removes it)."""
-    balance = None if credits == "unlimited" else int(credits)
-
-    async def work(session: AsyncSession) -> bool:
-        user = await user_store.find_user(session, username=username)
-        if user is None:
-            return False
-        account = ledger.Account("user", user.id)
-        await ledger.set_balance(session, account, balance, "cli")
-        await audited(session, "balance.set", account.label, {"balance": balance})
-        return True
-
-    if not with_session(settings(), work):
-        raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
-    click.echo(f"user {username}: balance {balance if balance is not None else 'unlimited'}")
+    _change(_user(username), _balance(credits))
 
 
 @click.command("limit")
 @click.argument("username")
-@click.option("--rpm", type=int, default=None, help="Requests per minute.")
-@click.option("--ipm", type=int, default=None, help="Images per minute.")
-@click.option("--concurrency", type=int, default=None, help="Requests in flight at once.")
+@_limit_options
 def users_limit(username: str, rpm: int | None, ipm: int | None, concurrency: int | None) -> None:
     """Set a user's rate limits (an option left out means no limit)."""
-
-    async def work(session: AsyncSession) -> bool:
-        user = await user_store.find_user(session, username=username)
-        if user is None:
-            return False
-        user.rpm, user.ipm, user.max_concurrency = rpm, ipm, concurrency
-        detail = {"rpm": rpm, "ipm": ipm, "concurrency": concurrency}
-        await audited(session, "user.limits", f"user:{user.id}", detail)
-        return True
-
-    if not with_session(settings(), work):
-        raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
-    click.echo(f"user {username}: rpm={rpm} ipm={ipm} concurrency={concurrency}")
+    _change(_user(username), _limits(rpm, ipm, concurrency))
 
 
 @click.command("models")
@@ -179,14 +238,10 @@ def keys_models(key_id: int, models: tuple[str, ...], all_models: bool) -> None:
         raise click.UsageError("Give --model NAME (repeatable) or --all.")
     allowed = None if all_models else list(models)
 
-    async def work(session: AsyncSession) -> bool:
-        key = await session.get(ApiKey, key_id)
-        if key is None:
-            return False
-        key.allowed_models = allowed
-        await audited(session, "key.models", f"key:{key_id}", {"allowed_models": allowed})
-        return True
+    async def change(session: AsyncSession, row: Row, label: str) -> str:
+        assert isinstance(row, ApiKey)
+        row.allowed_models = allowed
+        await audited(session, "key.models", label, {"allowed_models": allowed})
+        return f"{label}: models {', '.join(allowed) if allowed else 'all'}"
 
-    if not with_session(settings(), work):
-        raise click.ClickException(f"No key with id {key_id}.")
-    click.echo(f"key {key_id}: models {', '.join(allowed) if allowed else 'all'}")
+    _change(_key(key_id), change)

@@ -12,7 +12,7 @@ from imagegate.images import ImageLoader
 from imagegate.service import ImageService, Principal
 
 
-def _service(request: Request) -> ImageService:
+def service_of(request: Request) -> ImageService:
     service: ImageService = request.app.state.service
     return service
 
@@ -22,7 +22,7 @@ def _settings(request: Request) -> Settings:
     return settings
 
 
-def _loader(request: Request) -> ImageLoader:
+def loader_of(request: Request) -> ImageLoader:
     loader: ImageLoader = request.app.state.loader
     return loader
 
@@ -36,7 +36,7 @@ def bearer_token(request: Request) -> str | None:
 
 
 async def _principal(
-    request: Request, service: Annotated[ImageService, Depends(_service)]
+    request: Request, service: Annotated[ImageService, Depends(service_of)]
 ) -> Principal:
     return await service.authenticate(bearer_token(request))
 
@@ -58,8 +58,8 @@ def request_id(request: Request) -> str:
     return rid
 
 
-Service = Annotated[ImageService, Depends(_service)]
+Service = Annotated[ImageService, Depends(service_of)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
-Loader = Annotated[ImageLoader, Depends(_loader)]
+Loader = Annotated[ImageLoader, Depends(loader_of)]
 CurrentKey = Annotated[Principal, Depends(_principal)]
 AdminKey = Annotated[Principal, Depends(_admin)]

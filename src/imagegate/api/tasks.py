@@ -121,9 +121,9 @@ def epoch(moment: datetime | None) -> int | None:
     return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
 
 
-def _tasks(request: Request) -> Tasks:
+def tasks_of(request: Request) -> Tasks:
     tasks: Tasks = request.app.state.tasks
     return tasks
 
 
-TasksDep = Annotated[Tasks, Depends(_tasks)]
+TasksDep = Annotated[Tasks, Depends(tasks_of)]

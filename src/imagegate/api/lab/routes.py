@@ -7,11 +7,11 @@ from typing import Any
 from fastapi import APIRouter, Body, Request
 from starlette.responses import Response
 
-from imagegate.api.deps import CurrentKey, Loader, Service, SettingsDep, base_url, request_id
+from imagegate.api.deps import CurrentKey, Service, SettingsDep, base_url
 from imagegate.api.lab import protocol
 from imagegate.api.lab.render import ok, render_images, task_query_view, task_submitted
 from imagegate.api.lab.translate import img2img_request, text2image_request, v1_body
-from imagegate.api.nebula.translate import to_image_request
+from imagegate.api.nebula.handle import handle
 from imagegate.api.tasks import TasksDep, prefers_async
 from imagegate.service import ImageService, Principal
 
@@ -30,43 +30,26 @@ async def img2img_submit(
     request: Request,
     principal: CurrentKey,
     service: Service,
-    loader: Loader,
     settings: SettingsDep,
-    tasks: TasksDep,
     raw: dict[str, Any] = RawBody,
 ) -> Response:
     envelope, form = protocol.split_img2img(raw)
     model = _model_of(form, envelope, settings.lab_default_model)
     accepts = await _accepts(service, principal, model)
     body = img2img_request(envelope, form, settings.lab_default_model, accepts)
-    return await _answer(
-        request, principal, service, loader, tasks, envelope, body, "lab.img2imgSubmit", None
-    )
+    return await _answer(request, principal, envelope, body, "lab.img2imgSubmit", None)
 
 
 @router.post("/nebula/v4/api/text2imageSubmit")
 async def text2image_submit(
     request: Request,
     principal: CurrentKey,
-    service: Service,
-    loader: Loader,
     settings: SettingsDep,
-    tasks: TasksDep,
     raw: dict[str, Any] = RawBody,
 ) -> Response:
     envelope, req, where = protocol.split_text2image(raw)
     body = text2image_request(envelope, req, where, settings.lab_default_model)
-    return await _answer(
-        request,
-        principal,
-        service,
-        loader,
-        tasks,
-        envelope,
-        body,
-        "lab.text2imageSubmit",
-        req.req_key,
-    )
+    return await _answer(request, principal, envelope, body, "lab.text2imageSubmit", req.req_key)
 
 
 @router.get("/nebula/v4/api/imageTaskQuery/{task_id}")
@@ -80,38 +63,24 @@ async def image_task_query(
 async def _answer(
     request: Request,
     principal: Principal,
-    service: ImageService,
-    loader: Any,
-    tasks: Any,
     envelope: protocol.Envelope,
     body: dict[str, Any],
     endpoint: str,
     idempotency_key: str | None,
 ) -> Response:
-    v1 = v1_body(body)
-    if envelope.async_ or prefers_async(request):
-        task = await tasks.submit(
-            request,
-            principal,
-            dialect="lab",
-            endpoint=endpoint,
-            model=v1.model,
-            body=v1.task_body(),
-            callback_url=envelope.callback_url,
-            idempotency_key=idempotency_key,
-        )
-        return task_submitted(task)
-    image_request, result = await service.generate(
+    handled = await handle(
+        v1_body(body),
+        request,
         principal,
-        v1.model,
-        lambda: to_image_request(v1, loader),
+        dialect="lab",
         endpoint=endpoint,
-        request_id=request_id(request),
+        wants_async=envelope.async_ or prefers_async(request),
+        callback_url=envelope.callback_url,
+        idempotency_key=idempotency_key,
     )
-    delivered = await service.deliver(
-        result.images, image_request.response_format, base_url(request)
-    )
-    return render_images(delivered, result.channel)
+    if handled.task is not None:
+        return task_submitted(handled.task)
+    return render_images(handled.images, handled.channel)
 
 
 def _model_of(

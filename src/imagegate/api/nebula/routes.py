@@ -7,10 +7,10 @@ import time
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from imagegate.api.deps import CurrentKey, Loader, Service, SettingsDep, base_url, request_id
+from imagegate.api.deps import CurrentKey, Service, SettingsDep, base_url
+from imagegate.api.nebula.handle import handle
 from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.render import render_accepted, render_images, render_models, task_view
-from imagegate.api.nebula.translate import to_image_request
 from imagegate.api.responses import JSON
 from imagegate.api.tasks import TasksDep, prefers_async
 
@@ -23,34 +23,20 @@ async def generations(
     body: ImageGenerationRequest,
     request: Request,
     principal: CurrentKey,
-    service: Service,
-    loader: Loader,
     settings: SettingsDep,
-    tasks: TasksDep,
 ) -> Response:
-    if body.async_ or prefers_async(request):
-        task = await tasks.submit(
-            request,
-            principal,
-            dialect="v1",
-            endpoint=ENDPOINT,
-            model=body.model,
-            body=body.task_body(),
-            callback_url=body.callback_url,
-            idempotency_key=None,
-        )
-        return render_accepted(task)
-    image_request, result = await service.generate(
+    handled = await handle(
+        body,
+        request,
         principal,
-        body.model,
-        lambda: to_image_request(body, loader),
+        dialect="v1",
         endpoint=ENDPOINT,
-        request_id=request_id(request),
+        wants_async=bool(body.async_) or prefers_async(request),
+        callback_url=body.callback_url,
     )
-    delivered = await service.deliver(
-        result.images, image_request.response_format, base_url(request)
-    )
-    return render_images(delivered, settings.v1_response_shape, result.channel)
+    if handled.task is not None:
+        return render_accepted(handled.task)
+    return render_images(handled.images, settings.v1_response_shape, handled.channel)
 
 
 @router.get("/images/tasks/{task_id}")

@@ -1,0 +1,60 @@
+"""One v1 request body answered now or queued as a task: shared by the v1 and Lab v4 routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from imagegate.api.deps import base_url, loader_of, request_id, service_of
+from imagegate.api.nebula.protocol import ImageGenerationRequest
+from imagegate.api.nebula.translate import to_image_request
+from imagegate.api.tasks import tasks_of
+from imagegate.service import DeliveredImage, Principal
+from imagegate.store.models import Task
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    """Either the queued task or the delivered images (and the channel that made them)."""
+
+    task: Task | None = None
+    images: list[DeliveredImage] = field(default_factory=list)
+    channel: str = ""
+
+
+async def handle(
+    body: ImageGenerationRequest,
+    request: Request,
+    principal: Principal,
+    *,
+    dialect: str,
+    endpoint: str,
+    wants_async: bool,
+    callback_url: str | None,
+    idempotency_key: str | None = None,
+) -> Handled:
+    if wants_async:
+        task = await tasks_of(request).submit(
+            request,
+            principal,
+            dialect=dialect,
+            endpoint=endpoint,
+            model=body.model,
+            body=body.task_body(),
+            callback_url=callback_url,
+            idempotency_key=idempotency_key,
+        )
+        return Handled(task=task)
+    service, loader = service_of(request), loader_of(request)
+    image_request, result = await service.generate(
+        principal,
+        body.model,
+        lambda: to_image_request(body, loader),
+        endpoint=endpoint,
+        request_id=request_id(request),
+    )
+    delivered = await service.deliver(
+        result.images, image_request.response_format, base_url(request)
+    )
+    return Handled(images=delivered, channel=result.channel)
