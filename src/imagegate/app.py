@@ -14,6 +14,7 @@ from sqlalchemy import text
 from starlette.responses import Response
 
 from imagegate import __version__, fastjson, logs, metrics
+from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
 from imagegate.api.errors import ErrorRenderers, install
@@ -70,6 +71,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
             key_cache_seconds=settings.key_cache_seconds,
             credits_per_unit=settings.credits_per_unit,
+            leases=_lease_rules(settings),
             log_prompts=settings.log_prompts,
             usage_log=settings.usage_log,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
@@ -87,6 +89,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             yield
         finally:
             await queue.close()
+            await service.billing.close()
             await service.usage.close()
             await service.limiter.close()
             await catalog.close()
@@ -174,6 +177,11 @@ def _health(app: FastAPI) -> None:
     @app.get("/metrics", tags=["health"])
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+def _lease_rules(settings: Settings) -> LeaseRules | None:
+    seconds = settings.credit_lease_seconds
+    return LeaseRules(max_age=seconds, idle=min(1.0, seconds)) if seconds > 0 else None
 
 
 async def _database_ok(app: FastAPI) -> bool:

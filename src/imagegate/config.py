@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # Accounting.
     credits_per_unit: int = Field(default=500_000, gt=0)
     """Credits per currency unit of the prices in the model config (balances are credits)."""
+    credit_lease_seconds: float = Field(default=5.0, ge=0)
+    """Large balances are served from per-process credit leases that live at most this long
+    (a balance changed through another process applies here within it); 0: every request
+    reserves and settles in the database (two write transactions per priced request)."""
     redis_url: str | None = None
     """Share rate-limit counters between processes (e.g. redis://127.0.0.1:6379/0)."""
     # Users and the Lab v4 API.

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from imagegate import metrics
 from imagegate.accounting.billing import Billing, Hold
+from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import Limits, MemoryLimiter, RateLimiter, Subject
 from imagegate.auth.passwords import verify_password
 from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
@@ -34,6 +35,7 @@ from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
 from imagegate.store import users as user_store
+from imagegate.store.ledger import Account
 from imagegate.store.models import ApiKey, User
 from imagegate.store.usage import UsageWriter
 from imagegate.timing import current as current_timing
@@ -83,6 +85,7 @@ class ImageService:
         tokens: TokenIssuer,
         key_cache_seconds: float = 0.0,
         credits_per_unit: int = 500_000,
+        leases: LeaseRules | None = None,
         limiter: RateLimiter | None = None,
         log_prompts: bool = False,
         usage_log: bool = True,
@@ -93,7 +96,7 @@ class ImageService:
         self.signer = signer
         self.usage = usage
         self.tokens = tokens
-        self.billing = Billing(sessions, catalog, credits_per_unit)
+        self.billing = Billing(sessions, catalog, credits_per_unit, leases)
         self.limiter: RateLimiter = limiter or MemoryLimiter()
         self.log_prompts = log_prompts
         self.usage_log = usage_log
@@ -160,6 +163,7 @@ class ImageService:
     def forget_key(self, key_id: int) -> None:
         """Drop a revoked key from this process's cache at once (others expire it in seconds)."""
         self._keys = {d: v for d, v in self._keys.items() if v[0].key_id != key_id}
+        self.billing.forget(Account("key", key_id))
 
     async def principal_for(self, key_id: int | None, user_id: int | None) -> Principal:
         """Who submitted a task, checked again when it runs: a revoked key or a disabled user
@@ -180,6 +184,7 @@ class ImageService:
     def forget_user(self, user_id: int) -> None:
         """Drop a disabled user's keys and tokens from this process's cache at once."""
         self._keys = {d: v for d, v in self._keys.items() if v[0].user_id != user_id}
+        self.billing.forget(Account("user", user_id))
 
     def authorize_model(self, principal: Principal, model: str) -> None:
         self.catalog.config(model)  # unknown models are a 404 before any permission question

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from imagegate import metrics
+from imagegate.accounting.leases import CreditLeases, Lease, LeaseRules
 from imagegate.accounting.pricing import PriceList
 from imagegate.catalog import Catalog
 from imagegate.errors import PermissionDenied
@@ -31,15 +32,23 @@ class Hold:
     """The ledger's id of this reservation: the request's id plus a random part, because a
     client may choose its x-request-id and a task runs again after a crash."""
     prices: PriceList
+    lease: Lease | None = None
+    """Served from this process's credit lease (no database work until the lease closes)."""
 
 
 class Billing:
     def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], catalog: Catalog, credits_per_unit: int
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        catalog: Catalog,
+        credits_per_unit: int,
+        leases: LeaseRules | None = None,
     ) -> None:
+        """leases=None: every request reserves and settles in the database."""
         self.sessions = sessions
         self.catalog = catalog
         self.credits_per_unit = credits_per_unit
+        self.leases = CreditLeases(sessions, leases) if leases is not None else None
 
     def prices(self, model: str) -> PriceList:
         return PriceList(self.catalog.config(model).pricing, self.credits_per_unit)
@@ -55,6 +64,10 @@ class Billing:
         account = ledger.Account(kind, int(raw_id))
         quote = prices.maximum(request)
         ledger_id = f"{request_id[:40]}.{secrets.token_hex(6)}"
+        if self.leases is not None:
+            lease = await self.leases.take(account, quote.credits)
+            if lease is not None:
+                return Hold(account, quote.credits, ledger_id, prices, lease)
         async with self.sessions() as session:
             if await ledger.reserve(session, account, quote.credits, ledger_id, quote.detail):
                 return Hold(account, quote.credits, ledger_id, prices)
@@ -73,6 +86,11 @@ class Billing:
         """Keep what the delivered images cost (at most the reservation); returns the charge."""
         if hold is not None:
             quote = hold.prices.charge(request, result, hold.credits)
+            if hold.lease is not None and self.leases is not None:
+                self.leases.spend(
+                    hold.lease, hold.credits, quote.credits, hold.request_id, quote.detail
+                )
+                return quote.credits
             await asyncio.shield(self._close(hold, quote.credits, quote.detail))
             return quote.credits
         prices = self.prices(request.model)
@@ -82,8 +100,19 @@ class Billing:
 
     async def release(self, hold: Hold | None) -> None:
         """A failed or cancelled call: the whole reservation comes back."""
-        if hold is not None:
+        if hold is not None and hold.lease is not None and self.leases is not None:
+            self.leases.spend(hold.lease, hold.credits, 0, hold.request_id, "failed")
+        elif hold is not None:
             await asyncio.shield(self._close(hold, 0, "failed"))
+
+    def forget(self, account: ledger.Account) -> None:
+        """The account's balance changed: stop serving it from an old lease."""
+        if self.leases is not None:
+            self.leases.forget(account)
+
+    async def close(self) -> None:
+        if self.leases is not None:
+            await self.leases.close()
 
     async def _close(self, hold: Hold, charge: int, detail: str) -> None:
         async with self.sessions() as session:

@@ -35,10 +35,8 @@ def bearer_token(request: Request) -> str | None:
     return header or None  # a bare "sk-..." is accepted too
 
 
-async def _principal(
-    request: Request, service: Annotated[ImageService, Depends(service_of)]
-) -> Principal:
-    return await service.authenticate(bearer_token(request))
+async def _principal(request: Request) -> Principal:
+    return await service_of(request).authenticate(bearer_token(request))
 
 
 async def _admin(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
@@ -58,8 +56,22 @@ def request_id(request: Request) -> str:
     return rid
 
 
-Service = Annotated[ImageService, Depends(service_of)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
-Loader = Annotated[ImageLoader, Depends(loader_of)]
+# FastAPI runs a plain `def` dependency in a worker thread: a thread hop for each, on every
+# request. The dependencies are these async twins of the readers above.
+async def _service_dep(request: Request) -> ImageService:
+    return service_of(request)
+
+
+async def _settings_dep(request: Request) -> Settings:
+    return _settings(request)
+
+
+async def _loader_dep(request: Request) -> ImageLoader:
+    return loader_of(request)
+
+
+Service = Annotated[ImageService, Depends(_service_dep)]
+SettingsDep = Annotated[Settings, Depends(_settings_dep)]
+Loader = Annotated[ImageLoader, Depends(_loader_dep)]
 CurrentKey = Annotated[Principal, Depends(_principal)]
 AdminKey = Annotated[Principal, Depends(_admin)]

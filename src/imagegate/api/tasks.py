@@ -126,4 +126,9 @@ def tasks_of(request: Request) -> Tasks:
     return tasks
 
 
-TasksDep = Annotated[Tasks, Depends(tasks_of)]
+async def _tasks(request: Request) -> Tasks:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
+    return tasks_of(request)
+
+
+TasksDep = Annotated[Tasks, Depends(_tasks)]

@@ -18,6 +18,9 @@ from imagegate.store.db import AsyncSession
 from imagegate.store.models import ApiKey, LedgerEntry, User, utcnow
 
 RESERVE, SETTLE, REFUND, SET = "reserve", "settle", "refund", "set"
+CHARGE = "charge"
+"""A request served from a credit lease: amount 0 (the lease moved the credits), `charge` is
+what the request cost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +99,57 @@ async def settle(
     await _entry(session, account, kind, back, charge, request_id, detail)
     if commit:
         await session.commit()
+
+
+async def close_lease(
+    session: AsyncSession,
+    account: Account,
+    *,
+    lease_id: str,
+    granted: int,
+    spent: int,
+    charges: list[dict[str, Any]],
+) -> None:
+    """Settle a credit lease (accounting/leases.py): the unused credits go back to the balance,
+    and each request it served gets a `charge` row, all in one transaction.
+
+    When the balance was set after the lease was taken, the new balance replaced what the
+    lease held: nothing comes back (the settlement row says so)."""
+    taken = select(func.min(LedgerEntry.id)).where(
+        LedgerEntry.request_id == lease_id, LedgerEntry.kind == RESERVE
+    )
+    replaced = await session.scalar(
+        select(func.count())
+        .select_from(LedgerEntry)
+        .where(
+            LedgerEntry.account == account.label,
+            LedgerEntry.kind == SET,
+            LedgerEntry.id > taken.scalar_subquery(),
+        )
+    )
+    back = 0 if replaced else granted - spent
+    detail = f"lease: {len(charges)} requests"
+    if replaced:
+        detail += f"; the balance was set meanwhile, so its {granted - spent} unused credits lapse"
+    if back:
+        table = account.table
+        await session.execute(
+            update(table).where(table.id == account.id).values(balance=table.balance + back)
+        )
+    await _entry(session, account, SETTLE, back, spent, lease_id, detail)
+    if charges:
+        rows = [
+            {
+                **row,
+                "account": account.label,
+                "kind": CHARGE,
+                "amount": 0,
+                "detail": row["detail"][:500],
+            }
+            for row in charges
+        ]
+        await session.execute(insert(LedgerEntry), rows)
+    await session.commit()
 
 
 async def set_balance(

@@ -1,0 +1,254 @@
+"""Credit leases: a process reserves a slice of a large balance once and serves many requests
+from it in memory, instead of two database write transactions per request.
+
+A lease is an ordinary reservation in the ledger (a `reserve` row, taken with the same
+conditional UPDATE, so the balance can never go below zero). Requests reserve their maximum
+from the lease's free credits and give back what they did not use; nothing touches the
+database until the lease closes, which writes in one transaction the settlement (the unused
+credits go back to the balance) and one `charge` row per request (amount 0: the money moved
+with the lease).
+
+A lease serves at most `max_age` seconds and is closed after `idle` seconds without use, once
+its requests in flight are done; shutdown closes every lease. Leases are only taken while the
+balance is large: a lease takes at most 1/`share` of the balance and at least `min_requests`
+times the request's maximum, so small balances keep the exact per-request path. A process that
+dies with a lease open leaves an open reservation that `imagegate usage reconcile --fix`
+refunds in full (the requests it served in its last seconds go uncharged in the ledger; their
+usage rows still hold the charge).
+
+A balance set by an admin replaces what open leases hold: when such a lease closes, its
+unused credits do not come back on top of the new balance (see `ledger.close_lease`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from imagegate.store import ledger
+from imagegate.store.models import utcnow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Lease:
+    id: str
+    account: ledger.Account
+    granted: int
+    free: int
+    taken_at: float
+    used_at: float
+    inflight: int = 0
+    spent: int = 0
+    retired: bool = False
+    renewing: bool = False
+    closed: bool = False
+    charges: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRules:
+    max_age: float = 5.0
+    """Seconds a lease serves new requests; a balance changed in another process applies
+    here within this long."""
+    idle: float = 1.0
+    """Seconds without a request after which a lease is handed back."""
+    share: int = 16
+    """A lease takes at most this fraction (1/share) of the balance."""
+    min_requests: int = 4
+    """No lease smaller than this many requests at the current price: use the exact path."""
+    max_requests: int = 4096
+    """No lease larger than this many requests at the current price."""
+
+
+class CreditLeases:
+    """The leases one process holds, one per account at a time (plus retired ones that wait
+    for their requests in flight)."""
+
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], rules: LeaseRules | None = None
+    ) -> None:
+        self.sessions = sessions
+        self.rules = rules or LeaseRules()
+        self._current: dict[ledger.Account, Lease] = {}
+        self._locks: dict[ledger.Account, asyncio.Lock] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._renewing: set[asyncio.Task[None]] = set()
+        self._janitor: asyncio.Task[None] | None = None
+
+    async def take(self, account: ledger.Account, amount: int) -> Lease | None:
+        """Reserve `amount` from this process's lease on the account, renewing the lease when
+        it runs short; None when the balance is too small for leases (use the exact path)."""
+        lease = self._usable(account, amount)
+        if lease is None:
+            async with self._locks.setdefault(account, asyncio.Lock()):
+                lease = self._usable(account, amount) or await self._renew(account, amount)
+        if lease is None:
+            return None
+        lease.free -= amount
+        lease.inflight += 1
+        lease.used_at = now = time.monotonic()
+        # Half spent or three quarters of its life gone: the next one is taken in the
+        # background. Under load a database write can take hundreds of milliseconds (another
+        # process holds SQLite's write lock), so the renewal starts well before it is needed.
+        running_low = lease.free < lease.granted // 2
+        if running_low or now - lease.taken_at > self.rules.max_age * 0.75:
+            self._renew_ahead(lease, amount)
+        return lease
+
+    def spend(self, lease: Lease, reserved: int, charge: int, request_id: str, detail: str) -> None:
+        """A request served from `lease` ends: it keeps `charge` of what it reserved."""
+        lease.inflight -= 1
+        lease.spent += charge
+        if not lease.retired:
+            lease.free += reserved - charge
+        lease.charges.append(
+            {
+                "request_id": request_id,
+                "charge": charge,
+                "detail": f"{detail} (lease {lease.id})",
+                "created_at": utcnow(),
+            }
+        )
+        if lease.closed:
+            logger.error("request %s ended after its lease %s closed", request_id, lease.id)
+        elif lease.retired and lease.inflight == 0:
+            self._close_later(lease)
+
+    def forget(self, account: ledger.Account) -> None:
+        """The account's balance changed here: the next request takes a fresh lease."""
+        lease = self._current.get(account)
+        if lease is not None:
+            self._retire(lease)
+
+    async def close(self) -> None:
+        """Shutdown: hand every lease back."""
+        if self._janitor is not None:
+            self._janitor.cancel()
+            await asyncio.gather(self._janitor, return_exceptions=True)
+        await asyncio.gather(*self._renewing, return_exceptions=True)
+        for lease in list(self._current.values()):
+            self._retire(lease)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _usable(self, account: ledger.Account, amount: int) -> Lease | None:
+        lease = self._current.get(account)
+        if lease is None or lease.free < amount:
+            return None
+        if time.monotonic() - lease.taken_at > self.rules.max_age:
+            return None
+        return lease
+
+    async def _renew(self, account: ledger.Account, amount: int) -> Lease | None:
+        old = self._current.get(account)
+        if old is not None:
+            self._retire(old)
+            # Its unused credits must be back in the balance before the new lease is sized.
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        return await self._take_new(account, amount)
+
+    def _renew_ahead(self, lease: Lease, amount: int) -> None:
+        """Take the next lease in the background while this one still serves, so requests
+        do not wait for the database (or for another process's write) when it runs out."""
+        if lease.renewing:
+            return
+        lease.renewing = True
+
+        async def renew() -> None:
+            async with self._locks.setdefault(lease.account, asyncio.Lock()):
+                if self._current.get(lease.account) is not lease:
+                    return  # renewed or retired meanwhile
+                fresh = await self._take_new(lease.account, amount, install=False)
+                if fresh is not None and self._current.get(lease.account) is lease:
+                    self._retire(lease)
+                    self._current[lease.account] = fresh
+
+        self._spawn(renew(), f"renew-{lease.id}", self._renewing)
+
+    async def _take_new(
+        self, account: ledger.Account, amount: int, *, install: bool = True
+    ) -> Lease | None:
+        async with self.sessions() as session:
+            balance = await ledger.balance_of(session, account)
+            grant = self._grant(balance, amount)
+            if grant is None:
+                return None
+            lease_id = f"lease.{secrets.token_hex(8)}"
+            detail = f"lease for {grant // amount} requests of up to {amount} credits"
+            if not await ledger.reserve(session, account, grant, lease_id, detail):
+                return None  # another process took part of the balance meanwhile
+        now = time.monotonic()
+        lease = Lease(lease_id, account, grant, grant, taken_at=now, used_at=now)
+        if install:
+            self._current[account] = lease
+        self._start_janitor()
+        return lease
+
+    def _grant(self, balance: int | None, amount: int) -> int | None:
+        if balance is None or amount <= 0:
+            return None
+        grant = min(balance // self.rules.share, amount * self.rules.max_requests)
+        return grant if grant >= amount * self.rules.min_requests else None
+
+    def _retire(self, lease: Lease) -> None:
+        if lease.retired:
+            return
+        lease.retired = True
+        if self._current.get(lease.account) is lease:
+            del self._current[lease.account]
+        if lease.inflight == 0:
+            self._close_later(lease)
+
+    def _close_later(self, lease: Lease) -> None:
+        self._spawn(self._close(lease), f"close-{lease.id}", self._closing)
+
+    @staticmethod
+    def _spawn(work: Coroutine[Any, Any, None], name: str, tasks: set[asyncio.Task[None]]) -> None:
+        task = asyncio.create_task(work, name=name)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def _close(self, lease: Lease) -> None:
+        if lease.closed:
+            return
+        lease.closed = True
+        try:
+            async with self.sessions() as session:
+                await ledger.close_lease(
+                    session,
+                    lease.account,
+                    lease_id=lease.id,
+                    granted=lease.granted,
+                    spent=lease.spent,
+                    charges=lease.charges,
+                )
+        except Exception:
+            logger.exception(
+                "could not close credit lease %s (%d credits); `imagegate usage reconcile "
+                "--fix` refunds it",
+                lease.id,
+                lease.granted,
+            )
+
+    def _start_janitor(self) -> None:
+        if self._janitor is None or self._janitor.done():
+            self._janitor = asyncio.create_task(self._sweep(), name="credit-leases")
+
+    async def _sweep(self) -> None:
+        while self._current:
+            await asyncio.sleep(self.rules.idle / 2)
+            now = time.monotonic()
+            for lease in list(self._current.values()):
+                stale = now - lease.taken_at > self.rules.max_age
+                if stale or now - lease.used_at > self.rules.idle:
+                    self._retire(lease)

@@ -1,0 +1,171 @@
+"""Credit leases: large balances are served from per-process slices of the balance, and the
+books still come out exact: never overspent, every request charged in the ledger, unused
+credits handed back, an admin's new balance respected, and a dead process's lease refunded."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+
+from imagegate.config import Settings
+from imagegate.store.ledger import CHARGE, RESERVE, SETTLE
+from tests.conftest import Api, make_settings, start_api
+from tests.test_quotas import MODELS, PER_IMAGE, generate, make_key, read
+from tests.test_server_e2e import _free_port, _wait_ready
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Api]:
+    """One server process's worth of app (its own leases); leaving it is a clean shutdown."""
+    server = start_api(settings, MODELS)
+    api = await anext(server)
+    try:
+        yield api
+    finally:
+        await server.aclose()
+
+
+async def test_a_large_balance_is_served_from_a_lease_and_settles_exactly(
+    tmp_path: Path, db_url: str
+) -> None:
+    start = 1000 * PER_IMAGE
+    async with running(make_settings(tmp_path, db_url)) as api:
+        key, key_id = await make_key(api, start)
+        served = await asyncio.gather(*(generate(api, key, model="flat-priced") for _ in range(30)))
+        assert {r.status_code for r in served} == {200}
+        failed = await generate(api, key, model="priced-broken")
+        assert failed.status_code == 502
+        balance, total, rows = await read(api, key_id)
+        # Two requests' worth of work in the database, not 31 reservations and settlements.
+        assert [r.kind for r in rows].count(RESERVE) == 1
+        assert balance is not None and balance < start - 30 * PER_IMAGE and total == balance
+    balance, total, rows = await read(api, key_id)
+    assert balance == start - 30 * PER_IMAGE == total
+    charges = [r for r in rows if r.kind == CHARGE]
+    assert sorted(r.charge for r in charges) == [0] + [PER_IMAGE] * 30
+    assert all(r.amount == 0 and "lease." in (r.detail or "") for r in charges)
+    settled = [r for r in rows if r.kind == SETTLE]
+    assert len(settled) == 1 and settled[0].charge == 30 * PER_IMAGE
+
+
+async def test_two_processes_with_leases_never_overspend(tmp_path: Path, db_url: str) -> None:
+    start = 100 * PER_IMAGE  # large enough for leases of a few images each, then exact requests
+    first_settings = make_settings(tmp_path, db_url)
+    async with running(first_settings) as first, running(first_settings) as second:
+        key, key_id = await make_key(first, start)
+        responses = await asyncio.gather(
+            *(generate(api, key, model="flat-priced") for api in (first, second) for _ in range(80))
+        )
+    ok = sum(r.status_code == 200 for r in responses)
+    assert {r.status_code for r in responses} <= {200, 403}
+    assert 90 <= ok <= 100, ok
+    balance, total, rows = await read(first, key_id)
+    assert balance == start - ok * PER_IMAGE == total
+    assert sum(r.charge or 0 for r in rows if r.kind in (SETTLE, "refund")) == ok * PER_IMAGE
+
+
+async def test_a_balance_set_by_an_admin_replaces_what_a_lease_holds(
+    tmp_path: Path, db_url: str
+) -> None:
+    settings = make_settings(tmp_path, db_url)
+    async with running(settings) as serving, running(settings) as admin_side:
+        key, key_id = await make_key(serving, 1000 * PER_IMAGE)
+        assert (await generate(serving, key, model="flat-priced")).status_code == 200
+        admin = await admin_side.key(admin=True)
+        changed = await admin_side.client.put(
+            f"/admin/keys/{key_id}/balance",
+            json={"balance": 5000},
+            headers={"Authorization": f"Bearer {admin}"},
+        )
+        assert changed.status_code == 200
+        # Within the lease's lifetime the other process may still serve from it: those
+        # credits were reserved before the change.
+        assert (await generate(serving, key, model="flat-priced")).status_code == 200
+    balance, total, rows = await read(serving, key_id)
+    assert balance == 5000 == total
+    closing = [r for r in rows if r.kind == SETTLE][-1]
+    assert closing.amount == 0 and "lapse" in (closing.detail or "")
+
+
+async def test_an_idle_lease_is_handed_back(tmp_path: Path, db_url: str) -> None:
+    start = 1000 * PER_IMAGE
+    async with running(make_settings(tmp_path, db_url)) as api:
+        key, key_id = await make_key(api, start)
+        assert (await generate(api, key, model="flat-priced")).status_code == 200
+        deadline = time.monotonic() + 5
+        while (balance := (await read(api, key_id))[0]) != start - PER_IMAGE:
+            assert time.monotonic() < deadline, f"lease not handed back: balance {balance}"
+            await asyncio.sleep(0.1)
+
+
+def test_a_lease_left_by_a_killed_process_is_refunded_by_reconcile(tmp_path: Path) -> None:
+    (tmp_path / "imagegate.yaml").write_text(
+        "models:\n  - name: priced\n    provider: tests.fakes:FakeProvider\n    pricing:\n      per_image: 0.001\n"
+    )
+    env = {
+        **os.environ,
+        "IMAGEGATE_DATA_DIR": str(tmp_path / "data"),
+        "IMAGEGATE_CONFIG_FILE": str(tmp_path / "imagegate.yaml"),
+        "IMAGEGATE_BOOTSTRAP_ADMIN": "false",
+        "IMAGEGATE_PRELOAD_MODELS": "false",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
+    env.pop("IMAGEGATE_DATABASE_URL", None)
+
+    def cli(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "imagegate", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    key = cli("keys", "create", "crash").strip().splitlines()[-1]
+    cli("keys", "balance", "1", str(1000 * PER_IMAGE))
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "imagegate", "serve", "--port", str(port)]
+    with (tmp_path / "serve.log").open("w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_ready(url, server)
+        for _ in range(3):
+            response = httpx.post(
+                f"{url}/v1/images/generations",
+                json={"model": "priced", "prompt": "x", "response_format": "b64_json"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+        os.kill(server.pid, signal.SIGKILL)
+    finally:
+        server.kill()
+        server.wait(timeout=20)
+    database = tmp_path / "data" / "imagegate.db"
+
+    def balance() -> int:
+        with sqlite3.connect(database) as connection:
+            return int(connection.execute("SELECT balance FROM api_keys").fetchone()[0])
+
+    assert balance() < 1000 * PER_IMAGE - 3 * PER_IMAGE  # the lease is still out
+    found = cli("usage", "reconcile", "--older-than", "0")
+    assert "abandoned reservation lease." in found and "ledger consistent" in found
+    cli("usage", "reconcile", "--older-than", "0", "--fix")
+    after = cli("usage", "reconcile", "--older-than", "0")
+    assert "abandoned" not in after and "ledger consistent" in after
+    # The dead process's requests were never written to the ledger: the lease comes back whole.
+    assert balance() == 1000 * PER_IMAGE
