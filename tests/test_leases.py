@@ -9,8 +9,6 @@ import contextlib
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,8 +18,8 @@ import httpx
 from imagegate.config import Settings
 from imagegate.store.ledger import CHARGE, RESERVE, SETTLE
 from tests.conftest import Api, make_settings, start_api
+from tests.servers import cli, server_env, serving
 from tests.test_quotas import MODELS, PER_IMAGE, generate, make_key, read
-from tests.test_server_e2e import _free_port, _wait_ready
 
 
 @contextlib.asynccontextmanager
@@ -109,40 +107,14 @@ async def test_an_idle_lease_is_handed_back(tmp_path: Path, db_url: str) -> None
 
 
 def test_a_lease_left_by_a_killed_process_is_refunded_by_reconcile(tmp_path: Path) -> None:
-    (tmp_path / "imagegate.yaml").write_text(
-        "models:\n  - name: priced\n    provider: tests.fakes:FakeProvider\n    pricing:\n      per_image: 0.001\n"
+    env = server_env(
+        tmp_path,
+        "models:\n  - name: priced\n    provider: tests.fakes:FakeProvider\n"
+        "    pricing:\n      per_image: 0.001\n",
     )
-    env = {
-        **os.environ,
-        "IMAGEGATE_DATA_DIR": str(tmp_path / "data"),
-        "IMAGEGATE_CONFIG_FILE": str(tmp_path / "imagegate.yaml"),
-        "IMAGEGATE_BOOTSTRAP_ADMIN": "false",
-        "IMAGEGATE_PRELOAD_MODELS": "false",
-        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
-    }
-    env.pop("IMAGEGATE_DATABASE_URL", None)
-
-    def cli(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "imagegate", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
-
-    key = cli("keys", "create", "crash").strip().splitlines()[-1]
-    cli("keys", "balance", "1", str(1000 * PER_IMAGE))
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "imagegate", "serve", "--port", str(port)]
-    with (tmp_path / "serve.log").open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_ready(url, server)
+    key = cli(env, "keys", "create", "crash").strip().splitlines()[-1]
+    cli(env, "keys", "balance", "1", str(1000 * PER_IMAGE))
+    with serving(env) as (url, server):
         for _ in range(3):
             response = httpx.post(
                 f"{url}/v1/images/generations",
@@ -152,20 +124,16 @@ def test_a_lease_left_by_a_killed_process_is_refunded_by_reconcile(tmp_path: Pat
             )
             assert response.status_code == 200, response.text
         os.kill(server.pid, signal.SIGKILL)
-    finally:
-        server.kill()
-        server.wait(timeout=20)
-    database = tmp_path / "data" / "imagegate.db"
 
     def balance() -> int:
-        with sqlite3.connect(database) as connection:
+        with sqlite3.connect(tmp_path / "data" / "imagegate.db") as connection:
             return int(connection.execute("SELECT balance FROM api_keys").fetchone()[0])
 
     assert balance() < 1000 * PER_IMAGE - 3 * PER_IMAGE  # the lease is still out
-    found = cli("usage", "reconcile", "--older-than", "0")
+    found = cli(env, "usage", "reconcile", "--older-than", "0")
     assert "abandoned reservation lease." in found and "ledger consistent" in found
-    cli("usage", "reconcile", "--older-than", "0", "--fix")
-    after = cli("usage", "reconcile", "--older-than", "0")
+    cli(env, "usage", "reconcile", "--older-than", "0", "--fix")
+    after = cli(env, "usage", "reconcile", "--older-than", "0")
     assert "abandoned" not in after and "ledger consistent" in after
     # The dead process's requests were never written to the ledger: the lease comes back whole.
     assert balance() == 1000 * PER_IMAGE

@@ -130,3 +130,31 @@ def _is_async(call: object) -> bool:
     return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(
         getattr(call, "__call__", None)  # noqa: B004
     )
+
+
+def test_metrics_sum_every_worker_of_a_multi_worker_server(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.servers import cli, server_env, serving
+
+    env = server_env(tmp_path, "models:\n  - name: fake\n    provider: tests.fakes:FakeProvider\n")
+    key = cli(env, "keys", "create", "metrics").strip().splitlines()[-1]
+    requests = 24
+    with serving(env, "--workers", "2") as (url, _):
+        for _ in range(requests):  # a fresh connection each: the kernel spreads them
+            answer = httpx.post(
+                f"{url}/v1/images/generations",
+                json={"model": "fake", "prompt": "x"},
+                headers={"Authorization": f"Bearer {key}", "Connection": "close"},
+                timeout=30,
+            )
+            assert answer.status_code == 200, answer.text
+        for _ in range(4):  # whichever worker answers, it counts every worker's requests
+            text = httpx.get(f"{url}/metrics", headers={"Connection": "close"}).text
+            counted = samples(text)[
+                (
+                    "imagegate_requests_total",
+                    (("dialect", "v1"), ("model", "fake"), ("status", "200")),
+                )
+            ]
+            assert counted == requests

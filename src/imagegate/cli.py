@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import httpx
 from imagegate import cli_accounts as accounts
 from imagegate import cli_common, logs
 from imagegate.cli_common import audited
-from imagegate.config import load_models
+from imagegate.config import Settings, load_models
 from imagegate.errors import ConfigError
 from imagegate.store import keys as key_store
 from imagegate.store import users as user_store
@@ -81,6 +82,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
     if config_file is not None:
         os.environ["IMAGEGATE_CONFIG_FILE"] = str(config_file.resolve())
     os.environ["IMAGEGATE_AUTO_MIGRATE"] = "false"  # done once above, not racing N times
+    _share_metrics(settings)
     uvicorn.run(
         "imagegate.app:app_from_environment",
         factory=True,
@@ -91,6 +93,17 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
         access_log=settings.access_log,
         log_config=None,
     )
+
+
+def _share_metrics(settings: Settings) -> None:
+    """Workers keep their Prometheus counts in files in a fresh folder, so that /metrics,
+    whichever worker answers, sums them all (see imagegate.metrics)."""
+    from imagegate.metrics import MULTIPROCESS_ENV
+
+    folder = settings.data_dir / "metrics"
+    shutil.rmtree(folder, ignore_errors=True)  # counts of an earlier run
+    folder.mkdir(parents=True)
+    os.environ[MULTIPROCESS_ENV] = str(folder.resolve())
 
 
 async def _bootstrap_admin(session: AsyncSession) -> None:

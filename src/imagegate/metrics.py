@@ -1,9 +1,18 @@
-"""Prometheus metrics (GET /metrics). One registry per process; with `serve --workers N` each
-worker answers with its own counts (scrape each, or run one worker per container)."""
+"""Prometheus metrics (GET /metrics).
+
+One process: one registry in memory. With `serve --workers N` the workers share their counts
+through files in a folder (prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR,
+set by `serve` before the workers start), and every worker answers /metrics with the sum.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -47,14 +56,29 @@ RATE_LIMIT_REJECTIONS = Counter(
     "Requests refused by a rate limit.",
     registry=REGISTRY,
 )
+# Read from the database by every worker alike: across workers, the largest is the answer.
 QUEUE_DEPTH = Gauge(
-    "imagegate_task_queue_depth", "Async tasks waiting to start.", registry=REGISTRY
+    "imagegate_task_queue_depth",
+    "Async tasks waiting to start.",
+    registry=REGISTRY,
+    multiprocess_mode="max",
 )
 QUEUE_AGE = Gauge(
     "imagegate_task_queue_oldest_seconds",
     "Age of the oldest task waiting to start (0 when none waits).",
     registry=REGISTRY,
+    multiprocess_mode="max",
 )
+
+
+def exposition() -> bytes:
+    """The text /metrics answers: this process's registry, or all workers' sums."""
+    folder = os.environ.get(MULTIPROCESS_ENV)
+    if not folder:
+        return generate_latest(REGISTRY)
+    shared = CollectorRegistry()
+    MultiProcessCollector(shared, path=folder)  # type: ignore[no-untyped-call]
+    return generate_latest(shared)
 
 
 def dialect_of(endpoint: str) -> str:
