@@ -433,3 +433,49 @@ async def test_a_priced_task_is_charged_once_per_attempt_id(tmp_path: Path, db_u
         assert balance == 4000
         rows = [r for r in await usage_rows(api) if r.task_id == task_id]
         assert len(rows) == 1 and rows[0].charge == 1000 and rows[0].request_id == task_id
+
+
+async def _limited_key(api: Api, **limits: Any) -> str:
+    key, key_id = await _key_id(api)
+    admin = await api.key(admin=True)
+    response = await api.client.put(
+        f"/admin/keys/{key_id}/limits", json=limits, headers={"Authorization": f"Bearer {admin}"}
+    )
+    assert response.status_code == 200, response.text
+    api.app.state.service.forget_key(key_id)
+    return key
+
+
+async def test_a_task_counts_against_the_per_minute_limits_when_submitted(
+    tasks_api: Api,
+) -> None:
+    key = await _limited_key(tasks_api, rpm=2)
+    body = {"model": "fake-model", "prompt": "red", "async": True}
+    accepted = [await submit(tasks_api, key, body) for _ in range(2)]
+    assert [r.status_code for r in accepted] == [202, 202]
+    refused = await submit(tasks_api, key, body)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert "at most 2 requests per minute" in refused.json()["msg"]
+    for response in accepted:  # counted once: running them is not refused again
+        done = await wait_for(
+            tasks_api, key, response.json()["data"]["task_id"], "succeeded", "failed"
+        )
+        assert done["status"] == "succeeded", done
+
+
+async def test_tasks_wait_for_a_concurrency_slot_instead_of_failing(tasks_api: Api) -> None:
+    key = await _limited_key(tasks_api, max_concurrency=1)
+    body = {"model": "fake-slow", "prompt": "red", "async": True}
+    ids = [(await submit(tasks_api, key, body)).json()["data"]["task_id"] for _ in range(3)]
+    for task_id in ids:
+        done = await wait_for(tasks_api, key, task_id, "succeeded", "failed")
+        assert done["status"] == "succeeded", done
+    engine = create_engine(tasks_api.settings.resolved_database_url)
+    async with session_factory(engine)() as session:
+        rows = list(await session.scalars(select(Task).where(Task.id.in_(ids))))
+    await engine.dispose()
+    spans = sorted((r.started_at, r.finished_at) for r in rows)
+    assert all(s is not None and f is not None for s, f in spans)
+    # One at a time: each started after the one before it had finished.
+    assert all(spans[i + 1][0] >= spans[i][1] for i in range(len(spans) - 1)), spans  # type: ignore[operator]
+    assert {r.attempts for r in rows} == {1}  # waiting for a slot is not a failed attempt

@@ -67,6 +67,22 @@ class Principal:
     limits: tuple[Subject, ...] = ()
     """Rate limits that apply: the key's and its user's."""
 
+    def limited_to(self, *, per_minute: bool, concurrency: bool) -> Principal:
+        """This caller with only some of its rate limits: an async task counts against the
+        per-minute limits when it is submitted and holds a concurrency slot when it runs."""
+        subjects = tuple(
+            Subject(s.name, limits)
+            for s in self.limits
+            if not (
+                limits := Limits(
+                    rpm=s.limits.rpm if per_minute else None,
+                    ipm=s.limits.ipm if per_minute else None,
+                    concurrency=s.limits.concurrency if concurrency else None,
+                )
+            ).empty
+        )
+        return replace(self, limits=subjects)
+
     @property
     def owner(self) -> str:
         """Who owns what this caller creates (tasks): a user's keys and tokens share it."""
@@ -185,6 +201,17 @@ class ImageService:
         """Drop a disabled user's keys and tokens from this process's cache at once."""
         self._keys = {d: v for d, v in self._keys.items() if v[0].user_id != user_id}
         self.billing.forget(Account("user", user_id))
+
+    async def count_submission(self, principal: Principal, images: int) -> None:
+        """An async task is a request when it is submitted: it counts against the caller's
+        per-minute limits then (429 at once), not when a worker runs it."""
+        counted = principal.limited_to(per_minute=True, concurrency=False)
+        if counted.limits:
+            try:
+                await self.limiter.acquire(counted.limits, images)
+            except RateLimited:
+                metrics.RATE_LIMIT_REJECTIONS.inc()
+                raise
 
     def authorize_model(self, principal: Principal, model: str) -> None:
         self.catalog.config(model)  # unknown models are a 404 before any permission question

@@ -38,10 +38,13 @@ class Tasks:
         body: dict[str, Any],
         callback_url: str | None,
         idempotency_key: str | None,
+        images: int = 1,
     ) -> Task:
-        """Commit a task row and wake a worker; the caller answers only after this returns."""
+        """Commit a task row and wake a worker; the caller answers only after this returns.
+        `images`: the most it may make, for the images-per-minute limit."""
         self.service.authorize_model(principal, model)
         await self._check_callback(callback_url)
+        await self.service.count_submission(principal, images)
         new = task_store.NewTask(
             owner=principal.owner,
             key_id=principal.key_id,

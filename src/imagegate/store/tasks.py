@@ -108,7 +108,7 @@ async def get_task(session: AsyncSession, task_id: str, owner: str | None) -> Ta
 
 def _claimable(now: datetime) -> ColumnElement[bool]:
     return or_(
-        Task.status == QUEUED,
+        and_(Task.status == QUEUED, or_(Task.run_after.is_(None), Task.run_after <= now)),
         and_(Task.status == IN_PROGRESS, Task.lease_expires_at < now),
     )
 
@@ -193,8 +193,14 @@ async def finish(
     return True
 
 
-async def release(session: AsyncSession, task_id: str, worker: str) -> None:
-    """Give a task back to the queue (clean shutdown), so the next process starts it at once."""
+async def release(
+    session: AsyncSession, task_id: str, worker: str, wait_seconds: float = 0.0
+) -> None:
+    """Give a task back to the queue: at a clean shutdown, so the next process starts it at
+    once; or to run again after `wait_seconds` (its owner had no free concurrency slot)."""
+    later: dict[str, Any] = {}
+    if wait_seconds:  # it never started: it waits in the queue like any other
+        later = {"run_after": utcnow() + timedelta(seconds=wait_seconds), "started_at": None}
     await session.execute(
         update(Task)
         .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
@@ -203,6 +209,7 @@ async def release(session: AsyncSession, task_id: str, worker: str) -> None:
             lease_owner=None,
             lease_expires_at=None,
             attempts=Task.attempts - 1,
+            **later,
         )
     )
     await session.commit()

@@ -8,12 +8,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagegate.errors import ImagegateError
+from imagegate.errors import ImagegateError, RateLimited
 from imagegate.progress import Reporter, reporting_to
 from imagegate.service import ImageService
 from imagegate.store.models import Task
 from imagegate.store.tasks import FAILED, SUCCEEDED
 from imagegate.types import ImageRequest
+
+DEFERRED = "deferred"
+"""Not run: the owner's concurrency limit is reached; the task waits in the queue."""
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ class Outcome:
     error: dict[str, Any] | None
     usage: dict[str, Any] = field(default_factory=dict)
     """What the service recorded of the generation (images, charge, channel, ...)."""
+    wait_seconds: float = 0.0
+    """DEFERRED: back to the queue for this long."""
 
     def usage_row(self, task: Task) -> dict[str, Any]:
         """The task's one usage row, written in the transaction that finishes it."""
@@ -56,7 +61,9 @@ class TaskExecutor:
     async def run(self, task: Task, report: Reporter) -> Outcome:
         usage: dict[str, Any] = {}
         try:
-            principal = await self.service.principal_for(task.key_id, task.user_id)
+            submitter = await self.service.principal_for(task.key_id, task.user_id)
+            # Counted against the per-minute limits when submitted; here only a slot is taken.
+            principal = submitter.limited_to(per_minute=False, concurrency=True)
             model, prepare = self.parse(task.request)
             with reporting_to(report):
                 _, result = await self.service.generate(
@@ -70,6 +77,8 @@ class TaskExecutor:
                     usage_row=usage,
                 )
             kept = await self.service.keep(result.images)
+        except RateLimited as exc:  # no free slot among the owner's requests in flight
+            return Outcome(DEFERRED, None, None, wait_seconds=float(exc.retry_after or 1))
         except ImagegateError as exc:
             error = {"code": exc.status, "message": exc.message}
             return Outcome(FAILED, None, error, usage)

@@ -28,7 +28,7 @@ from imagegate import metrics
 from imagegate.store import tasks as task_store
 from imagegate.store.models import Task, utcnow
 from imagegate.tasks.callbacks import CallbackSender
-from imagegate.tasks.execute import Outcome, TaskExecutor
+from imagegate.tasks.execute import DEFERRED, Outcome, TaskExecutor
 
 logger = logging.getLogger(__name__)
 RenderTask = Callable[[Task], Awaitable[bytes]]
@@ -174,6 +174,10 @@ class InProcessQueue:
         finally:
             keeper.cancel()
             self._running.pop(task.id, None)
+        if outcome.status == DEFERRED:
+            logger.info("task %s: waits %.0f s for a free slot", task.id, outcome.wait_seconds)
+            await asyncio.shield(self._release(task.id, outcome.wait_seconds))
+            return
         # A shutdown now must not lose the outcome of a generation that already ran.
         await asyncio.shield(self._finish(task, outcome))
 
@@ -224,10 +228,10 @@ class InProcessQueue:
                     job.cancel()
                 return
 
-    async def _release(self, task_id: str) -> None:
+    async def _release(self, task_id: str, wait_seconds: float = 0.0) -> None:
         try:
             async with self.sessions() as session:
-                await task_store.release(session, task_id, self.worker_id)
+                await task_store.release(session, task_id, self.worker_id, wait_seconds)
         except Exception:
             logger.exception("task %s: could not hand back; its lease will expire", task_id)
 

@@ -44,6 +44,7 @@ async def handle(
             body=body.task_body(),
             callback_url=callback_url,
             idempotency_key=idempotency_key,
+            images=body.images_asked(),
         )
         return Handled(task=task)
     service, loader = service_of(request), loader_of(request)
