@@ -35,6 +35,7 @@ from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
 from imagegate.fetch import Fetcher
 from imagegate.images import ImageLoader
+from imagegate.memory import tune_allocator
 from imagegate.service import ImageService
 from imagegate.storage.local import LocalStorage
 from imagegate.storage.signing import UrlSigner
@@ -56,6 +57,8 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.tune_allocator:
+            tune_allocator()  # in each worker process: this is where it serves
         url = settings.resolved_database_url
         if settings.auto_migrate:
             await upgrade(url)

@@ -36,8 +36,9 @@ def loads(content: bytes) -> Any:
     """orjson.loads, with long string values of image keys cut out and put back afterwards."""
     if len(content) < BLOB_MIN:
         return orjson.loads(content)
-    pieces: list[bytes] = []
-    blobs: list[bytes] = []
+    view = memoryview(content)  # slices of it copy nothing
+    pieces: list[bytes | memoryview] = []
+    blobs: list[memoryview] = []
     position = 0
     search_from = 0
     while (match := _KEY.search(content, search_from)) is not None:
@@ -46,15 +47,14 @@ def loads(content: bytes) -> Any:
         if end < 0:
             break
         search_from = end + 1  # never scan a blob with the regex
-        span = content[start:end]
-        if end - start < BLOB_MIN or b"\\" in span or not span.isascii():
-            continue  # short, escaped or non-ASCII: left to the real parser
-        pieces += [content[position:start], _escaped(_PLACEHOLDER.format(len(blobs)))]
-        blobs.append(span)
+        if end - start < BLOB_MIN or content.find(b"\\", start, end) >= 0:
+            continue  # short or escaped: left to the real parser
+        pieces += [view[position:start], _escaped(_PLACEHOLDER.format(len(blobs)))]
+        blobs.append(view[start:end])
         position = end
     if not blobs:
         return orjson.loads(content)
-    pieces.append(content[position:])
+    pieces.append(view[position:])
     tokens = {_PLACEHOLDER.format(i): blob for i, blob in enumerate(blobs)}
     return _restore(orjson.loads(b"".join(pieces)), tokens)
 
@@ -64,10 +64,15 @@ def _escaped(text: str) -> bytes:
     return orjson.dumps(text)[1:-1]
 
 
-def _restore(value: Any, tokens: dict[str, bytes]) -> Any:
+def _restore(value: Any, tokens: dict[str, memoryview]) -> Any:
     if isinstance(value, str):
         blob = tokens.get(value)
-        return value if blob is None else Base64Text(blob.decode("ascii"))
+        if blob is None:
+            return value
+        try:  # decoded straight into the subclass: one copy of the megabytes
+            return Base64Text(blob, "ascii")
+        except UnicodeDecodeError:  # not base64 after all: what the real parser would give
+            return orjson.loads(b'"' + blob.tobytes() + b'"')
     if isinstance(value, dict):
         return {key: _restore(item, tokens) for key, item in value.items()}
     if isinstance(value, list):
