@@ -310,3 +310,16 @@ def test_sniff_b64_sizes_without_decoding_everything(
     Image.new("RGB", (300, 170), (10, 200, 30)).save(buffer, format=fmt, **options)
     assert sniff_b64(b64module.b64encode(buffer.getvalue()).decode()) == (mime, 300, 170)
     assert sniff_b64("bm90IGFuIGltYWdl") is None
+
+
+def test_sniff_b64_reads_further_for_a_jpeg_with_large_metadata() -> None:
+    import base64 as b64module
+
+    from imagegate.images import sniff_b64
+
+    buffer = io.BytesIO()
+    # A 20 KB ICC profile puts the frame header past the first 4 KB of base64 text.
+    Image.new("RGB", (50, 40)).save(buffer, format="JPEG", icc_profile=b"x" * 20_000)
+    assert sniff_b64(b64module.b64encode(buffer.getvalue()).decode()) == ("image/jpeg", 50, 40)
+    truncated_png = b64module.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 4).decode()
+    assert sniff_b64(truncated_png) is None

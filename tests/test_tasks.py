@@ -306,6 +306,8 @@ async def test_a_worker_that_lost_its_lease_cannot_finish(tasks_api: Api) -> Non
     from imagegate.store import tasks as task_store
 
     _, key_id = await _key_id(tasks_api)
+    # This app's own workers stay out of it: they would take the orphan over and finish it.
+    await tasks_api.app.state.tasks.queue.close()
     engine = create_engine(tasks_api.settings.resolved_database_url)
     try:
         async with session_factory(engine)() as session:

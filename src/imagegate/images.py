@@ -272,14 +272,29 @@ def sniff_b64(b64: str) -> tuple[str, int, int] | None:
     """MIME type and size of a base64 image from its first bytes, without decoding it all.
 
     For relaying provider output as-is; None when the header is not a PNG, JPEG or WEBP
-    that Pillow can size from its first 48 KB.
+    that Pillow can size from its first 48 KB. The first 4 KB of text are tried first: they
+    hold a PNG's or WEBP's header and most JPEGs' (a JPEG with large metadata needs more).
     """
-    head = b64[: 64 * 1024].rstrip("=")
+    for chars in (4 * 1024, 64 * 1024):
+        sniffed = _sniff_head(b64[:chars])
+        if sniffed is not None or len(b64) <= chars:
+            return sniffed
+    return None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _sniff_head(head: str) -> tuple[str, int, int] | None:
+    head = head.rstrip("=")
     head = head[: len(head) - len(head) % 4]
     try:
         data = base64.b64decode(head)
     except ValueError:
         return None
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])  # the first chunk, by the spec
+        return ("image/png", width, height) if width and height else None
     fmt = detect_format(data)
     if fmt == "WEBP":  # Pillow's WEBP reader decodes the whole file to learn its size
         size = _webp_size(data)

@@ -294,9 +294,12 @@ class ImageService:
                 metrics.RATE_LIMIT_REJECTIONS.inc()
                 raise
         try:
-            hold = await _finish_even_if_cancelled(
-                self.billing.reserve(principal.payer, request, request_id), self.billing.release
-            )
+            reserved, hold = self.billing.reserve_now(principal.payer, request, request_id)
+            if not reserved:
+                hold = await _finish_even_if_cancelled(
+                    self.billing.reserve(principal.payer, request, request_id),
+                    self.billing.release,
+                )
             try:
                 result = await provider.generate(request)
             except BaseException:
@@ -304,7 +307,8 @@ class ImageService:
                 raise
             return result, await self.billing.settle(hold, request, result)
         finally:
-            if principal.limits:
+            # Only a concurrency slot is given back; per-minute counts stay counted.
+            if any(s.limits.concurrency is not None for s in principal.limits):
                 await asyncio.shield(self.limiter.release(principal.limits))
 
     async def deliver(

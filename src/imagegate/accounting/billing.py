@@ -53,6 +53,26 @@ class Billing:
     def prices(self, model: str) -> PriceList:
         return PriceList(self.catalog.config(model).pricing, self.credits_per_unit)
 
+    def reserve_now(
+        self, payer: str | None, request: ImageRequest, request_id: str
+    ) -> tuple[bool, Hold | None]:
+        """(True, hold) when no database work is needed: nothing to reserve, or this
+        process's credit lease covers it; (False, None): call `reserve`."""
+        if payer is None:
+            return True, None
+        prices = self.prices(request.model)
+        if prices.free:
+            return True, None
+        if self.leases is None:
+            return False, None
+        kind, _, raw_id = payer.partition(":")
+        account = ledger.Account(kind, int(raw_id))
+        credits = prices.maximum(request).credits
+        lease = self.leases.take_now(account, credits)
+        if lease is None:
+            return False, None
+        return True, Hold(account, credits, _ledger_id(request_id), prices, lease)
+
     async def reserve(
         self, payer: str | None, request: ImageRequest, request_id: str
     ) -> Hold | None:
@@ -63,7 +83,7 @@ class Billing:
         kind, _, raw_id = payer.partition(":")
         account = ledger.Account(kind, int(raw_id))
         quote = prices.maximum(request)
-        ledger_id = f"{request_id[:40]}.{secrets.token_hex(6)}"
+        ledger_id = _ledger_id(request_id)
         if self.leases is not None:
             lease = await self.leases.take(account, quote.credits)
             if lease is not None:
@@ -124,3 +144,7 @@ class Billing:
                 request_id=hold.request_id,
                 detail=detail,
             )
+
+
+def _ledger_id(request_id: str) -> str:
+    return f"{request_id[:40]}.{secrets.token_hex(6)}"

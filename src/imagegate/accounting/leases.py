@@ -87,12 +87,19 @@ class CreditLeases:
     async def take(self, account: ledger.Account, amount: int) -> Lease | None:
         """Reserve `amount` from this process's lease on the account, renewing the lease when
         it runs short; None when the balance is too small for leases (use the exact path)."""
+        lease = self.take_now(account, amount)
+        if lease is not None:
+            return lease
+        async with self._locks.setdefault(account, asyncio.Lock()):
+            lease = self._usable(account, amount) or await self._renew(account, amount)
+        return None if lease is None else self._reserve(lease, amount)
+
+    def take_now(self, account: ledger.Account, amount: int) -> Lease | None:
+        """`take` when the current lease covers it (no waiting); None otherwise."""
         lease = self._usable(account, amount)
-        if lease is None:
-            async with self._locks.setdefault(account, asyncio.Lock()):
-                lease = self._usable(account, amount) or await self._renew(account, amount)
-        if lease is None:
-            return None
+        return None if lease is None else self._reserve(lease, amount)
+
+    def _reserve(self, lease: Lease, amount: int) -> Lease:
         lease.free -= amount
         lease.inflight += 1
         lease.used_at = now = time.monotonic()
