@@ -137,3 +137,52 @@ def test_a_lease_left_by_a_killed_process_is_refunded_by_reconcile(tmp_path: Pat
     assert "abandoned" not in after and "ledger consistent" in after
     # The dead process's requests were never written to the ledger: the lease comes back whole.
     assert balance() == 1000 * PER_IMAGE
+
+
+async def test_a_lease_renewed_while_the_balance_changes_is_handed_back(
+    tmp_path: Path, db_url: str
+) -> None:
+    from datetime import timedelta
+
+    from imagegate.accounting.leases import CreditLeases, Lease
+    from imagegate.store import keys as key_store
+    from imagegate.store import ledger
+    from imagegate.store.db import create_engine, session_factory, upgrade
+    from imagegate.store.models import utcnow
+
+    await upgrade(db_url)
+    engine = create_engine(db_url)
+    sessions = session_factory(engine)
+    try:
+        async with sessions() as session:
+            row, _ = await key_store.create_key(session, name="renewing")
+            await session.commit()
+            account = ledger.Account("key", row.id)
+            await ledger.set_balance(session, account, 1000 * PER_IMAGE, "test")
+            await session.commit()
+
+        class BalanceChangesMidRenewal(CreditLeases):
+            async def _take_new(
+                self, account: ledger.Account, amount: int, *, install: bool = True
+            ) -> Lease | None:
+                fresh = await super()._take_new(account, amount, install=install)
+                if not install:  # the renewal ahead: an admin sets the balance meanwhile
+                    self.forget(account)
+                return fresh
+
+        leases = BalanceChangesMidRenewal(sessions)
+        first = await leases.take(account, PER_IMAGE)
+        assert first is not None
+        while first.free >= first.granted // 2:  # past half: the next lease is being taken
+            assert leases.take_now(account, PER_IMAGE) is first
+        for _ in range(first.inflight):
+            leases.spend(first, PER_IMAGE, PER_IMAGE, "r", "test")
+        spent = first.spent
+        await leases.close()
+        async with sessions() as session:
+            assert await ledger.balance_of(session, account) == 1000 * PER_IMAGE - spent
+            assert await ledger.ledger_sum(session, account) == 1000 * PER_IMAGE - spent
+            later = utcnow() + timedelta(hours=1)
+            assert await ledger.open_reservations(session, later) == []
+    finally:
+        await engine.dispose()

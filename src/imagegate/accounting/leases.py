@@ -176,9 +176,14 @@ class CreditLeases:
                 if self._current.get(lease.account) is not lease:
                     return  # renewed or retired meanwhile
                 fresh = await self._take_new(lease.account, amount, install=False)
-                if fresh is not None and self._current.get(lease.account) is lease:
+                if fresh is None:
+                    return
+                if self._current.get(lease.account) is lease:
                     self._retire(lease)
                     self._current[lease.account] = fresh
+                else:  # replaced while the database answered (a balance change): hand it back
+                    fresh.retired = True
+                    self._close_later(fresh)
 
         self._spawn(renew(), f"renew-{lease.id}", self._renewing)
 
