@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Table, func, insert, select, update
 
+from imagegate.store.bulk import insert_many
 from imagegate.store.db import AsyncSession
 from imagegate.store.models import ApiKey, LedgerEntry, User, utcnow
 
 RESERVE, SETTLE, REFUND, SET = "reserve", "settle", "refund", "set"
+LEDGER_TABLE: Table = LedgerEntry.__table__  # type: ignore[assignment]
 CHARGE = "charge"
 """A request served from a credit lease: amount 0 (the lease moved the credits), `charge` is
 what the request cost."""
@@ -148,7 +150,7 @@ async def close_lease(
             }
             for row in charges
         ]
-        await session.execute(insert(LedgerEntry), rows)
+        await insert_many(await session.connection(), LEDGER_TABLE, rows)
     await session.commit()
 
 

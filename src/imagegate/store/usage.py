@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, String, Table, case, cast, func, insert, select
+from sqlalchemy import Select, String, Table, case, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from imagegate.store.bulk import insert_many
 from imagegate.store.models import Usage, utcnow
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class UsageWriter:
     billing-grade accounting does not rely on this log.
     """
 
-    def __init__(self, engine: AsyncEngine, *, batch: int = 500, interval: float = 0.1) -> None:
+    def __init__(self, engine: AsyncEngine, *, batch: int = 2000, interval: float = 0.5) -> None:
         self._engine = engine
         self._batch = batch
         self._interval = interval
@@ -63,7 +64,7 @@ class UsageWriter:
             try:
                 # A Core insert on a bare connection: the ORM's bookkeeping is pure cost here.
                 async with self._engine.begin() as connection:
-                    await connection.execute(insert(USAGE_TABLE), rows)
+                    await insert_many(connection, USAGE_TABLE, rows)
             except Exception:
                 logger.exception("could not write %d usage rows", len(rows))
             finally:
