@@ -7,6 +7,7 @@ import csv
 import io
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,14 @@ async def test_usage_rows_filters_csv_and_totals(admin_api: Api) -> None:
     assert [r["model"] for r in only.json()["data"]] == ["priced"]
     future = await admin_api.client.get("/admin/usage?since=2999-01-01T00:00:00", headers=admin)
     assert future.json()["data"] == []
+    # Times round-trip: the rows fall inside the minute around now, and not before it.
+    now = datetime.now(UTC)
+    window = {"since": (now - timedelta(minutes=1)).isoformat(), "until": now.isoformat()}
+    recent = await admin_api.client.get("/admin/usage", params=window, headers=admin)
+    assert len(recent.json()["data"]) == 3
+    before = {"until": (now - timedelta(minutes=1)).isoformat()}
+    earlier = await admin_api.client.get("/admin/usage", params=before, headers=admin)
+    assert earlier.json()["data"] == []
     exported = await admin_api.client.get(f"/admin/usage?key_id={key_id}&format=csv", headers=admin)
     assert exported.headers["content-type"].startswith("text/csv")
     table = list(csv.DictReader(io.StringIO(exported.text)))
