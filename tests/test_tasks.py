@@ -481,3 +481,14 @@ async def test_tasks_wait_for_a_concurrency_slot_instead_of_failing(tasks_api: A
     # One at a time: each started after the one before it had finished.
     assert all(spans[i + 1][0] >= spans[i][1] for i in range(len(spans) - 1)), spans  # type: ignore[operator]
     assert {r.attempts for r in rows} == {1}  # waiting for a slot is not a failed attempt
+
+
+async def test_an_idempotent_retry_is_not_counted_again(tasks_api: Api) -> None:
+    key = await _limited_key(tasks_api, rpm=1)
+    body = {"model": "fake-model", "prompt": "red", "async": True}
+    first = await submit(tasks_api, key, body, **{"Idempotency-Key": "once"})
+    again = await submit(tasks_api, key, body, **{"Idempotency-Key": "once"})
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert again.json()["data"]["task_id"] == first.json()["data"]["task_id"]
+    other = await submit(tasks_api, key, body, **{"Idempotency-Key": "twice"})
+    assert other.status_code == 429  # a new request is counted: the minute's one is used

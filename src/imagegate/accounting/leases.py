@@ -36,6 +36,7 @@ from imagegate.store import ledger
 from imagegate.store.models import utcnow
 
 logger = logging.getLogger(__name__)
+CLOSE_ATTEMPTS = 6
 
 
 @dataclass(eq=False)
@@ -172,6 +173,13 @@ class CreditLeases:
         lease.renewing = True
 
         async def renew() -> None:
+            try:
+                await renew_now()
+            except Exception:
+                lease.renewing = False  # the next request tries again
+                logger.exception("could not take the next credit lease for %s", lease.id)
+
+        async def renew_now() -> None:
             async with self._locks.setdefault(lease.account, asyncio.Lock()):
                 if self._current.get(lease.account) is not lease:
                     return  # renewed or retired meanwhile
@@ -234,23 +242,29 @@ class CreditLeases:
         if lease.closed:
             return
         lease.closed = True
-        try:
-            async with self.sessions() as session:
-                await ledger.close_lease(
-                    session,
-                    lease.account,
-                    lease_id=lease.id,
-                    granted=lease.granted,
-                    spent=lease.spent,
-                    charges=lease.charges,
-                )
-        except Exception:
-            logger.exception(
-                "could not close credit lease %s (%d credits); `imagegate usage reconcile "
-                "--fix` refunds it",
-                lease.id,
-                lease.granted,
-            )
+        for attempt in range(CLOSE_ATTEMPTS):
+            try:
+                async with self.sessions() as session:
+                    await ledger.close_lease(
+                        session,
+                        lease.account,
+                        lease_id=lease.id,
+                        granted=lease.granted,
+                        spent=lease.spent,
+                        charges=lease.charges,
+                    )
+                return
+            except Exception:
+                # A busy or dropped database must not make the lease's requests free.
+                logger.warning("closing credit lease %s failed (attempt %d)", lease.id, attempt + 1)
+                await asyncio.sleep(min(2.0**attempt * 0.2, 5.0))
+        logger.error(
+            "could not close credit lease %s (%d credits) after %d attempts; `imagegate usage "
+            "reconcile --fix` refunds it",
+            lease.id,
+            lease.granted,
+            CLOSE_ATTEMPTS,
+        )
 
     def _start_janitor(self) -> None:
         if self._janitor is None or self._janitor.done():

@@ -44,7 +44,6 @@ class Tasks:
         `images`: the most it may make, for the images-per-minute limit."""
         self.service.authorize_model(principal, model)
         await self._check_callback(callback_url)
-        await self.service.count_submission(principal, images)
         new = task_store.NewTask(
             owner=principal.owner,
             key_id=principal.key_id,
@@ -59,6 +58,10 @@ class Tasks:
         )
         try:
             async with self.service.sessions() as session:
+                # A retry of a submitted task gets it back without counting as a new request.
+                if (task := await task_store.existing_task(session, new)) is not None:
+                    return task
+                await self.service.count_submission(principal, images)
                 task, created = await task_store.create_task(session, new)
         except task_store.IdempotencyConflict as exc:
             raise Conflict(str(exc)) from None

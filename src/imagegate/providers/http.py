@@ -40,9 +40,8 @@ OUTPUT_MAX_PIXELS = 64_000_000
 @functools.lru_cache(maxsize=256)
 def _url(base_url: str, path: str) -> httpx.URL:
     """`path` under the channel's base URL (as httpx's base_url joins it), or an absolute URL."""
-    if "://" in path:
-        return httpx.URL(path)
-    return httpx.URL(f"{base_url}/{path.lstrip('/')}")
+    url = httpx.URL(path)
+    return url if url.is_absolute_url else httpx.URL(f"{base_url}/{path.lstrip('/')}")
 
 
 class CloudProvider:
@@ -120,7 +119,8 @@ class CloudProvider:
     async def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """One upstream call; transport failures become retryable ProviderErrors."""
         try:
-            if kwargs.keys() <= {"content", "headers"}:
+            plain = kwargs.keys() <= {"content", "headers"} and not self.client.is_closed
+            if plain and not self.client.event_hooks["request"]:
                 response = await self._direct(method, path, **kwargs)
             else:
                 response = await self.client.request(method, path, **kwargs)

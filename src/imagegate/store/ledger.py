@@ -117,6 +117,10 @@ async def close_lease(
 
     When the balance was set after the lease was taken, the new balance replaced what the
     lease held: nothing comes back (the settlement row says so)."""
+    table = account.table
+    # Lock the account row first (as set_balance does), so no balance can be set between
+    # the check below and the refund.
+    await session.execute(update(table).where(table.id == account.id).values(balance=table.balance))
     taken = select(func.min(LedgerEntry.id)).where(
         LedgerEntry.request_id == lease_id, LedgerEntry.kind == RESERVE
     )
@@ -134,7 +138,6 @@ async def close_lease(
     if replaced:
         detail += f"; the balance was set meanwhile, so its {granted - spent} unused credits lapse"
     if back:
-        table = account.table
         await session.execute(
             update(table).where(table.id == account.id).values(balance=table.balance + back)
         )

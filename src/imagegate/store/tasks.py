@@ -86,6 +86,14 @@ async def create_task(session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
     return task, True
 
 
+async def existing_task(session: AsyncSession, new: NewTask) -> Task | None:
+    """The task the same owner already submitted with this idempotency key (409 when the
+    request differs); None without a key or a match."""
+    if new.idempotency_key is None:
+        return None
+    return await _by_idempotency_key(session, new)
+
+
 async def _by_idempotency_key(session: AsyncSession, new: NewTask) -> Task | None:
     task = await session.scalar(
         select(Task).where(Task.owner == new.owner, Task.idempotency_key == new.idempotency_key)
@@ -118,7 +126,11 @@ async def claim_next(session: AsyncSession, worker: str, lease_seconds: float) -
     for _ in range(5):  # another worker may win the race for a candidate: try the next one
         now = utcnow()
         candidate = await session.scalar(
-            select(Task.id).where(_claimable(now)).order_by(Task.created_at).limit(1)
+            select(Task.id)
+            .where(_claimable(now))
+            # A task sent back to wait for a slot queues again behind the others.
+            .order_by(func.coalesce(Task.run_after, Task.created_at))
+            .limit(1)
         )
         if candidate is None:
             return None
