@@ -466,12 +466,20 @@ async def test_a_task_counts_against_the_per_minute_limits_when_submitted(
 
 
 async def test_tasks_wait_for_a_concurrency_slot_instead_of_failing(tasks_api: Api) -> None:
+    from imagegate import metrics
+
+    def rejections() -> float:
+        value = metrics.REGISTRY.get_sample_value("imagegate_rate_limit_rejections_total")
+        return value or 0.0
+
     key = await _limited_key(tasks_api, max_concurrency=1)
     body = {"model": "fake-slow", "prompt": "red", "async": True}
+    refused_before = rejections()
     ids = [(await submit(tasks_api, key, body)).json()["data"]["task_id"] for _ in range(3)]
     for task_id in ids:
         done = await wait_for(tasks_api, key, task_id, "succeeded", "failed")
         assert done["status"] == "succeeded", done
+    assert rejections() == refused_before  # waiting for a slot refuses nobody
     engine = create_engine(tasks_api.settings.resolved_database_url)
     async with session_factory(engine)() as session:
         rows = list(await session.scalars(select(Task).where(Task.id.in_(ids))))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 from imagegate.errors import ImagegateError, RateLimited
 from imagegate.progress import Reporter, reporting_to
-from imagegate.service import ImageService
+from imagegate.service import ImageService, Principal
 from imagegate.store.models import Task
 from imagegate.store.tasks import FAILED, SUCCEEDED
 from imagegate.types import ImageRequest
@@ -59,11 +60,29 @@ class TaskExecutor:
         self.parse = parse
 
     async def run(self, task: Task, report: Reporter) -> Outcome:
-        usage: dict[str, Any] = {}
+        """Run the task in one of its owner's concurrency slots; DEFERRED when none is free
+        (nothing prepared, fetched or logged for it yet)."""
         try:
             submitter = await self.service.principal_for(task.key_id, task.user_id)
-            # Counted against the per-minute limits when submitted; here only a slot is taken.
-            principal = submitter.limited_to(per_minute=False, concurrency=True)
+        except ImagegateError as exc:
+            return Outcome(FAILED, None, {"code": exc.status, "message": exc.message})
+        # Counted against the per-minute limits when submitted; here only a slot is taken.
+        slots = submitter.limited_to(per_minute=False, concurrency=True).limits
+        if slots:
+            try:
+                await self.service.limiter.acquire(slots, 0)
+            except RateLimited as exc:
+                return Outcome(DEFERRED, None, None, wait_seconds=float(exc.retry_after or 1))
+        try:
+            return await self._generate(task, submitter, report)
+        finally:
+            if slots:
+                await asyncio.shield(self.service.limiter.release(slots))
+
+    async def _generate(self, task: Task, submitter: Principal, report: Reporter) -> Outcome:
+        usage: dict[str, Any] = {}
+        principal = submitter.limited_to(per_minute=False, concurrency=False)
+        try:
             model, prepare = self.parse(task.request)
             with reporting_to(report):
                 _, result = await self.service.generate(
@@ -77,8 +96,6 @@ class TaskExecutor:
                     usage_row=usage,
                 )
             kept = await self.service.keep(result.images)
-        except RateLimited as exc:  # no free slot among the owner's requests in flight
-            return Outcome(DEFERRED, None, None, wait_seconds=float(exc.retry_after or 1))
         except ImagegateError as exc:
             error = {"code": exc.status, "message": exc.message}
             return Outcome(FAILED, None, error, usage)
