@@ -92,8 +92,7 @@ def usage_reconcile(older_than: int, fix: bool) -> None:
         cutoff = utcnow() - timedelta(minutes=older_than)
         lines = []
         for entry in await ledger.open_reservations(session, cutoff):
-            kind, _, raw_id = entry.account.partition(":")
-            account = ledger.Account(kind, int(raw_id))
+            account = ledger.Account.of(entry.account)
             lines.append(f"abandoned reservation {entry.request_id}: {-entry.amount} credits")
             if fix:
                 await ledger.settle(
@@ -188,8 +187,7 @@ def _balance(credits: str) -> Change:
     balance = None if credits == "unlimited" else int(credits)
 
     async def change(session: AsyncSession, row: Row, label: str) -> str:
-        kind, _, raw_id = label.partition(":")
-        await ledger.set_balance(session, ledger.Account(kind, int(raw_id)), balance, "cli")
+        await ledger.set_balance(session, ledger.Account.of(label), balance, "cli")
         await audited(session, "balance.set", label, {"balance": balance})
         return f"{label}: balance {balance if balance is not None else 'unlimited'}"
 

@@ -66,8 +66,7 @@ class Billing:
             return True, None
         if self.leases is None:
             return False, None
-        kind, _, raw_id = payer.partition(":")
-        account = ledger.Account(kind, int(raw_id))
+        account = ledger.Account.of(payer)
         credits = prices.maximum(request).credits
         lease = self.leases.take_now(account, credits)
         if lease is None:
@@ -81,8 +80,7 @@ class Billing:
         prices = self.prices(request.model)
         if payer is None or prices.free:
             return None
-        kind, _, raw_id = payer.partition(":")
-        account = ledger.Account(kind, int(raw_id))
+        account = ledger.Account.of(payer)
         quote = prices.maximum(request)
         ledger_id = _ledger_id(request_id)
         if self.leases is not None:

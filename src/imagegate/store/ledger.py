@@ -32,6 +32,12 @@ class Account:
     kind: str  # "key" | "user"
     id: int
 
+    @classmethod
+    def of(cls, label: str) -> Account:
+        """The account a label ("key:<id>", "user:<id>") names."""
+        kind, _, raw_id = label.partition(":")
+        return cls(kind, int(raw_id))
+
     @property
     def label(self) -> str:
         return f"{self.kind}:{self.id}"
@@ -190,8 +196,7 @@ async def accounts_with_balance(session: AsyncSession) -> list[Account]:
     users = await session.scalars(select(User.id).where(User.balance.is_not(None)))
     found = {Account("key", i) for i in keys} | {Account("user", i) for i in users}
     for label in await session.scalars(select(LedgerEntry.account).distinct()):
-        kind, _, raw_id = label.partition(":")
-        found.add(Account(kind, int(raw_id)))
+        found.add(Account.of(label))
     return sorted(found, key=lambda a: a.label)
 
 
