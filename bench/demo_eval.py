@@ -2,9 +2,15 @@
 
     python bench/demo_eval.py [--weights DIR] [--count 150] [--threads 2]
 
-Captions come from the held-out split of the grammar (single-object combinations the training
-script never draws) in every phrasing; each is generated once at a fixed seed at the native
-resolution and read back with `imagegate.demo.evaluate`.
+Two sets, each generated once per caption at a fixed seed at the native resolution and read back
+with `imagegate.demo.evaluate`:
+
+- held-out: scenes from the held-out split of the grammar (single-object combinations the
+  training script never draws), each with a full caption (size and position named);
+- short: every background/colour/shape triple (450) in a caption naming only those ("a blue
+  triangle on a red background"), what people type first. Each triple also occurs in training
+  (with some size and position), so this set checks that colours and shapes land in their places,
+  not generalisation; position is not scored (the caption leaves it open).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +38,25 @@ def held_out_captions(count: int, seed: int = 0) -> list[tuple[dataset.Scene, st
     rng = random.Random(seed)
     picked = rng.sample(scenes, min(count, len(scenes)))
     return [(scene, dataset.caption(scene, rng, full=True)) for scene in picked]
+
+
+def short_captions(count: int | None = None, seed: int = 0) -> list[tuple[dataset.Scene, str]]:
+    """`count` background/colour/shape triples (all 450 by default), each in a short caption of a
+    random phrasing."""
+    rng = random.Random(seed)
+    triples = [
+        (bg, colour, shape)
+        for bg in dataset.COLOURS
+        for colour in dataset.COLOURS
+        if colour != bg
+        for shape in dataset.SHAPES
+    ]
+    items = []
+    for bg, colour, shape in rng.sample(triples, min(count or len(triples), len(triples))):
+        # Size and position are placeholders: the caption does not name them.
+        scene = dataset.Scene(bg, (dataset.Obj(shape, colour, "large", "center"),))
+        items.append((scene, dataset.caption(scene, rng, short=True)))
+    return items
 
 
 def evaluate(
@@ -62,20 +88,27 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     pipe = DemoPipeline.from_pretrained(args.weights)
     pipe.set_progress_bar_config(disable=True)
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if args.steps:
         kwargs["num_inference_steps"] = args.steps
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
-    items = held_out_captions(args.count)
-    start = time.monotonic()
-    result = evaluate(pipe, items, **kwargs)
-    print(f"{len(items)} held-out captions, {time.monotonic() - start:.1f} s")
-    print(f"{'attribute':<12}{'accuracy':>10}{'target':>8}")
-    for key, value in result.items():
-        mark = "ok" if value >= TARGETS[key] else "BELOW"
-        print(f"{key:<12}{value:>10.1%}{TARGETS[key]:>8.0%}  {mark}")
-    return 0 if all(result[k] >= TARGETS[k] for k in TARGETS) else 1
+    sets = {
+        "held-out": held_out_captions(args.count),
+        "short": short_captions(),
+    }
+    print(f"{'set':<10}{'captions':>9}" + "".join(f"{k:>12}" for k in TARGETS) + f"{'time':>8}")
+    ok = True
+    for name, items in sets.items():
+        start = time.monotonic()
+        result = evaluate(pipe, items, **kwargs)
+        scored = [k for k in TARGETS if name != "short" or k != "position"]
+        cells = "".join(f"{result[k]:>12.1%}" if k in scored else f"{'-':>12}" for k in TARGETS)
+        print(f"{name:<10}{len(items):>9}{cells}{time.monotonic() - start:>7.1f}s")
+        ok = ok and all(result[k] >= TARGETS[k] for k in scored)
+    print(f"{'target':<10}{'':>9}" + "".join(f"{v:>12.0%}" for v in TARGETS.values()))
+    print("all at or above target" if ok else "BELOW TARGET")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--loads", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=None, help="default: the pipeline's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -49,12 +50,17 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
 
     prompt = "a red circle on a blue background"
-    pipe(prompt, height=args.size, width=args.size)  # warm-up: first call allocates
+    steps = {"num_inference_steps": args.steps} if args.steps else {}
+    pipe(prompt, height=args.size, width=args.size, **steps)  # warm-up: first call allocates
     runs = []
     for seed in range(args.runs):
         start = time.perf_counter()
         pipe(
-            prompt, height=args.size, width=args.size, generator=torch.Generator().manual_seed(seed)
+            prompt,
+            height=args.size,
+            width=args.size,
+            generator=torch.Generator().manual_seed(seed),
+            **steps,
         )
         runs.append(time.perf_counter() - start)
     print(f"torch threads {torch.get_num_threads()}, weights {args.weights}")

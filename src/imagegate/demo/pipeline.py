@@ -22,10 +22,11 @@ from diffusers.schedulers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from imagegate.config import DEMO_EDIT_STRENGTH
 from imagegate.demo.text import DemoTextEncoder
 from imagegate.demo.upscale import upscale
 
-DEFAULT_STEPS = 10
+DEFAULT_STEPS = 15
 DEFAULT_GUIDANCE = 3.0
 MAX_SIDE = 1024
 
@@ -122,7 +123,7 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         height: int | None = None,
         width: int | None = None,
         image: Image.Image | list[Image.Image] | None = None,
-        strength: float = 0.7,
+        strength: float = DEMO_EDIT_STRENGTH,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         output_type: str = "pil",
