@@ -154,7 +154,7 @@ def _caption(rng: random.Random, scene: dataset.Scene, short: float) -> str:
 class Trainer:
     """One optimisation step at a time, with an EMA copy of both networks."""
 
-    def __init__(self, args: argparse.Namespace, start: DemoPipeline | None = None) -> None:
+    def __init__(self, args: argparse.Namespace, start: DemoPipeline | None) -> None:
         torch.manual_seed(args.seed)
         self.rng = random.Random(args.seed)
         self.size: int = args.size
@@ -166,11 +166,9 @@ class Trainer:
             args.size, tuple(args.channels), args.attention_from, args.patch, args.coordinates
         )
         self.text = DemoTextEncoder(vocab=dataset.vocabulary(), dim=TEXT_DIM, pooling=args.pooling)
-        if start is None and args.init is not None:
-            start = DemoPipeline.from_pretrained(args.init)
         if start is not None:
-            # Continue from a saved pipeline (a next stage with a fresh learning-rate schedule).
-            # (In-process, those are the last stage's EMA modules, which had gradients off.)
+            # Continue from earlier weights with a fresh optimiser and learning-rate schedule
+            # (in-process, the last stage's EMA modules, which had gradients off).
             self.unet = start.unet.train().requires_grad_(True)
             self.text = start.text_encoder.train().requires_grad_(True)
         # Channels-last convolutions are about 14% faster a step on the CPU (oneDNN).
@@ -316,7 +314,7 @@ class Stage:
 
 # The shipped weights: each stage continues from the EMA weights of the one before with a fresh
 # optimiser and schedule (warm restarts); stopping a planned schedule early keeps its higher rate.
-RECIPE = (
+RECIPE: tuple[Stage, ...] = (
     Stage(700, lr=2e-3),
     Stage(900),
     Stage(2400, stop_after=1600),
@@ -342,10 +340,13 @@ def run_stage(trainer: Trainer, steps: int, args: argparse.Namespace, clock: flo
             save(trainer.pipeline(), args.out)
 
 
-def run_recipe(args: argparse.Namespace, clock: float) -> DemoPipeline:
-    """Every stage of `RECIPE` in this process; stage i draws from seed `--seed` + i."""
+def train(stages: tuple[Stage, ...], args: argparse.Namespace, clock: float) -> DemoPipeline:
+    """Runs the stages in this process, each from the EMA weights of the one before (the first
+    from `--init`, if given); stage i draws from seed `--seed` + i."""
     pipe: DemoPipeline | None = None
-    for index, stage in enumerate(RECIPE):
+    if args.init is not None:
+        pipe = DemoPipeline.from_pretrained(args.init)
+    for index, stage in enumerate(stages):
         stage_args = argparse.Namespace(
             **{
                 **vars(args),
@@ -356,7 +357,7 @@ def run_recipe(args: argparse.Namespace, clock: float) -> DemoPipeline:
                 "swap_pairs": stage.swap,
             }
         )
-        logger.info("stage %d of %d: %s", index + 1, len(RECIPE), stage)
+        logger.info("stage %d of %d: %s", index + 1, len(stages), stage)
         trainer = Trainer(stage_args, start=pipe)
         run_stage(trainer, stage.run, stage_args, clock)
         pipe = trainer.pipeline()
@@ -370,11 +371,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     clock = time.monotonic()
     if args.recipe:
-        pipe = run_recipe(args, clock)
+        args.init = None
+        stages = RECIPE
     else:
-        trainer = Trainer(args)
-        run_stage(trainer, min(args.steps, args.stop_after or args.steps), args, clock)
-        pipe = trainer.pipeline()
+        stages = (
+            Stage(args.steps, args.lr, args.stop_after, args.short_captions, args.swap_pairs),
+        )
+    pipe = train(stages, args, clock)
     save(pipe, args.out)
     logger.info("saved to %s after %.1f s", args.out, time.monotonic() - clock)
 
