@@ -31,6 +31,7 @@ from imagegate.api.openai import routes as openai
 from imagegate.api.responses import JSON
 from imagegate.api.tasks import Tasks
 from imagegate.auth.tokens import TokenIssuer
+from imagegate.bounds import Bounds
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
 from imagegate.fetch import Fetcher
@@ -78,6 +79,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             log_prompts=settings.log_prompts,
             usage_log=settings.usage_log,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
+            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
         )
         queue = _task_queue(settings, service, loader, fetcher)
         app.state.settings = settings
@@ -154,7 +156,7 @@ def _task_queue(
 def app_from_environment() -> FastAPI:
     """Factory for `imagegate serve --workers N`: each worker reads Settings itself."""
     settings = Settings()
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, libraries=settings.log_libraries)
     return create_app(settings)
 
 

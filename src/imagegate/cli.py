@@ -55,7 +55,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
     from imagegate.app import create_app
 
     settings = _settings(host=host, port=port, config_file=config_file)
-    logs.configure(settings.log_format, settings.log_level)
+    logs.configure(settings.log_format, settings.log_level, libraries=settings.log_libraries)
     try:
         app = create_app(settings)
     except ConfigError as exc:

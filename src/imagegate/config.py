@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_prompt_chars: int = Field(default=32_000, gt=0)
+    """The most characters in one prompt, negative prompt or text part (400 above)."""
+    max_images_per_request: int = Field(default=16, ge=1, le=10_000)
+    """The most images one request may ask for: n, max_images, candidateCount (400 above)."""
     max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     """Cap on one image downloaded from a provider's result link (4K PNGs are large)."""
     fetch_timeout_seconds: float = Field(default=15.0, gt=0)
@@ -112,6 +116,9 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
     """Debugging only: include prompts in the request log lines (never keys or image bytes)."""
+    log_libraries: bool = False
+    """Let httpx, httpcore, aiohttp, aiosqlite, asyncpg and SQLAlchemy log at log_level (they
+    log URLs and SQL parameters; masked, but many lines). Default: their warnings only."""
     access_log: bool = False
     """One log line per request from the HTTP server (costly under load; usage rows exist)."""
     auto_migrate: bool = True

@@ -1,0 +1,135 @@
+"""Hardening of the operational edges: logs, metrics, first start, file modes, hosts, OpenAPI.
+
+Each test drives the attack or the input through the app (or the CLI) and checks what an
+operator or an attacker would see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from imagegate import logs
+from tests.conftest import FAKE_MODELS, Api, make_settings, png_bytes, start_api
+from tests.loopback import LoopbackServer
+
+# --- logs -------------------------------------------------------------------------------
+
+URL_PASSWORD = "hunter2-url-password"
+AMZ_SIGNATURE = "f00dfacecafe0123456789abcdef"
+ACCESS_TOKEN = "callback-access-token-777"
+PROMPT = "a very private prompt about my neighbour"
+
+
+def _upstream() -> Starlette:
+    """A reference image host and a callback receiver, both on loopback."""
+
+    async def picture(request: Request) -> Response:
+        return Response(png_bytes(), media_type="image/png")
+
+    async def hook(request: Request) -> Response:
+        await request.body()
+        return JSONResponse({"ok": True})
+
+    return Starlette(routes=[Route("/ref.png", picture), Route("/hook", hook, methods=["POST"])])
+
+
+@pytest.fixture(params=[False, True], ids=["quiet-libraries", "library-logs"])
+def server_logging(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[io.StringIO]:
+    """The log as `imagegate serve` writes it (logs.configure at debug), into a string;
+    with IMAGEGATE_LOG_LIBRARIES or without."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogRecordFactory())
+    libraries = {name: logging.getLogger(name).level for name in logs._LIBRARIES}
+    monkeypatch.setattr(sys, "stderr", stream)
+    logs.configure("text", "debug", libraries=request.param)
+    try:
+        yield stream
+    finally:
+        root.handlers[:], level, factory = saved
+        root.setLevel(level)
+        logging.setLogRecordFactory(factory)
+        for name, was in libraries.items():
+            logging.getLogger(name).setLevel(was)
+
+
+async def test_no_credentials_hashes_or_prompts_reach_any_log(
+    tmp_path: Path, server_logging: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    logging.getLogger().addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.DEBUG)
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'l.db'}")
+    with LoopbackServer(_upstream()).running() as upstream:
+        base = upstream.url.replace("http://", f"http://user:{URL_PASSWORD}@")
+        async for api in start_api(settings, FAKE_MODELS):
+            key = await api.key()
+            auth = {"Authorization": f"Bearer {key}"}
+            body: dict[str, Any] = {
+                "model": "fake-model",
+                "prompt": PROMPT,
+                "image": f"{base}/ref.png?X-Amz-Signature={AMZ_SIGNATURE}&X-Amz-Expires=60",
+            }
+            done = await api.client.post("/v1/images/generations", json=body, headers=auth)
+            assert done.status_code == 200, done.text
+            body |= {
+                "async": True,
+                "callback_url": f"{upstream.url}/hook?access_token={ACCESS_TOKEN}",
+            }
+            task = await api.client.post("/v1/images/generations", json=body, headers=auth)
+            assert task.status_code == 202, task.text
+            task_id = task.json()["data"]["task_id"]
+            await _until_called_back(api, key, task_id)
+            digest = await _key_digest(api)
+    logging.getLogger().removeHandler(caplog.handler)
+    written = server_logging.getvalue() + "\n".join(r.getMessage() for r in caplog.records)
+    secrets = [URL_PASSWORD, AMZ_SIGNATURE, ACCESS_TOKEN, key, key[:20], digest]
+    if logging.getLogger("aiosqlite").level == logging.WARNING:  # SQL parameters hold prompts
+        secrets.append(PROMPT)
+    else:  # the library lines are there, masked
+        assert "://***@127.0.0.1" in written and "X-Amz-Signature=***" in written
+        assert "/hook?access_token=***" in written
+    for secret in secrets:
+        assert secret not in written, (secret, written[-3000:])
+    assert "generation model=fake-model" in written  # the log itself still works
+
+
+async def _until_called_back(api: Api, key: str, task_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        answer = await api.client.get(
+            f"/v1/images/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}
+        )
+        if answer.json()["data"]["status"] == "succeeded":
+            await asyncio.sleep(0.5)  # the callback is posted after the task finishes
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the task did not finish")
+
+
+async def _key_digest(api: Api) -> str:
+    from sqlalchemy import select
+
+    from imagegate.store.db import create_engine, session_factory
+    from imagegate.store.models import ApiKey
+
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine)() as session:
+            return str((await session.scalars(select(ApiKey.digest))).first())
+    finally:
+        await engine.dispose()
