@@ -31,7 +31,6 @@ from imagegate.api.openai import routes as openai
 from imagegate.api.responses import JSON
 from imagegate.api.tasks import Tasks
 from imagegate.auth.tokens import TokenIssuer
-from imagegate.bounds import Bounds
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
 from imagegate.fetch import Fetcher
@@ -79,7 +78,6 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             log_prompts=settings.log_prompts,
             usage_log=settings.usage_log,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
-            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
         )
         queue = _task_queue(settings, service, loader, fetcher)
         app.state.settings = settings
