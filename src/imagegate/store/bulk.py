@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Column, Table, insert
+from sqlalchemy import BigInteger, Column, Integer, SmallInteger, String, Table, insert
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,6 +32,35 @@ async def insert_many(
     sqlite = connection.dialect.name == "sqlite"
     params = [tuple(_value(column, row, sqlite) for column in columns) for row in rows]
     await connection.exec_driver_sql(sql, params)
+
+
+def fit(table: Table, row: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`row` made to fit `table`'s columns: integers clamped to the column's range (what
+    PostgreSQL enforces; SQLite takes 64 bits), strings cut to the column's length (PostgreSQL
+    refuses longer ones). Also the names of the columns it changed. Only for rows that are a
+    record of what happened (usage), never for money: a clamped amount would be a wrong one."""
+    fitted = dict(row)
+    changed = []
+    for name, value in row.items():
+        column = table.c.get(name)
+        if column is None:
+            continue
+        kept = _fit(column, value)
+        if kept is not value:
+            fitted[name] = kept
+            changed.append(name)
+    return fitted, changed
+
+
+def _fit(column: Column[Any], value: Any) -> Any:
+    kind = column.type
+    if isinstance(value, int) and not isinstance(value, bool) and isinstance(kind, Integer):
+        bits = 64 if isinstance(kind, BigInteger) else 16 if isinstance(kind, SmallInteger) else 32
+        top = 2 ** (bits - 1) - 1
+        return value if -top - 1 <= value <= top else max(-top - 1, min(top, value))
+    if isinstance(value, str) and isinstance(kind, String) and kind.length is not None:
+        return value if len(value) <= kind.length else value[: kind.length]
+    return value
 
 
 @lru_cache(maxsize=32)

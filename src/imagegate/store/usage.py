@@ -4,17 +4,22 @@ the queries over it (filters, totals by model or day, CSV)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import csv
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, String, Table, case, cast, func, select
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from imagegate.store.bulk import insert_many
+from imagegate import logs
+from imagegate.store.bulk import fit, insert_many
 from imagegate.store.models import Usage, utcnow
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,11 @@ class UsageWriter:
         row.setdefault("created_at", utcnow())
         self._queue.put_nowait(row)
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="usage-writer")
+            # A context of its own: a copy of the first recorder's would give every line the
+            # writer logs that request's id.
+            self._task = asyncio.create_task(
+                self._run(), name="usage-writer", context=contextvars.Context()
+            )
 
     async def flush(self) -> None:
         await self._queue.join()
@@ -62,14 +71,74 @@ class UsageWriter:
             while len(rows) < self._batch and not self._queue.empty():
                 rows.append(self._queue.get_nowait())
             try:
-                # A Core insert on a bare connection: the ORM's bookkeeping is pure cost here.
-                async with self._engine.begin() as connection:
-                    await insert_many(connection, USAGE_TABLE, rows)
-            except Exception:
-                logger.exception("could not write %d usage rows", len(rows))
+                await self._write(rows)
             finally:
                 for _ in rows:
                     self._queue.task_done()
+
+    async def _write(self, rows: list[dict[str, Any]]) -> None:
+        """Insert `rows`; when the batch fails because of its data, its halves are tried
+        apart, down to the one row at fault, so a bad row never costs the others theirs."""
+        try:
+            # A Core insert on a bare connection: the ORM's bookkeeping is pure cost here.
+            async with self._engine.begin() as connection:
+                await insert_many(connection, USAGE_TABLE, rows)
+        except Exception as exc:
+            if _unavailable(exc):  # nothing to learn from retrying row by row
+                logger.exception("could not write %d usage rows", len(rows))
+            elif len(rows) == 1:
+                await self._quarantine(rows[0], exc)
+            else:
+                half = len(rows) // 2
+                await self._write(rows[:half])
+                await self._write(rows[half:])
+
+    async def _quarantine(self, row: dict[str, Any], error: Exception) -> None:
+        """A row the database refused on its own: stored made to fit the columns (a huge
+        `n` clamped, a long model name cut) if that is enough, else dropped; logged at
+        ERROR under the row's own request id either way."""
+        fitted, changed = fit(USAGE_TABLE, row)
+        with _logged_as(str(row.get("request_id", "-"))):
+            if changed:
+                try:
+                    async with self._engine.begin() as connection:
+                        await insert_many(connection, USAGE_TABLE, [fitted])
+                except Exception as exc:
+                    error = exc
+                else:
+                    logger.error(
+                        "usage row did not fit its table (%s); stored with %s clamped or cut",
+                        _reason(error),
+                        ", ".join(changed),
+                    )
+                    return
+            logger.error("usage row refused (%s); dropped: %s", _reason(error), _shown(row))
+
+
+@contextlib.contextmanager
+def _logged_as(request_id: str) -> Iterator[None]:
+    """Log lines in this block carry `request_id` (the writer's own context has none)."""
+    token = logs.request_id.set(request_id)
+    try:
+        yield
+    finally:
+        logs.request_id.reset(token)
+
+
+def _unavailable(error: Exception) -> bool:
+    """The database, not the data, is at fault: down, unreachable, locked or out of space."""
+    if isinstance(error, OperationalError | InterfaceError | TimeoutError | OSError):
+        return True
+    return isinstance(error, DBAPIError) and error.connection_invalidated
+
+
+def _reason(error: Exception) -> str:
+    cause = getattr(error, "orig", None) or error  # without SQLAlchemy's statement dump
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+
+
+def _shown(row: dict[str, Any]) -> str:
+    return ", ".join(f"{name}={str(value)[:100]!r}" for name, value in row.items())
 
 
 @dataclass(frozen=True, slots=True)
