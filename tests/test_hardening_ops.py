@@ -11,6 +11,7 @@ import io
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,54 @@ async def _key_digest(api: Api) -> str:
             return str((await session.scalars(select(ApiKey.digest))).first())
     finally:
         await engine.dispose()
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+async def test_random_model_names_do_not_grow_the_metrics(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    names = [f"rnd-{uuid.uuid4().hex}" for _ in range(200)]
+    async for api in start_api(settings, FAKE_MODELS):
+        auth = {"Authorization": f"Bearer {await api.key()}"}
+
+        def others(text: str) -> float:
+            return sum(
+                sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+                if sample.name == "imagegate_requests_total" and sample.labels["model"] == "other"
+            )
+
+        before = others((await api.client.get("/metrics")).text)
+        for name in names:
+            answer = await api.client.post(
+                "/v1/images/generations", json={"model": name, "prompt": "x"}, headers=auth
+            )
+            assert answer.status_code == 404, answer.text
+        done = await api.client.post(
+            "/v1/images/generations", json={"model": "fake-model", "prompt": "x"}, headers=auth
+        )
+        assert done.status_code == 200
+        text = (await api.client.get("/metrics")).text
+    assert not any(name in text for name in names)
+    assert others(text) - before == len(names)
+    assert 'model="fake-model"' in text  # configured models keep their own series
+
+
+async def test_metrics_token_is_required_when_set(tmp_path: Path) -> None:
+    token = "scrape-" + uuid.uuid4().hex
+    settings = make_settings(
+        tmp_path, f"sqlite+aiosqlite:///{tmp_path / 't.db'}", metrics_token=token
+    )
+    async for api in start_api(settings, FAKE_MODELS):
+        missing = await api.client.get("/metrics")
+        wrong = await api.client.get("/metrics", headers={"Authorization": "Bearer nope"})
+        right = await api.client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    for refused in (missing, wrong):
+        assert refused.status_code == 401, refused.text
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert "IMAGEGATE_METRICS_TOKEN" in refused.json()["msg"]
+    assert right.status_code == 200 and "imagegate_requests" in right.text

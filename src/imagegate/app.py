@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 from sqlalchemy import text
 from starlette.responses import Response
 
@@ -33,6 +35,7 @@ from imagegate.api.tasks import Tasks
 from imagegate.auth.tokens import TokenIssuer
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
+from imagegate.errors import AuthenticationFailed
 from imagegate.fetch import Fetcher
 from imagegate.images import ImageLoader
 from imagegate.memory import tune_allocator
@@ -178,8 +181,22 @@ def _health(app: FastAPI) -> None:
         )
 
     @app.get("/metrics", tags=["health"])
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        _check_scraper(app.state.settings.metrics_token, request)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _check_scraper(token: SecretStr | None, request: Request) -> None:
+    """With IMAGEGATE_METRICS_TOKEN set, /metrics answers only a bearer of that token."""
+    if token is None:
+        return
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, expected):
+        raise AuthenticationFailed(
+            "GET /metrics needs 'Authorization: Bearer <token>' with the token set in "
+            "IMAGEGATE_METRICS_TOKEN."
+        )
 
 
 def _lease_rules(settings: Settings) -> LeaseRules | None:

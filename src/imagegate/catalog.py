@@ -25,6 +25,9 @@ class Catalog:
     def models(self) -> list[ModelConfig]:
         return list(self._configs.values())
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._configs
+
     def config(self, name: str) -> ModelConfig:
         try:
             return self._configs[name]

@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     log_libraries: bool = False
     """Let httpx, httpcore, aiohttp, aiosqlite, asyncpg and SQLAlchemy log at log_level (they
     log URLs and SQL parameters; masked, but many lines). Default: their warnings only."""
+    metrics_token: SecretStr | None = None
+    """When set, GET /metrics answers only `Authorization: Bearer <this token>`."""
     access_log: bool = False
     """One log line per request from the HTTP server (costly under load; usage rows exist)."""
     auto_migrate: bool = True

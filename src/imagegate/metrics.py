@@ -1,5 +1,8 @@
 """Prometheus metrics (GET /metrics).
 
+Label values come only from the configuration and the code: a model or dialect name a client
+made up is counted as `other`, so no caller can add series (or megabytes to every scrape).
+
 One process: one registry in memory. With `serve --workers N` the workers share their counts
 through files in a folder (prometheus_client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR,
 set by `serve` before the workers start), and every worker answers /metrics with the sum.
@@ -8,11 +11,15 @@ set by `serve` before the workers start), and every worker answers /metrics with
 from __future__ import annotations
 
 import os
+from collections.abc import Container
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+OTHER = "other"
+"""The label value of every name that is not configured."""
+DIALECTS = frozenset({"v1", "lab", "openai", "gemini"})
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -83,4 +90,10 @@ def exposition() -> bytes:
 
 def dialect_of(endpoint: str) -> str:
     """ "v1.images.generations" -> "v1", "lab.img2imgSubmit" -> "lab"."""
-    return endpoint.split(".", 1)[0]
+    dialect = endpoint.split(".", 1)[0]
+    return dialect if dialect in DIALECTS else OTHER
+
+
+def known(name: str, names: Container[str]) -> str:
+    """`name` as a label value: itself when configured, else `other`."""
+    return name if name in names else OTHER

@@ -263,7 +263,8 @@ class ImageService:
             ) from exc
         finally:
             seconds = time.perf_counter() - started
-            _observe(model, endpoint, row["status"], row["images"], seconds)
+            label = metrics.known(model, self.catalog)  # made-up names must not add series
+            _observe(label, endpoint, row["status"], row["images"], seconds)
             timing = current_timing.get()
             row.update(
                 latency_ms=seconds * 1000,

@@ -69,6 +69,8 @@ def install(app: FastAPI, renderers: ErrorRenderers) -> None:
         response = renderers.render(request.url.path, exc)
         if exc.retry_after is not None and exc.status == 429:
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        if exc.status == 401:  # RFC 9110: a 401 names the scheme it wants
+            response.headers.setdefault("WWW-Authenticate", "Bearer")
         return response
 
     async def on_validation(request: Request, exc: Exception) -> Response:
