@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import stat
 import sys
 import time
 import uuid
@@ -185,3 +186,64 @@ async def test_metrics_token_is_required_when_set(tmp_path: Path) -> None:
         assert refused.headers["www-authenticate"] == "Bearer"
         assert "IMAGEGATE_METRICS_TOKEN" in refused.json()["msg"]
     assert right.status_code == 200 and "imagegate_requests" in right.text
+
+
+# --- first start and the data folder ---------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_the_data_folder_is_private_after_startup(tmp_path: Path) -> None:
+    # The embedded defaults: SQLite, images and the generated secret in the data folder.
+    settings = make_settings(tmp_path, "", database_url=None, secret_key=None)
+    data = settings.data_dir
+    async for api in start_api(settings, FAKE_MODELS):
+        auth = {"Authorization": f"Bearer {await api.key()}"}
+        made = await api.client.post(
+            "/v1/images/generations", json={"model": "fake-model", "prompt": "x"}, headers=auth
+        )
+        assert made.status_code == 200, made.text
+        images = [p for p in (data / "images").rglob("*") if p.is_file()]
+        folders = [data, data / "images", *(p for p in (data / "images").rglob("*") if p.is_dir())]
+        files = [data / "imagegate.db", data / "imagegate.db-wal", data / "imagegate.db-shm"]
+        files += [data / "secret.key", *images]
+        assert images and all(f.exists() for f in files), sorted(map(str, data.rglob("*")))
+        assert {str(f): oct(_mode(f)) for f in folders} == {str(f): "0o700" for f in folders}
+        assert {str(f): oct(_mode(f)) for f in files} == {str(f): "0o600" for f in files}
+
+
+async def test_an_existing_data_folder_is_made_private(tmp_path: Path) -> None:
+    """Installations from before: a world-readable folder and database are tightened."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    (data / "imagegate.db").write_bytes(b"")
+    (data / "imagegate.db").chmod(0o644)
+    (data / "secret.key").write_text("an old secret")
+    (data / "secret.key").chmod(0o644)
+    settings = make_settings(tmp_path, "", database_url=None, secret_key=None)
+    async for _ in start_api(settings, FAKE_MODELS):
+        pass
+    assert _mode(data) == 0o700
+    assert _mode(data / "imagegate.db") == 0o600 and _mode(data / "secret.key") == 0o600
+
+
+def test_first_start_without_a_terminal_writes_the_admin_key_to_a_private_file(
+    tmp_path: Path,
+) -> None:
+    import httpx
+
+    from tests.servers import server_env, serving
+
+    env = server_env(tmp_path, "models:\n  - name: fake\n    provider: tests.fakes:FakeProvider\n")
+    env["IMAGEGATE_BOOTSTRAP_ADMIN"] = "true"
+    key_file = tmp_path / "data" / "admin-key.txt"
+    with serving(env) as (url, _):
+        log = next(tmp_path.glob("serve-*.log")).read_text()
+        key = key_file.read_text().strip()
+        answer = httpx.get(f"{url}/admin/keys", headers={"Authorization": f"Bearer {key}"})
+        assert answer.status_code == 200, answer.text
+    assert key.startswith("sk-") and _mode(key_file) == 0o600
+    assert key not in log and key[:12] not in log
+    assert str(key_file.resolve()) in log, log

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from sqlalchemy import text
 from starlette.responses import Response
 
-from imagegate import __version__, fastjson, logs, metrics
+from imagegate import __version__, fastjson, logs, metrics, private
 from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> FastAPI:
     """Build the app; `models` overrides the config file (tests pass them explicitly)."""
+    private.protect(settings)
     catalog = Catalog(load_models(settings) if models is None else models, settings)
     catalog.check_all()
     signer = UrlSigner(settings.signing_key(), settings.url_ttl_seconds)
@@ -217,7 +218,7 @@ async def _database_ok(app: FastAPI) -> bool:
 def _storage_ok(settings: Settings) -> bool:
     folder = settings.resolved_storage_dir
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        private.make_folder(folder)
     except OSError:
         return False
     return os.access(folder, os.W_OK)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import shutil
 import sys
@@ -14,7 +15,7 @@ import click
 import httpx
 
 from imagegate import cli_accounts as accounts
-from imagegate import cli_common, logs
+from imagegate import cli_common, logs, private
 from imagegate.cli_common import audited
 from imagegate.config import Settings, load_models
 from imagegate.errors import ConfigError
@@ -22,6 +23,7 @@ from imagegate.store import keys as key_store
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession, upgrade
 
+logger = logging.getLogger(__name__)
 _settings = cli_common.settings
 _with_session = cli_common.with_session
 
@@ -55,6 +57,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
     from imagegate.app import create_app
 
     settings = _settings(host=host, port=port, config_file=config_file)
+    os.umask(0o077)  # whatever the server and its workers create is its user's alone
     logs.configure(settings.log_format, settings.log_level, libraries=settings.log_libraries)
     try:
         app = create_app(settings)
@@ -67,7 +70,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
             err=True,
         )
     if settings.bootstrap_admin:
-        _with_session(settings, _bootstrap_admin)
+        _with_session(settings, lambda session: _bootstrap_admin(session, settings.data_dir))
     if workers == 1:
         uvicorn.run(
             app,
@@ -102,14 +105,26 @@ def _share_metrics(settings: Settings) -> None:
 
     folder = settings.data_dir / "metrics"
     shutil.rmtree(folder, ignore_errors=True)  # counts of an earlier run
-    folder.mkdir(parents=True)
+    private.make_folder(folder)
     os.environ[MULTIPROCESS_ENV] = str(folder.resolve())
 
 
-async def _bootstrap_admin(session: AsyncSession) -> None:
+async def _bootstrap_admin(session: AsyncSession, data_dir: Path) -> None:
+    """The first admin key goes to the terminal, or, when stdout is a log (a service manager,
+    a container), to a 0600 file whose path alone is logged: logs are kept and shipped."""
     if await key_store.count_keys(session) > 0:
         return
     _, secret = await key_store.create_key(session, name="admin", is_admin=True)
+    if not sys.stdout.isatty():
+        path = (data_dir / private.ADMIN_KEY_FILE).resolve()
+        private.make_folder(path.parent)
+        private.write_file(path, f"{secret}\n".encode())
+        logger.warning(
+            "First start: created an admin API key and wrote it to %s (mode 600): read it, "
+            "keep it elsewhere and delete the file.",
+            path,
+        )
+        return
     click.echo("\n  First start: created an admin API key. It is shown only this once:\n")
     click.echo(f"    {secret}\n")
     click.echo(

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from imagegate import private
 from imagegate.errors import ConfigError, InvalidRequest
 from imagegate.types import Size
 
@@ -150,11 +151,10 @@ class Settings(BaseSettings):
                 "random string (e.g. `python -c 'import secrets; "
                 "print(secrets.token_urlsafe(48))'`)."
             )
-        path = self.data_dir / "secret.key"
+        path = self.data_dir / private.SIGNING_KEY_FILE
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_urlsafe(48))
-            path.chmod(0o600)
+            private.make_folder(path.parent)
+            private.write_file(path, secrets.token_urlsafe(48).encode())
         return path.read_text().strip().encode()
 
 

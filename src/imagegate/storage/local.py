@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+from imagegate import private
 from imagegate.storage.base import EXTENSIONS, MIME_OF, StoredFile
 
 # A key is accepted only in the exact shape put() makes, so no client-supplied key can
@@ -30,9 +31,9 @@ class LocalStorage:
 
     @staticmethod
     def _write(path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private.make_folder(path.parent)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
+        private.write_file(tmp, data)
         os.replace(tmp, path)  # readers never see a half-written image
 
     async def open(self, key: str) -> StoredFile | None:

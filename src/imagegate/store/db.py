@@ -13,15 +13,21 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
+from imagegate import private
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 def _ensure_sqlite_folder(url: str) -> None:
-    """SQLite creates the file but not its folder (a fresh data dir)."""
+    """SQLite creates the file but not its folder (a fresh data dir). The file is made here,
+    0600, because SQLite gives its -wal and -shm files the mode of the database file."""
     if url.startswith("sqlite"):
         path = url.split(":///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private.make_folder(Path(path).parent)
+            private.create_file(Path(path))  # an empty file is an empty database
+            for companion in ("-wal", "-shm"):
+                private.tighten(Path(path + companion), private.FILE)
 
 
 def create_engine(url: str) -> AsyncEngine:
