@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from imagegate import logs
 from imagegate.logs import _Context
 from imagegate.store.db import create_engine, session_factory, upgrade
-from imagegate.store.models import Usage
+from imagegate.store.models import Task, Usage
+from imagegate.store.tasks import NewTask, create_task
 from imagegate.store.usage import UsageWriter
+from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
+from tests.test_tasks import submit, wait_for
 
 BIG = 18446744073709551616  # 2**64: fits neither Integer nor BigInteger
 
@@ -114,3 +119,204 @@ async def test_a_row_that_cannot_be_made_valid_is_dropped_alone(
     assert set(stored) == {f"good-{index}" for index in range(300)}
     dropped = [r for r in logged.records if r.levelno == logging.ERROR and "dropped" in r.msg]
     assert {getattr(r, "request_id", None) for r in dropped} == {"orphan-7", "orphan-150"}
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tasks_api(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
+    settings = make_settings(tmp_path, db_url, task_poll_seconds=0.1, task_lease_seconds=1.5)
+    async for value in start_api(settings, FAKE_MODELS):
+        yield value
+
+
+async def task_row(api: Api, task_id: str) -> tuple[Task, list[Usage]]:
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine)() as session:
+            task = await session.get(Task, task_id)
+            assert task is not None
+            found = await session.scalars(select(Usage).where(Usage.task_id == task_id))
+            return task, list(found)
+    finally:
+        await engine.dispose()
+
+
+async def test_an_invalid_async_request_fails_once_with_the_synchronous_answer(
+    tasks_api: Api,
+) -> None:
+    key = await tasks_api.key()
+    body = {"model": "fake-model", "prompt": "x", "n": BIG}
+    sync = await submit(tasks_api, key, body)
+    assert sync.status_code == 400, sync.text
+    queued = await submit(tasks_api, key, {**body, "async": True})
+    if queued.status_code != 202:  # refused at submission: the same answer, no task
+        assert (queued.status_code, queued.json()["msg"]) == (400, sync.json()["msg"])
+        return
+    task_id = queued.json()["data"]["task_id"]
+    done = await wait_for(tasks_api, key, task_id, "failed", "succeeded")
+    assert done["error"] == {"code": 400, "message": sync.json()["msg"]}
+    task, usage = await task_row(tasks_api, task_id)
+    assert task.attempts == 1 and len(usage) == 1 and usage[0].status == 400
+
+
+async def queue_directly(api: Api, key: str, body: dict[str, Any]) -> str:
+    """A task row as if submission had let `body` through (an older server, a looser check):
+    what the worker makes of it is what is tested."""
+    principal = await api.app.state.service.authenticate(key)
+    new = NewTask(
+        owner=principal.owner,
+        key_id=principal.key_id,
+        user_id=None,
+        dialect="v1",
+        endpoint="v1.images.generations",
+        model="fake-model",
+        request=body,
+        base_url="http://testserver/",
+    )
+    async with api.app.state.service.sessions() as session:
+        task, _ = await create_task(session, new)
+    api.app.state.tasks.queue.submitted(task.id)
+    return task.id
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "fake-model", "prompt": "x", "n": BIG},
+        {"model": "fake-model", "prompt": "x", "size": "9" * 60},
+        {"model": "fake-model", "prompt": "x", "bogus": 1},
+    ],
+    ids=["huge-n", "long-size", "unknown-field"],
+)
+async def test_a_body_the_worker_refuses_fails_once_with_the_synchronous_answer(
+    tasks_api: Api, body: dict[str, Any]
+) -> None:
+    key = await tasks_api.key()
+    sync = await submit(tasks_api, key, body)
+    assert sync.status_code == 400, sync.text
+    task_id = await queue_directly(tasks_api, key, body)
+    done = await wait_for(tasks_api, key, task_id, "failed", "succeeded")
+    assert done["error"] == {"code": 400, "message": sync.json()["msg"]}
+    task, usage = await task_row(tasks_api, task_id)
+    assert task.attempts == 1 and len(usage) == 1 and usage[0].status == 400
+
+
+async def refuse(api: Api, table: str, when: str) -> None:
+    """A trigger that makes the database refuse some writes: a real failure while finishing."""
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with engine.begin() as connection:
+            if engine.dialect.name == "sqlite":
+                await connection.execute(
+                    text(
+                        f"CREATE TRIGGER refuse_{table} BEFORE {when} ON {table} "
+                        f"FOR EACH ROW WHEN {condition(table)} "
+                        "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+                    )
+                )
+                return
+            await connection.execute(
+                text(
+                    f"CREATE FUNCTION refuse_{table}() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$"
+                )
+            )
+            await connection.execute(
+                text(
+                    f"CREATE TRIGGER refuse_{table} BEFORE {when} ON {table} FOR EACH ROW "
+                    f"WHEN ({condition(table)}) EXECUTE FUNCTION refuse_{table}()"
+                )
+            )
+    finally:
+        await engine.dispose()
+
+
+def condition(table: str) -> str:
+    return "NEW.task_id IS NOT NULL" if table == "usage" else "NEW.status = 'succeeded'"
+
+
+async def test_a_usage_row_the_database_refuses_does_not_fail_the_task(
+    tasks_api: Api, logged: Records
+) -> None:
+    await refuse(tasks_api, "usage", "INSERT")
+    key = await tasks_api.key()
+    queued = await submit(tasks_api, key, {"model": "fake-model", "prompt": "x", "async": True})
+    task_id = queued.json()["data"]["task_id"]
+    done = await wait_for(tasks_api, key, task_id, "failed", "succeeded")
+    assert done["status"] == "succeeded" and len(done["result"]["data"]) == 1
+    task, usage = await task_row(tasks_api, task_id)
+    assert task.attempts == 1 and usage == []
+    dropped = [r for r in logged.records if "usage row was dropped" in r.getMessage()]
+    assert [(r.levelno, getattr(r, "request_id", None)) for r in dropped] == [
+        (logging.ERROR, task_id)
+    ]
+
+
+async def test_an_outcome_that_cannot_be_recorded_fails_the_task_once(tasks_api: Api) -> None:
+    await refuse(tasks_api, "tasks", "UPDATE")
+    key = await tasks_api.key()
+    queued = await submit(tasks_api, key, {"model": "fake-model", "prompt": "x", "async": True})
+    task_id = queued.json()["data"]["task_id"]
+    done = await wait_for(tasks_api, key, task_id, "failed", "succeeded")
+    assert done["error"]["code"] == 500 and "could not be recorded" in done["error"]["message"]
+    task, usage = await task_row(tasks_api, task_id)
+    assert task.attempts == 1 and usage == []
+
+
+async def test_finish_stores_an_oversized_usage_row_clamped(tasks_api: Api) -> None:
+    from imagegate.store import tasks as task_store
+
+    await tasks_api.app.state.tasks.queue.close()  # this test is the only worker
+    key = await tasks_api.key()
+    task_id = await queue_directly(tasks_api, key, {"model": "fake-model", "prompt": "x"})
+    async with tasks_api.app.state.service.sessions() as session:
+        claimed = await task_store.claim_next(session, "me", 30)
+        assert claimed is not None and claimed.id == task_id
+        usage = good_row(task_id, n_requested=BIG, size="9" * 60, error_class="E" * 100)
+        finished = await task_store.finish(
+            session, task_id, "me", status="failed", result=None, error=None, usage=usage
+        )
+    assert finished
+    _, rows = await task_row(tasks_api, task_id)
+    assert [(r.n_requested, r.size, r.error_class) for r in rows] == [
+        (2**31 - 1, "9" * 40, "E" * 60)
+    ]
+
+
+# -- request ids of background work --------------------------------------------------------
+
+
+async def test_the_usage_writer_does_not_log_as_the_request_that_started_it(
+    tmp_path: Path, logged: Records
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    unreachable = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a-file' / 'x.db'}")
+    writer = UsageWriter(unreachable, interval=0.01)
+    token = logs.request_id.set("req-first")  # as in a request: the writer starts here
+    try:
+        writer.record(**good_row("req-first"))
+    finally:
+        logs.request_id.reset(token)
+    await writer.close()
+    await unreachable.dispose()
+    lines = [r for r in logged.records if r.name == "imagegate.store.usage"]
+    assert lines and {getattr(r, "request_id", None) for r in lines} == {"-"}
+
+
+async def test_task_workers_log_under_the_task_id(tasks_api: Api, logged: Records) -> None:
+    key = await tasks_api.key()
+    body = {"model": "fake-model", "prompt": "x", "async": True}
+    queued = await submit(tasks_api, key, body, **{"x-request-id": "req-submit"})
+    task_id = queued.json()["data"]["task_id"]
+    await wait_for(tasks_api, key, task_id, "succeeded")
+    mine = [
+        r
+        for r in logged.records
+        if r.name.startswith("imagegate") and (task_id in r.getMessage() or "generation" in r.msg)
+    ]
+    assert {r.name for r in mine} >= {"imagegate.tasks.queue", "imagegate.service"}
+    assert {getattr(r, "request_id", None) for r in mine} == {task_id}, [
+        (r.name, getattr(r, "request_id", None), r.getMessage()) for r in mine
+    ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 from sqlalchemy import text
 from starlette.responses import Response
 
@@ -19,7 +19,7 @@ from imagegate import __version__, fastjson, logs, metrics, private
 from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
-from imagegate.api.errors import ErrorRenderers, install
+from imagegate.api.errors import ErrorRenderers, describe_validation, install
 from imagegate.api.gemini import routes as gemini
 from imagegate.api.lab import routes as lab
 from imagegate.api.lab.render import OK as LAB_OK
@@ -127,7 +127,10 @@ def _task_queue(
     settings: Settings, service: ImageService, loader: ImageLoader, fetcher: Fetcher
 ) -> InProcessQueue:
     def parse(body: dict[str, Any]) -> tuple[str, Prepare]:
-        request = ImageGenerationRequest.model_validate(body)
+        try:
+            request = ImageGenerationRequest.model_validate(body)
+        except ValidationError as exc:  # the 400 a synchronous call with this body gets
+            raise describe_validation(exc.errors()) from None
         return request.model, lambda: to_image_request(request, loader)
 
     async def render(task: Task) -> bytes:

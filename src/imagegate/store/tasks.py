@@ -8,6 +8,7 @@ it stalled or the task was cancelled, finds its UPDATE matching no row and drops
 
 from __future__ import annotations
 
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,12 +18,16 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
+from imagegate.store.bulk import fit
 from imagegate.store.db import AsyncSession
 from imagegate.store.models import Task, Usage, utcnow
+from imagegate.store.usage import USAGE_TABLE
 
 QUEUED, IN_PROGRESS = "queued", "in_progress"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+logger = logging.getLogger(__name__)
 
 
 class IdempotencyConflict(ValueError):
@@ -175,11 +180,13 @@ async def finish(
     status: str,
     result: dict[str, Any] | None,
     error: dict[str, Any] | None,
-    usage: dict[str, Any],
+    usage: dict[str, Any] | None,
 ) -> bool:
-    """End a task we hold and write its one usage row in the same transaction.
+    """End a task we hold and write its one usage row in the same transaction (`usage` None:
+    no row; the caller could not write it and logged it instead).
 
     False (and nothing written) when the lease was lost: someone else owns the outcome.
+    A usage row too large for its columns (a huge `n`) is stored clamped, and logged.
     """
     now = utcnow()
     values: dict[str, Any] = {
@@ -200,7 +207,15 @@ async def finish(
     if _rowcount(done) != 1:
         await session.rollback()
         return False
-    await session.execute(insert(Usage), [{**usage, "task_id": task_id, "created_at": now}])
+    if usage is not None:
+        row, changed = fit(USAGE_TABLE, {**usage, "task_id": task_id, "created_at": now})
+        if changed:
+            logger.error(
+                "task %s: usage row did not fit; stored with %s clamped or cut",
+                task_id,
+                ", ".join(changed),
+            )
+        await session.execute(insert(Usage), [row])
     await session.commit()
     return True
 

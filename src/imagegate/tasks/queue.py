@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from imagegate import metrics
+from imagegate import logs, metrics
 from imagegate.store import tasks as task_store
 from imagegate.store.models import Task, utcnow
 from imagegate.tasks.callbacks import CallbackSender
@@ -93,10 +94,11 @@ class InProcessQueue:
         self._closing = False
 
     async def start(self) -> None:
+        # Each loop in a context of its own: one started from a request must not log as it.
         for index in range(self.settings.workers):
-            self._loops.append(asyncio.create_task(self._work(), name=f"task-worker-{index}"))
+            self._loops.append(_detached(self._work(), f"task-worker-{index}"))
         if self.settings.workers:
-            self._loops.append(asyncio.create_task(self._deliver(), name="task-callbacks"))
+            self._loops.append(_detached(self._deliver(), "task-callbacks"))
 
     async def close(self) -> None:
         self._closing = True
@@ -126,10 +128,14 @@ class InProcessQueue:
             if task is None:
                 await _wait(self._wake, self.settings.poll_seconds)
                 continue
+            # The task's lines (its generation's included) carry its id as their request id.
+            token = logs.request_id.set(task.id)
             try:
                 await self._run(task)
             except Exception:  # the loop must outlive any one task
                 logger.exception("task %s: the worker failed; its lease will expire", task.id)
+            finally:
+                logs.request_id.reset(token)
 
     async def _claim(self) -> Task | None:
         """The next task, claimed under our lease. A claim that a shutdown interrupts is
@@ -182,21 +188,40 @@ class InProcessQueue:
         await asyncio.shield(self._finish(task, outcome))
 
     async def _finish(self, task: Task, outcome: Outcome) -> None:
+        """Record the outcome. If that fails, record it without its usage row (logged instead),
+        and failing that, record the task as failed: an error here is never left to the lease
+        to expire, which would run the task again and take it for a crash of its worker."""
+        usage = outcome.usage_row(task)
+        try:
+            done = await self._record(task, outcome, usage)
+        except Exception:
+            logger.exception("task %s: could not record its outcome", task.id)
+            try:
+                done = await self._record(task, outcome, None)
+            except Exception:
+                logger.exception("task %s: could not record it even without usage", task.id)
+                # Raises if the database takes no write at all: then the lease expires.
+                outcome = _unrecorded(task)
+                done = await self._record(task, outcome, None)
+            if done:
+                logger.error("task %s: its usage row was dropped: %s", task.id, usage)
+        if done:
+            logger.info("task %s: %s", task.id, outcome.status)
+            self._wake_callbacks.set()
+        else:
+            logger.warning("task %s: lost its lease before finishing; result dropped", task.id)
+
+    async def _record(self, task: Task, outcome: Outcome, usage: dict[str, Any] | None) -> bool:
         async with self.sessions() as session:
-            done = await task_store.finish(
+            return await task_store.finish(
                 session,
                 task.id,
                 self.worker_id,
                 status=outcome.status,
                 result=outcome.result,
                 error=outcome.error,
-                usage=outcome.usage_row(task),
+                usage=usage,
             )
-        if done:
-            logger.info("task %s: %s", task.id, outcome.status)
-            self._wake_callbacks.set()
-        else:
-            logger.warning("task %s: lost its lease before finishing; result dropped", task.id)
 
     async def _keep_lease(
         self, task_id: str, progress: _Progress, job: asyncio.Task[Outcome]
@@ -260,12 +285,15 @@ class InProcessQueue:
 
     async def _callback(self, task: Task) -> None:
         assert task.callback_url is not None
+        token = logs.request_id.set(task.id)
         try:
             body = await self.render(task)
             delivered = await self.callbacks.send(task.callback_url, task.id, body)
         except Exception:
             logger.exception("task %s: callback attempt failed", task.id)
             delivered = False
+        finally:
+            logs.request_id.reset(token)
         attempts = task.callback_attempts + 1
         retry_in = None
         if not delivered and attempts < self.settings.callback_max_attempts:
@@ -276,9 +304,21 @@ class InProcessQueue:
             )
 
 
+def _detached(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    return asyncio.create_task(work, name=name, context=contextvars.Context())
+
+
 def _age(moment: datetime) -> float:
     aware = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     return max(0.0, (utcnow() - aware).total_seconds())
+
+
+def _unrecorded(task: Task) -> Outcome:
+    message = (
+        "The task ran, but its outcome could not be recorded (a database error, logged under "
+        f"the task id {task.id}); it will not be run again. Submit it anew."
+    )
+    return Outcome(task_store.FAILED, None, {"code": 500, "message": message})
 
 
 def _abandoned(task: Task) -> Outcome:
