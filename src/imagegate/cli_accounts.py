@@ -1,11 +1,11 @@
 """CLI commands about accounts: usage rows and totals, ledger reconciliation, balances, limits
-and allowed models of keys and users."""
+and allowed models of keys and users, user passwords and token revocation."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import click
@@ -15,7 +15,7 @@ from imagegate.store import ledger
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, User, to_utc, utcnow
+from imagegate.store.models import ApiKey, CreditLease, LedgerEntry, User, to_utc, utcnow
 
 _FILTERS = [
     click.option("--key", "key_id", type=int, default=None, help="Only this key id."),
@@ -85,35 +85,75 @@ def usage_totals(by: str, **filters: Any) -> None:
 )
 @click.option("--fix", is_flag=True, help="Refund the abandoned reservations.")
 def usage_reconcile(older_than: int, fix: bool) -> None:
-    """Check every balance against its ledger, and find reservations whose call never ended
-    (the process died mid-call); with --fix, refund them."""
+    """Check every balance against its ledger and list the open reservations (calls and
+    credit leases not settled yet); those older than --older-than count as abandoned (their
+    process died mid-call), and --fix refunds them. Servers refund the leases of dead
+    processes themselves once their heartbeat stops."""
 
     async def work(session: AsyncSession) -> list[str]:
         cutoff = utcnow() - timedelta(minutes=older_than)
-        lines = []
-        for entry in await ledger.open_reservations(session, cutoff):
-            account = ledger.Account.of(entry.account)
+        leases = await ledger.open_leases(session)
+        lines, held, abandoned = [], 0, 0
+        for entry in await ledger.open_reservations(session, utcnow() + timedelta(days=1)):
+            if _aware(entry.created_at) >= cutoff:
+                lines.append(_open_line(entry, leases.get(entry.request_id)))
+                held -= entry.amount
+                continue
+            abandoned += 1
             lines.append(f"abandoned reservation {entry.request_id}: {-entry.amount} credits")
             if fix:
-                await ledger.settle(
-                    session,
-                    account,
-                    reserved=-entry.amount,
-                    charge=0,
-                    request_id=entry.request_id,
-                    detail="reconcile: abandoned",
-                    commit=False,
-                )
-                await audited(session, "ledger.refund", account.label, {"id": entry.request_id})
+                await _refund(session, entry, entry.request_id in leases)
         lines += await _mismatches(session)
-        return lines
+        return [*lines, _summary(lines, held, abandoned, fix)]
 
     lines = with_session(settings(), work)
     for line in lines:
         click.echo(line)
-    click.echo("ledger consistent" if not any("mismatch" in x for x in lines) else "MISMATCH")
-    if any("mismatch" in x for x in lines):
+    if any(x.startswith("mismatch") for x in lines):
         raise SystemExit(1)
+
+
+def _aware(moment: datetime) -> datetime:
+    """A stored time as an aware UTC time (SQLite gives them back naive)."""
+    return to_utc(moment) or moment
+
+
+def _open_line(entry: LedgerEntry, lease: CreditLease | None) -> str:
+    line = f"open reservation {entry.request_id} ({entry.account}): {-entry.amount} credits"
+    if lease is None:
+        return line + " (a call in progress)"
+    renewed = (utcnow() - _aware(lease.heartbeat_at)).total_seconds()
+    return line + f" (credit lease of {lease.owner}, renewed {renewed:.0f} s ago)"
+
+
+async def _refund(session: AsyncSession, entry: LedgerEntry, is_lease: bool) -> None:
+    account = ledger.Account.of(entry.account)
+    if is_lease:  # through its lease row, so neither its owner nor a server refunds it again
+        await ledger.reclaim_lease(
+            session, entry.request_id, stale_before=None, reason="reconcile", commit=False
+        )
+    else:
+        await ledger.settle(
+            session,
+            account,
+            reserved=-entry.amount,
+            charge=0,
+            request_id=entry.request_id,
+            detail="reconcile: abandoned",
+            commit=False,
+        )
+    await audited(session, "ledger.refund", account.label, {"id": entry.request_id})
+
+
+def _summary(lines: list[str], held: int, abandoned: int, fixed: bool) -> str:
+    if any(x.startswith("mismatch") for x in lines):
+        return "MISMATCH"
+    summary = "ledger consistent"
+    opened = sum(x.startswith("open reservation") for x in lines)
+    summary += f"; {opened} open reservations hold {held} credits" if opened else ""
+    if abandoned:
+        summary += f"; {abandoned} abandoned " + ("refunded" if fixed else "(--fix refunds them)")
+    return summary
 
 
 async def _mismatches(session: AsyncSession) -> list[str]:
@@ -243,3 +283,41 @@ def keys_models(key_id: int, models: tuple[str, ...], all_models: bool) -> None:
         return f"{label}: models {', '.join(allowed) if allowed else 'all'}"
 
     _change(_key(key_id), change)
+
+
+@click.command("password")
+@click.argument("username")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    help="Asked for when not given (or set IMAGEGATE_USER_PASSWORD).",
+    envvar="IMAGEGATE_USER_PASSWORD",
+)
+def users_password(username: str, password: str) -> None:
+    """Set a user's password; the tokens it was issued before stop working."""
+
+    async def change(session: AsyncSession, row: Row, label: str) -> str:
+        await user_store.set_password(session, username=username, password=password)
+        await audited(session, "user.password", label)
+        return f"{label}: password changed; its earlier tokens no longer work"
+
+    try:
+        _change(_user(username), change)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command("revoke-tokens")
+@click.argument("username")
+def users_revoke_tokens(username: str) -> None:
+    """Make every token the user was issued so far stop working (its keys keep working)."""
+
+    async def change(session: AsyncSession, row: Row, label: str) -> str:
+        assert isinstance(row, User)
+        await user_store.revoke_tokens(session, row)
+        await audited(session, "user.revoke_tokens", label)
+        return f"{label}: tokens revoked (running servers drop them within the key cache time)"
+
+    _change(_user(username), change)

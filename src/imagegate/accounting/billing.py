@@ -129,6 +129,11 @@ class Billing:
         if self.leases is not None:
             self.leases.forget(account)
 
+    def start(self) -> None:
+        """Renew this process's credit leases and refund those of dead processes."""
+        if self.leases is not None:
+            self.leases.start()
+
     async def close(self) -> None:
         if self.leases is not None:
             await self.leases.close()

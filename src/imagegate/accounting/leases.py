@@ -11,10 +11,14 @@ with the lease).
 A lease serves at most `max_age` seconds and is closed after `idle` seconds without use, once
 its requests in flight are done; shutdown closes every lease. Leases are only taken while the
 balance is large: a lease takes at most 1/`share` of the balance and at least `min_requests`
-times the request's maximum, so small balances keep the exact per-request path. A process that
-dies with a lease open leaves an open reservation that `imagegate usage reconcile --fix`
-refunds in full (the requests it served in its last seconds go uncharged in the ledger; their
-usage rows still hold the charge).
+times the request's maximum, so small balances keep the exact per-request path.
+
+Each lease has a `credit_leases` row naming its owner (this process), whose heartbeat the
+owner renews every third of `timeout` while the lease is open. Every process looks for leases
+whose heartbeat is older than `timeout` (their process died) and refunds them in full (the
+requests a dead process served in its last seconds go uncharged in the ledger; their usage
+rows still hold the charge). Deleting the row decides who settles a lease, so it is settled
+once even if its owner was only stalled.
 
 A balance set by an admin replaces what open leases hold: when such a lease closes, its
 unused credits do not come back on top of the new balance (see `ledger.close_lease`).
@@ -24,10 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -68,6 +75,8 @@ class LeaseRules:
     """No lease smaller than this many requests at the current price: use the exact path."""
     max_requests: int = 4096
     """No lease larger than this many requests at the current price."""
+    timeout: float = 30.0
+    """A lease whose owner has not renewed it this long is refunded by any process."""
 
 
 class CreditLeases:
@@ -84,6 +93,15 @@ class CreditLeases:
         self._closing: set[asyncio.Task[None]] = set()
         self._renewing: set[asyncio.Task[None]] = set()
         self._janitor: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._open: dict[str, Lease] = {}
+        """Leases not yet settled (current, retired, closing): the heartbeat renews them."""
+        self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+    def start(self) -> None:
+        """Renew this process's leases and refund those of dead processes, until `close`."""
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep(), name="credit-lease-heartbeat")
 
     async def take(self, account: ledger.Account, amount: int) -> Lease | None:
         """Reserve `amount` from this process's lease on the account, renewing the lease when
@@ -146,6 +164,9 @@ class CreditLeases:
         for lease in list(self._current.values()):
             self._retire(lease)
         await asyncio.gather(*self._closing, return_exceptions=True)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
 
     # ------------------------------------------------------------------ internals
 
@@ -205,13 +226,18 @@ class CreditLeases:
                 return None
             lease_id = f"lease.{secrets.token_hex(8)}"
             detail = f"lease for {grant // amount} requests of up to {amount} credits"
-            if not await ledger.reserve(session, account, grant, lease_id, detail):
+            taken = await ledger.reserve(
+                session, account, grant, lease_id, detail, lease_owner=self.owner
+            )
+            if not taken:
                 return None  # another process took part of the balance meanwhile
         now = time.monotonic()
         lease = Lease(lease_id, account, grant, grant, taken_at=now, used_at=now)
+        self._open[lease_id] = lease
         if install:
             self._current[account] = lease
         self._start_janitor()
+        self.start()
         return lease
 
     def _grant(self, balance: int | None, amount: int) -> int | None:
@@ -242,6 +268,13 @@ class CreditLeases:
         if lease.closed:
             return
         lease.closed = True
+        try:
+            await self._settle(lease)
+        finally:
+            # Settled, or given up on: its heartbeat stops, so another process refunds it.
+            self._open.pop(lease.id, None)
+
+    async def _settle(self, lease: Lease) -> None:
         for attempt in range(CLOSE_ATTEMPTS):
             try:
                 async with self.sessions() as session:
@@ -252,6 +285,7 @@ class CreditLeases:
                         granted=lease.granted,
                         spent=lease.spent,
                         charges=lease.charges,
+                        owner=self.owner,
                     )
                 return
             except Exception:
@@ -259,12 +293,41 @@ class CreditLeases:
                 logger.warning("closing credit lease %s failed (attempt %d)", lease.id, attempt + 1)
                 await asyncio.sleep(min(2.0**attempt * 0.2, 5.0))
         logger.error(
-            "could not close credit lease %s (%d credits) after %d attempts; `imagegate usage "
-            "reconcile --fix` refunds it",
+            "could not close credit lease %s (%d credits) after %d attempts; a process "
+            "refunds it once its heartbeat is %s s old",
             lease.id,
             lease.granted,
             CLOSE_ATTEMPTS,
+            self.rules.timeout,
         )
+
+    async def _keep(self) -> None:
+        """Every third of the timeout: renew this process's leases, refund dead ones."""
+        while True:
+            await asyncio.sleep(self.rules.timeout / 3)
+            try:
+                if self._open:
+                    async with self.sessions() as session:
+                        await ledger.heartbeat(session, self.owner)
+                await self._reclaim_stale()
+            except Exception:
+                logger.exception("credit lease heartbeat or sweep failed; retrying")
+
+    async def _reclaim_stale(self) -> None:
+        before = utcnow() - timedelta(seconds=self.rules.timeout)
+        async with self.sessions() as session:
+            stale = await ledger.stale_leases(session, before, not_owner=self.owner)
+        for lease_id in stale:
+            async with self.sessions() as session:
+                refunded = await ledger.reclaim_lease(
+                    session, lease_id, stale_before=before, reason="heartbeat stopped"
+                )
+            if refunded is not None:
+                logger.warning(
+                    "refunded credit lease %s (%d credits): its process stopped renewing it",
+                    lease_id,
+                    refunded,
+                )
 
     def _start_janitor(self) -> None:
         if self._janitor is None or self._janitor.done():

@@ -107,7 +107,15 @@ async def list_keys(_admin: AdminKey, service: Service) -> Response:
 
 @router.delete("/keys/{key_id}")
 async def revoke_key(key_id: int, admin: AdminKey, service: Service) -> Response:
+    if key_id == admin.key_id:
+        raise Conflict(
+            "This is the key you are using: revoke it with another admin key, or with "
+            f"`imagegate keys revoke {key_id}`."
+        )
     async with service.sessions.begin() as session:
+        key = await session.get(ApiKey, key_id)
+        if key is not None and key.is_admin and key.revoked_at is None:
+            await _keep_an_admin(session, without_key=key_id)
         if not await key_store.revoke_key(session, key_id=key_id):
             raise NotFound(f"No active key with id {key_id}.")
         await _audit(session, admin, "key.revoke", f"key:{key_id}", None)
@@ -147,10 +155,43 @@ async def enable_user(username: str, admin: AdminKey, service: Service) -> Respo
     return ok(await _set_disabled(service, admin, username, disabled=False))
 
 
+@router.post("/users/{username}/revoke-tokens")
+async def revoke_tokens(username: str, admin: AdminKey, service: Service) -> Response:
+    """Every getToken token of the user issued so far stops working; its keys do not."""
+    async with service.sessions.begin() as session:
+        user = await _user(session, username)
+        await user_store.revoke_tokens(session, user)
+        await _audit(session, admin, "user.revoke_tokens", f"user:{user.id}", None)
+    service.forget_user(user.id)
+    return ok({**user_view(user), "tokens_revoked": True})
+
+
+class PasswordSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    password: str = Field(min_length=MIN_PASSWORD_LENGTH, max_length=1000)
+
+
+@router.put("/users/{username}/password")
+async def set_password(
+    username: str, body: PasswordSet, admin: AdminKey, service: Service
+) -> Response:
+    """A new password; the user's tokens issued before it stop working."""
+    async with service.sessions.begin() as session:
+        user = await user_store.set_password(session, username=username, password=body.password)
+        if user is None:
+            raise NotFound(f"No user {username!r}: see GET /admin/users.")
+        await _audit(session, admin, "user.password", f"user:{user.id}", None)
+    service.forget_user(user.id)
+    return ok({**user_view(user), "tokens_revoked": True})
+
+
 async def _set_disabled(
     service: ImageService, admin: Principal, username: str, *, disabled: bool
 ) -> dict[str, Any]:
     async with service.sessions.begin() as session:
+        if disabled:
+            await _may_disable(session, admin, username)
         user = await user_store.set_disabled(session, username=username, disabled=disabled)
         if user is None:
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
@@ -221,11 +262,20 @@ class KeyLimitsSet(LimitsSet):
 async def set_key_limits(
     key_id: int, body: KeyLimitsSet, admin: AdminKey, service: Service
 ) -> Response:
+    changes = body.model_dump(exclude_unset=True)
+    restricts = [name for name, value in changes.items() if value is not None]
+    if key_id == admin.key_id and restricts:
+        raise Conflict(
+            f"This is the key you are using: set {', '.join(restricts)} of it with another "
+            "admin key, so that a mistake cannot lock you out."
+        )
     async with service.sessions.begin() as session:
         key = await session.get(ApiKey, key_id)
         if key is None:
             raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
-        for name, value in body.model_dump(exclude_unset=True).items():
+        if key.is_admin and changes.get("expires_at") is not None:
+            await _keep_an_admin(session, without_key=key_id)
+        for name, value in changes.items():
             setattr(key, name, value)
         detail = body.model_dump(mode="json")
         await _audit(session, admin, "key.limits", f"key:{key_id}", detail)
@@ -313,6 +363,35 @@ async def reload_models(admin: AdminKey, service: Service, settings: SettingsDep
     async with service.sessions.begin() as session:
         await _audit(session, admin, "models.reload", "catalog", changes)
     return ok(changes)
+
+
+async def _user(session: AsyncSession, username: str) -> User:
+    user = await user_store.find_user(session, username=username)
+    if user is None:
+        raise NotFound(f"No user {username!r}: see GET /admin/users.")
+    return user
+
+
+async def _may_disable(session: AsyncSession, admin: Principal, username: str) -> None:
+    user = await _user(session, username)
+    if user.id == admin.user_id:
+        raise Conflict(
+            f"User {username!r} is who you are acting as (your token or key belongs to it): "
+            "disable it with another admin's key."
+        )
+    await _keep_an_admin(session, without_user=user.id)
+
+
+async def _keep_an_admin(
+    session: AsyncSession, *, without_key: int | None = None, without_user: int | None = None
+) -> None:
+    """409 when the change would leave no active admin key or admin user."""
+    if await user_store.admins_left(session, without_key=without_key, without_user=without_user):
+        return
+    raise Conflict(
+        "This would leave no active admin key or admin user, and nobody could use the admin "
+        'API: create another admin first (POST /admin/keys with "is_admin": true).'
+    )
 
 
 async def _audit(

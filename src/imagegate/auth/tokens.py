@@ -1,4 +1,8 @@
-"""Lab v4 bearer tokens: HS256 JWTs naming a user, with an expiry."""
+"""Lab v4 bearer tokens: HS256 JWTs naming a user and its token version, with an expiry.
+
+The version (`ver`) makes tokens revocable: the service accepts a token only while it matches
+the user's `token_version`, which disabling the user, a new password or an admin's
+revoke-tokens bumps."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ class TokenClaims:
     user_id: int
     username: str
     expires_at: int
+    version: int
 
 
 class TokenIssuer:
@@ -27,12 +32,13 @@ class TokenIssuer:
         self._key = hmac.new(secret_key, b"imagegate jwt", hashlib.sha256).digest()
         self.ttl_seconds = ttl_seconds
 
-    def issue(self, user_id: int, username: str) -> str:
+    def issue(self, user_id: int, username: str, version: int) -> str:
         now = int(time.time())
         claims = {
             "iss": _ISSUER,
             "sub": str(user_id),
             "name": username,
+            "ver": version,
             "iat": now,
             "exp": now + self.ttl_seconds,
         }
@@ -46,9 +52,14 @@ class TokenIssuer:
                 self._key,
                 algorithms=[_ALGORITHM],
                 issuer=_ISSUER,
-                options={"require": ["exp", "sub", "iss"]},
+                options={"require": ["exp", "sub", "iss", "ver"]},
             )
-            return TokenClaims(int(claims["sub"]), str(claims.get("name", "")), int(claims["exp"]))
+            return TokenClaims(
+                int(claims["sub"]),
+                str(claims.get("name", "")),
+                int(claims["exp"]),
+                int(claims["ver"]),
+            )
         except (jwt.PyJWTError, ValueError, KeyError):
             return None
 

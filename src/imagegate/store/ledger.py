@@ -4,6 +4,11 @@ A reservation is one conditional UPDATE (`balance = balance - x WHERE balance >=
 transaction that also writes its ledger row, so concurrent requests can never take a balance
 below zero, on SQLite (one writer at a time) and on PostgreSQL (the row lock makes the second
 UPDATE re-check the condition). The sum of an account's ledger amounts is its balance.
+
+A credit lease (accounting/leases.py) is a reservation with a `credit_leases` row naming its
+owner process, which renews the row's heartbeat. Settling a lease deletes its row; so does
+refunding a lease whose owner stopped renewing it (`reclaim_lease`). Whoever deletes the row
+settles the lease, so it is never settled twice.
 """
 
 from __future__ import annotations
@@ -12,11 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, delete, func, insert, select, update
 
 from imagegate.store.bulk import insert_many
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, LedgerEntry, User, utcnow
+from imagegate.store.models import ApiKey, CreditLease, LedgerEntry, User, utcnow
 
 RESERVE, SETTLE, REFUND, SET = "reserve", "settle", "refund", "set"
 LEDGER_TABLE: Table = LedgerEntry.__table__  # type: ignore[assignment]
@@ -67,9 +72,18 @@ async def balance_of(session: AsyncSession, account: Account) -> int | None:
 
 
 async def reserve(
-    session: AsyncSession, account: Account, amount: int, request_id: str, detail: str
+    session: AsyncSession,
+    account: Account,
+    amount: int,
+    request_id: str,
+    detail: str,
+    *,
+    lease_owner: str | None = None,
 ) -> bool:
-    """Take `amount` from the balance if it covers it; False (nothing written) if it does not."""
+    """Take `amount` from the balance if it covers it; False (nothing written) if it does not.
+
+    With `lease_owner`, the reservation is a credit lease of that process (`credit_leases` row,
+    same transaction)."""
     table = account.table
     taken = await session.execute(
         update(table)
@@ -80,6 +94,18 @@ async def reserve(
         await session.rollback()
         return False
     await _entry(session, account, RESERVE, -amount, None, request_id, detail)
+    if lease_owner is not None:
+        now = utcnow()
+        await session.execute(
+            insert(CreditLease).values(
+                id=request_id,
+                account=account.label,
+                granted=amount,
+                owner=lease_owner,
+                heartbeat_at=now,
+                created_at=now,
+            )
+        )
     await session.commit()
     return True
 
@@ -117,36 +143,29 @@ async def close_lease(
     granted: int,
     spent: int,
     charges: list[dict[str, Any]],
+    owner: str,
 ) -> None:
     """Settle a credit lease (accounting/leases.py): the unused credits go back to the balance,
     and each request it served gets a `charge` row, all in one transaction.
 
     When the balance was set after the lease was taken, the new balance replaced what the
-    lease held: nothing comes back (the settlement row says so)."""
-    table = account.table
-    # Lock the account row first (as set_balance does), so no balance can be set between
-    # the check below and the refund.
-    await session.execute(update(table).where(table.id == account.id).values(balance=table.balance))
-    taken = select(func.min(LedgerEntry.id)).where(
-        LedgerEntry.request_id == lease_id, LedgerEntry.kind == RESERVE
+    lease held: nothing comes back (the settlement row says so). When another process
+    reclaimed the lease meanwhile (it was refunded whole), what its requests spent is taken
+    now."""
+    await _lock(session, account)
+    held = await session.execute(
+        delete(CreditLease).where(CreditLease.id == lease_id, CreditLease.owner == owner)
     )
-    replaced = await session.scalar(
-        select(func.count())
-        .select_from(LedgerEntry)
-        .where(
-            LedgerEntry.account == account.label,
-            LedgerEntry.kind == SET,
-            LedgerEntry.id > taken.scalar_subquery(),
-        )
-    )
-    back = 0 if replaced else granted - spent
+    reclaimed = int(held.rowcount) == 0  # type: ignore[attr-defined]
+    replaced = await _replaced_since(session, account, lease_id)
+    back = 0 if replaced else -spent if reclaimed else granted - spent
     detail = f"lease: {len(charges)} requests"
     if replaced:
         detail += f"; the balance was set meanwhile, so its {granted - spent} unused credits lapse"
+    elif reclaimed:
+        detail += "; it was refunded whole as abandoned meanwhile, so what they spent is taken now"
     if back:
-        await session.execute(
-            update(table).where(table.id == account.id).values(balance=table.balance + back)
-        )
+        await _credit(session, account, back)
     await _entry(session, account, SETTLE, back, spent, lease_id, detail)
     if charges:
         rows = [
@@ -161,6 +180,96 @@ async def close_lease(
         ]
         await insert_many(await session.connection(), LEDGER_TABLE, rows)
     await session.commit()
+
+
+async def reclaim_lease(
+    session: AsyncSession,
+    lease_id: str,
+    *,
+    stale_before: datetime | None,
+    reason: str,
+    commit: bool = True,
+) -> int | None:
+    """Refund a credit lease its owner no longer settles: its whole grant comes back (the
+    requests it served were never written to the ledger). With `stale_before`, only if its
+    heartbeat is older. The credits refunded; None when someone else settled it first."""
+    lease = await session.get(CreditLease, lease_id)
+    if lease is None:
+        return None
+    account = Account.of(lease.account)
+    await _lock(session, account)
+    condition = [CreditLease.id == lease_id]
+    if stale_before is not None:
+        condition.append(CreditLease.heartbeat_at < stale_before)
+    won = await session.execute(delete(CreditLease).where(*condition))
+    if int(won.rowcount) != 1:  # type: ignore[attr-defined]
+        if commit:
+            await session.rollback()
+        return None
+    replaced = await _replaced_since(session, account, lease_id)
+    back = 0 if replaced else lease.granted
+    if back:
+        await _credit(session, account, back)
+    detail = f"{reason}: lease of {lease.owner} refunded"
+    if replaced:
+        detail += f"; the balance was set meanwhile, so its {lease.granted} credits lapse"
+    await _entry(session, account, REFUND, back, 0, lease_id, detail)
+    if commit:
+        await session.commit()
+    return back
+
+
+async def heartbeat(session: AsyncSession, owner: str) -> None:
+    """The owner of credit leases is alive: renew all of them."""
+    await session.execute(
+        update(CreditLease).where(CreditLease.owner == owner).values(heartbeat_at=utcnow())
+    )
+    await session.commit()
+
+
+async def stale_leases(session: AsyncSession, before: datetime, *, not_owner: str) -> list[str]:
+    """Leases of other processes whose heartbeat is older than `before` (the owner died)."""
+    found = await session.scalars(
+        select(CreditLease.id).where(
+            CreditLease.heartbeat_at < before, CreditLease.owner != not_owner
+        )
+    )
+    return list(found)
+
+
+async def open_leases(session: AsyncSession) -> dict[str, CreditLease]:
+    return {row.id: row for row in await session.scalars(select(CreditLease))}
+
+
+async def _lock(session: AsyncSession, account: Account) -> None:
+    """Lock the account row (as set_balance does), so no balance is set between a check of
+    `_replaced_since` and the refund."""
+    table = account.table
+    await session.execute(update(table).where(table.id == account.id).values(balance=table.balance))
+
+
+async def _credit(session: AsyncSession, account: Account, amount: int) -> None:
+    table = account.table
+    await session.execute(
+        update(table).where(table.id == account.id).values(balance=table.balance + amount)
+    )
+
+
+async def _replaced_since(session: AsyncSession, account: Account, request_id: str) -> bool:
+    """Was the balance set after this reservation was taken?"""
+    taken = select(func.min(LedgerEntry.id)).where(
+        LedgerEntry.request_id == request_id, LedgerEntry.kind == RESERVE
+    )
+    replaced = await session.scalar(
+        select(func.count())
+        .select_from(LedgerEntry)
+        .where(
+            LedgerEntry.account == account.label,
+            LedgerEntry.kind == SET,
+            LedgerEntry.id > taken.scalar_subquery(),
+        )
+    )
+    return bool(replaced)
 
 
 async def set_balance(

@@ -54,6 +54,9 @@ class User(Base):
     """Requests in flight at once; None: no limit."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    token_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """getToken JWTs carry the version they were issued at; bumped (so older tokens stop
+    working) when the user is disabled, its password changes or an admin revokes its tokens."""
 
 
 class ApiKey(Base):
@@ -173,6 +176,24 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
     )
+
+
+class CreditLease(Base):
+    """An open credit lease (accounting/leases.py): its `reserve` ledger row has the same id.
+
+    Written in the transaction that reserves the lease, deleted in the one that settles it.
+    The owner renews `heartbeat_at`; a lease whose owner stopped renewing it (the process
+    died) is refunded by whichever process sees it first (deleting the row decides who)."""
+
+    __tablename__ = "credit_leases"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account: Mapped[str] = mapped_column(String(40))
+    granted: Mapped[int] = mapped_column(BigInteger)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    """"<host>:<pid>:<random>" of the process that holds it."""
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class AuditEntry(Base):

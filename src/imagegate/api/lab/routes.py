@@ -20,8 +20,9 @@ RawBody = Body(..., media_type="application/json")
 
 
 @router.post("/v3/auth/getToken")
-async def get_token(body: protocol.GetTokenBody, service: Service) -> Response:
-    token = await service.login(body.username, body.password)
+async def get_token(request: Request, body: protocol.GetTokenBody, service: Service) -> Response:
+    address = request.client.host if request.client is not None else "unknown"
+    token = await service.login(body.username, body.password, address)
     return ok(f"Bearer {token}")
 
 
