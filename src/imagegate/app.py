@@ -32,6 +32,7 @@ from imagegate.api.nebula.translate import to_image_request
 from imagegate.api.openai import routes as openai
 from imagegate.api.responses import JSON
 from imagegate.api.tasks import Tasks
+from imagegate.auth.throttle import LoginThrottle
 from imagegate.auth.tokens import TokenIssuer
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
@@ -82,6 +83,11 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             log_prompts=settings.log_prompts,
             usage_log=settings.usage_log,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
+            logins=LoginThrottle.create(
+                settings.redis_url,
+                max_failures=settings.login_max_failures,
+                window_seconds=settings.login_window_seconds,
+            ),
         )
         queue = _task_queue(settings, service, loader, fetcher)
         app.state.settings = settings
@@ -91,6 +97,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         app.state.engine = engine
         if settings.preload_models:
             await catalog.start_all()
+        service.billing.start()
         await queue.start()
         try:
             yield
@@ -99,6 +106,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             await service.billing.close()
             await service.usage.close()
             await service.limiter.close()
+            await service.logins.close()
             await catalog.close()
             await fetcher.aclose()
             await engine.dispose()
@@ -205,7 +213,11 @@ def _check_scraper(token: SecretStr | None, request: Request) -> None:
 
 def _lease_rules(settings: Settings) -> LeaseRules | None:
     seconds = settings.credit_lease_seconds
-    return LeaseRules(max_age=seconds, idle=min(1.0, seconds)) if seconds > 0 else None
+    if seconds <= 0:
+        return None
+    return LeaseRules(
+        max_age=seconds, idle=min(1.0, seconds), timeout=settings.credit_lease_timeout_seconds
+    )
 
 
 async def _database_ok(app: FastAPI) -> bool:

@@ -86,11 +86,18 @@ class Settings(BaseSettings):
     """Large balances are served from per-process credit leases that live at most this long
     (a balance changed through another process applies here within it); 0: every request
     reserves and settles in the database (two write transactions per priced request)."""
+    credit_lease_timeout_seconds: float = Field(default=30.0, gt=0)
+    """A credit lease whose process stopped renewing it this long (it died) is refunded by any
+    other process; the owner renews every third of it."""
     redis_url: str | None = None
     """Share rate-limit counters between processes (e.g. redis://127.0.0.1:6379/0)."""
     # Users and the Lab v4 API.
     jwt_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
     """Lifetime of the tokens POST /prod-api/v3/auth/getToken issues."""
+    login_max_failures: int = Field(default=10, ge=1)
+    login_window_seconds: float = Field(default=300.0, gt=0)
+    """More failed getToken attempts than login_max_failures within this many seconds lock
+    that username, and that client address, until the window ends (429 with Retry-After)."""
     lab_default_model: str = "imagegate-demo"
     """Model for Lab v4 submissions that name none (text2imageSubmit, volcImageBo)."""
     # Async tasks: in-process workers that claim tasks from the database under a lease.

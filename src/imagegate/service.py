@@ -18,7 +18,8 @@ from imagegate import metrics
 from imagegate.accounting.billing import Billing, Hold
 from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import Limits, MemoryLimiter, RateLimiter, Subject
-from imagegate.auth.passwords import verify_password
+from imagegate.auth.passwords import verify_password_async
+from imagegate.auth.throttle import LoginThrottle
 from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
 from imagegate.catalog import Catalog
 from imagegate.errors import (
@@ -103,6 +104,7 @@ class ImageService:
         credits_per_unit: int = 500_000,
         leases: LeaseRules | None = None,
         limiter: RateLimiter | None = None,
+        logins: LoginThrottle | None = None,
         log_prompts: bool = False,
         usage_log: bool = True,
     ) -> None:
@@ -114,11 +116,15 @@ class ImageService:
         self.tokens = tokens
         self.billing = Billing(sessions, catalog, credits_per_unit, leases)
         self.limiter: RateLimiter = limiter or MemoryLimiter()
+        self.logins = logins or LoginThrottle()
         self.log_prompts = log_prompts
         self.usage_log = usage_log
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
+        # Bumped by every forget_*: a check that began before a revocation must not put its
+        # (by then stale) answer in the cache after the revocation emptied it.
+        self._revocations = 0
 
     async def authenticate(self, secret: str | None) -> Principal:
         """The caller behind an API key (`sk-...`) or a token from getToken (a JWT)."""
@@ -131,11 +137,12 @@ class ImageService:
         cached = self._keys.get(digest)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        revocations = self._revocations
         if looks_like_jwt(secret):
             principal = await self._token_principal(secret)
         else:
             principal = await self._key_principal(secret)
-        if self.key_cache_seconds > 0:
+        if self.key_cache_seconds > 0 and revocations == self._revocations:
             if len(self._keys) > 10_000:
                 self._keys.clear()
             self._keys[digest] = (principal, time.monotonic() + self.key_cache_seconds)
@@ -157,27 +164,36 @@ class ImageService:
         if claims is not None:
             async with self.sessions() as session:
                 user = await user_store.active_user(session, claims.user_id)
-        if user is None:
+        if claims is None or user is None:
             raise AuthenticationFailed(
                 "Invalid or expired token: get a new one from POST /prod-api/v3/auth/getToken."
             )
+        if claims.version != user.token_version:
+            raise AuthenticationFailed(
+                "This token was revoked (a new password, the user disabled, or an admin's "
+                "revoke-tokens): get a new one from POST /prod-api/v3/auth/getToken."
+            )
         return _user_principal(user)
 
-    async def login(self, username: str, password: str) -> str:
+    async def login(self, username: str, password: str, address: str) -> str:
         """A signed token for a user's name and password (getToken).
 
-        Unknown users and wrong passwords get the same answer after the same work.
+        Unknown users and wrong passwords get the same answer after the same work. Failed
+        attempts are throttled per username and per client `address` (429 with Retry-After).
         """
+        await self.logins.attempt(username, address)
         async with self.sessions() as session:
             user = await user_store.find_user(session, username=username)
         hashed = user.password_hash if user is not None else None
-        matches = await asyncio.to_thread(verify_password, hashed, password)
+        matches = await verify_password_async(hashed, password)
         if user is None or not matches or user.disabled_at is not None:
             raise AuthenticationFailed("Invalid username or password.")
-        return self.tokens.issue(user.id, user.username)
+        await self.logins.succeeded(username, address)
+        return self.tokens.issue(user.id, user.username, user.token_version)
 
     def forget_key(self, key_id: int) -> None:
         """Drop a revoked key from this process's cache at once (others expire it in seconds)."""
+        self._revocations += 1
         self._keys = {d: v for d, v in self._keys.items() if v[0].key_id != key_id}
         self.billing.forget(Account("key", key_id))
 
@@ -199,6 +215,7 @@ class ImageService:
 
     def forget_user(self, user_id: int) -> None:
         """Drop a disabled user's keys and tokens from this process's cache at once."""
+        self._revocations += 1
         self._keys = {d: v for d, v in self._keys.items() if v[0].user_id != user_id}
         self.billing.forget(Account("user", user_id))
 
