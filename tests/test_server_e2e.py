@@ -99,12 +99,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def _read_admin_key(process: subprocess.Popen[bytes], log: Path) -> str:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        if match := re.search(r"(sk-[A-Za-z0-9_-]{20,})", log.read_text()):
-            return match[1]
+        # Not a terminal: the server writes its first key to a private file and logs the path.
+        if match := re.search(r"wrote it to (\S+) \(mode 600\)", log.read_text()):
+            return Path(match[1]).read_text().strip()
         if process.poll() is not None:
             raise AssertionError(f"server exited before printing its key:\n{log.read_text()}")
         time.sleep(0.1)
-    raise AssertionError("no admin key printed within 60 s")
+    raise AssertionError("no admin key file named in the log within 60 s")
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
