@@ -82,6 +82,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             leases=_lease_rules(settings),
             log_prompts=settings.log_prompts,
             usage_log=settings.usage_log,
+            request_timeout_seconds=settings.request_timeout_seconds,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
             logins=LoginThrottle.create(
                 settings.redis_url,

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     """Cap on one image downloaded from a provider's result link (4K PNGs are large)."""
     fetch_timeout_seconds: float = Field(default=15.0, gt=0)
+    request_timeout_seconds: float = Field(default=300.0, gt=0)
+    """The most one generation may take, waiting for a local model included: then it is
+    stopped (a local model at its next step), refunded, and answered 504."""
     fetch_allow_networks: list[str] = Field(default_factory=list)
     """CIDRs the URL fetcher may reach although private/loopback (e.g. ["127.0.0.1/32"])."""
     # Cloud providers: a key here enables that provider's known models automatically.

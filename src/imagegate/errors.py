@@ -72,6 +72,13 @@ class RateLimited(ImagegateError):
     kind = "rate_limit_error"
 
 
+class ClientDisconnected(ImagegateError):
+    """The client closed its connection before the answer was ready (nobody reads the answer;
+    the status is for the usage row and the log, as nginx's 499)."""
+
+    status = 499
+
+
 class InternalError(ImagegateError):
     status = 500
     kind = "internal_error"

@@ -28,6 +28,7 @@ from imagegate.errors import (
     InternalError,
     NotFound,
     PermissionDenied,
+    ProviderTimeout,
     RateLimited,
 )
 from imagegate.fastjson import Base64Text
@@ -107,6 +108,7 @@ class ImageService:
         logins: LoginThrottle | None = None,
         log_prompts: bool = False,
         usage_log: bool = True,
+        request_timeout_seconds: float | None = None,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
@@ -119,6 +121,8 @@ class ImageService:
         self.logins = logins or LoginThrottle()
         self.log_prompts = log_prompts
         self.usage_log = usage_log
+        self.request_timeout_seconds = request_timeout_seconds
+        """The deadline of one provider call (IMAGEGATE_REQUEST_TIMEOUT_SECONDS); None: none."""
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
         self._keys: dict[str, tuple[Principal, float]] = {}
@@ -271,6 +275,9 @@ class ImageService:
         except ImagegateError as exc:
             row.update(status=exc.status, error=exc.message, error_class=type(exc).__name__)
             raise
+        except asyncio.CancelledError:  # the client left, or the task was cancelled
+            row.update(status=499, error="Cancelled before it finished.", error_class="Cancelled")
+            raise
         except Exception as exc:
             logger.exception("generation failed for model %s", model)
             row.update(status=500, error=repr(exc)[:1000], error_class=type(exc).__name__)
@@ -318,8 +325,9 @@ class ImageService:
                     self.billing.reserve(principal.payer, request, request_id),
                     self.billing.release,
                 )
+            owned = replace(request, owner=principal.owner)  # local models take turns by it
             try:
-                result = await provider.generate(request)
+                result = await self._within_deadline(provider, owned)
             except BaseException:
                 await self.billing.release(hold)
                 raise
@@ -328,6 +336,23 @@ class ImageService:
             # Only a concurrency slot is given back; per-minute counts stay counted.
             if any(s.limits.concurrency is not None for s in principal.limits):
                 await asyncio.shield(self.limiter.release(principal.limits))
+
+    async def _within_deadline(self, provider: Provider, request: ImageRequest) -> GenerationResult:
+        """provider.generate, stopped (cancelled: a local model stops at its next step) when
+        it runs past IMAGEGATE_REQUEST_TIMEOUT_SECONDS, waiting for the model included."""
+        seconds = self.request_timeout_seconds
+        deadline = asyncio.timeout(seconds)
+        try:
+            async with deadline:
+                return await provider.generate(request)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the provider's own timeout, not ours
+            raise ProviderTimeout(
+                f"Model {request.model} did not finish within {seconds:g} seconds "
+                "(IMAGEGATE_REQUEST_TIMEOUT_SECONDS): the generation was stopped and nothing "
+                "was charged. Ask for fewer steps or images, or try again later."
+            ) from None
 
     async def deliver(
         self, images: tuple[GeneratedImage, ...], response_format: ResponseFormat, base_url: str

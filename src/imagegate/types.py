@@ -123,6 +123,8 @@ class ImageRequest:
     sequential: str | None = None
     max_images: int | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    owner: str | None = None
+    """Who asks ("key:<id>", "user:<id>"), set by the service: local models take turns by it."""
 
     @property
     def latest_image(self) -> InputImage | None:

@@ -81,6 +81,10 @@ class DiffusersOptions(ProviderOptions):
     """How long the oldest queued request waits for compatible ones; 0: no waiting."""
     max_batch: int = Field(default=8, ge=1, le=256)
     """Most images in one pipeline call; a request with more n still runs, alone."""
+    max_steps: int = Field(default=150, ge=1, le=10_000)
+    """Most num_inference_steps one request may ask for (400 above): time grows with steps."""
+    max_pixels: int = Field(default=4 * 1024 * 1024, ge=64)
+    """Most pixels one request may ask for, width x height x n (400 above): four 1024x1024."""
 
     @model_validator(mode="after")
     def _sides(self) -> DiffusersOptions:
@@ -120,6 +124,11 @@ class DiffusersProvider:
     ) -> None:
         self.name = name
         self.options = _parse_options(name, options)
+        if defaults.steps is not None and defaults.steps > self.options.max_steps:
+            raise ConfigError(
+                f"Model {name}: defaults.steps {defaults.steps} is above options.max_steps "
+                f"{self.options.max_steps}; lower the default or raise max_steps."
+            )
         self._planner = Planner(name, self.options, defaults)
         self.settings = settings
         self.pipeline_class = _import_pipeline_class(name, self.options.pipeline_class)
@@ -152,6 +161,11 @@ class DiffusersProvider:
         return self._runner.batches
 
     @property
+    def queued(self) -> int:
+        """Requests waiting for the pipeline (those of the running batch not counted)."""
+        return self._runner.queued
+
+    @property
     def defaults(self) -> ModelDefaultsConfig:
         return self._planner.defaults
 
@@ -179,7 +193,11 @@ class DiffusersProvider:
         started = time.perf_counter()
         images = await self._in_runner(
             self._runner.submit(
-                _Work(loaded, job), key=job.batch_key, size=len(job.seeds), reporter=reporter
+                _Work(loaded, job),
+                key=job.batch_key,
+                size=len(job.seeds),
+                owner=request.owner,
+                reporter=reporter,
             ),
             "generate images",
         )

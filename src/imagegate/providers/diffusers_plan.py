@@ -85,6 +85,14 @@ class Planner:
             raise InvalidRequest(
                 f"Invalid num_inference_steps={steps}: use at least 1.", param="num_inference_steps"
             )
+        if steps > self.options.max_steps:
+            raise InvalidRequest(
+                f"Invalid num_inference_steps={steps}: model {self.name} runs at most "
+                f"{self.options.max_steps} steps per request (options.max_steps in the model "
+                "config); ask for fewer.",
+                param="num_inference_steps",
+            )
+        self._check_pixels(width, height, request.n)
         strength = None
         if init is not None:
             strength = self._strength(request, can_edit, steps)
@@ -112,6 +120,16 @@ class Planner:
             seeds=tuple(seed + i for i in range(request.n)),
             output_format=output_format,
         )
+
+    def _check_pixels(self, width: int, height: int, n: int) -> None:
+        bound = self.options.max_pixels
+        if width * height * n > bound:
+            raise InvalidRequest(
+                f"Too many pixels: n={n} images of {width}x{height} are {width * height * n:,} "
+                f"pixels; model {self.name} makes at most {bound:,} per request "
+                "(options.max_pixels in the model config). Ask for fewer or smaller images.",
+                param="n" if n > 1 and width * height <= bound else "size",
+            )
 
     def _strength(self, request: ImageRequest, can_edit: bool, steps: int) -> float:
         if not can_edit:

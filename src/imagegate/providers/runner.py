@@ -4,16 +4,19 @@ Diffusers schedulers keep step state on the pipeline object, so a pipeline must 
 called from two threads at once: every job (loading included) runs in one dedicated worker
 thread while the event loop awaits the result.
 
-Jobs queue in arrival order. The worker takes the oldest job, waits up to an admission window
-for more jobs with the same batch key (up to `max_batch` images in all), and hands them to the
-batch function as one `Batch`. Jobs with another key stay queued, in order, for a later batch,
-so the oldest job is never passed over. While a batch runs, new jobs queue and form the next.
+Jobs queue per owner (the API key or user asking), each owner's in arrival order, and owners
+take turns: the next batch starts with the oldest job of the owner served least recently, so one
+owner's flood of jobs cannot make another owner's job wait behind all of it. The worker waits up
+to an admission window for more jobs with the same batch key (up to `max_batch` images in all),
+taken in the same turn order, and hands them to the batch function as one `Batch`. Jobs with
+another key stay queued for a later batch. While a batch runs, new jobs queue and form the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -62,6 +65,8 @@ class Ticket(_Pending, Generic[J]):
     job: J
     key: Hashable
     size: int
+    owner: str | None = None
+    """Who asked (takes turns with other owners); None: an owner of its own kind."""
     reporter: Reporter | None = None
     cancelled: bool = False
     """Set on the event loop when the caller gives up; read by the worker thread."""
@@ -120,8 +125,16 @@ class PipelineRunner(Generic[J, R]):
         self._closed = False
         self._idle_since = time.monotonic()
         self._thread: threading.Thread | None = None
+        self._served: dict[str | None, int] = {}
+        """Owner -> the batch number that last served it (owners never served go first)."""
         self.batches = 0
         """Batches run so far (each one pipeline call)."""
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the pipeline (the running batch not counted)."""
+        with self._cond:
+            return sum(isinstance(item, Ticket) for item in self._queue)
 
     async def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` alone in the worker thread, after the jobs queued before it."""
@@ -130,9 +143,17 @@ class PipelineRunner(Generic[J, R]):
         return result
 
     async def submit(
-        self, job: J, *, key: Hashable, size: int, reporter: Reporter | None = None
+        self,
+        job: J,
+        *,
+        key: Hashable,
+        size: int,
+        owner: str | None = None,
+        reporter: Reporter | None = None,
     ) -> R:
         """Queue `job` (`size` images) to run with other jobs of the same `key`; await its result.
+
+        `owner` is who asked: owners with queued jobs take turns (see the module docstring).
 
         Cancelling the awaiting task takes a queued job off the queue; a job whose batch is
         running has its result dropped, and a batch whose every job is cancelled is told so
@@ -140,7 +161,13 @@ class PipelineRunner(Generic[J, R]):
         """
         loop = asyncio.get_running_loop()
         ticket: Ticket[J] = Ticket(
-            loop=loop, future=loop.create_future(), job=job, key=key, size=size, reporter=reporter
+            loop=loop,
+            future=loop.create_future(),
+            job=job,
+            key=key,
+            size=size,
+            owner=owner,
+            reporter=reporter,
         )
         ticket.future.add_done_callback(lambda future: self._forget(ticket, future))
         result: R = await self._enqueue(ticket)
@@ -202,11 +229,12 @@ class PipelineRunner(Generic[J, R]):
                 if not self._queue:
                     self._cond.wait()
                     continue
-                head = self._queue[0]
-                if isinstance(head, _Solo):
+                if isinstance(solo := self._queue[0], _Solo):
                     self._queue.popleft()
-                    return head
-                batch = self._compatible(head)
+                    return solo
+                turns = self._in_turn()
+                head = turns[0]
+                batch = self._compatible(head, turns)
                 # The window opens when the oldest job arrived or the worker came free, whichever
                 # is later: jobs that queued behind a batch give clients whose requests it just
                 # answered a moment to send their next ones, so closed-loop load stays batched.
@@ -214,14 +242,29 @@ class PipelineRunner(Generic[J, R]):
                 if sum(t.size for t in batch) >= self._max_batch or time.monotonic() >= due:
                     for ticket in batch:
                         self._queue.remove(ticket)
+                        self._served[ticket.owner] = self.batches
+                    if len(self._served) > 10_000:  # keep the owners that still wait
+                        waiting = {t.owner for t in turns}
+                        self._served = {o: n for o, n in self._served.items() if o in waiting}
                     return batch
                 self._cond.wait(due - time.monotonic())
             return None
 
-    def _compatible(self, head: Ticket[J]) -> list[Ticket[J]]:
-        """The oldest job and the queued jobs of its key that fit, in arrival order."""
+    def _in_turn(self) -> list[Ticket[J]]:
+        """Queued jobs in the order they are served: the owners' first jobs, least recently
+        served owner first (ties: whose job is older), then their second jobs, and so on."""
+        by_owner: dict[str | None, list[Ticket[J]]] = {}
+        for item in self._queue:
+            if isinstance(item, Ticket):
+                by_owner.setdefault(item.owner, []).append(item)
+        owners = sorted(by_owner, key=lambda o: (self._served.get(o, -1), by_owner[o][0].arrived))
+        rounds = itertools.zip_longest(*(by_owner[o] for o in owners))
+        return [ticket for round_ in rounds for ticket in round_ if ticket is not None]
+
+    def _compatible(self, head: Ticket[J], turns: list[Ticket[J]]) -> list[Ticket[J]]:
+        """The first job in turn and the queued jobs of its key that fit, in turn order."""
         batch, size = [head], head.size
-        same_key = [t for t in self._queue if isinstance(t, Ticket) and t.key == head.key]
+        same_key = [t for t in turns if t.key == head.key]
         for ticket in same_key[1:]:
             if size + ticket.size <= self._max_batch:
                 batch.append(ticket)

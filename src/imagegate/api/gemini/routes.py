@@ -16,6 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.responses import Response
 
 from imagegate.api.deps import Loader, Service, bearer_token, request_id
+from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.errors import describe_validation
 from imagegate.api.gemini.protocol import ErrorResponse, GenerateContentRequest, Status
 from imagegate.api.gemini.translate import response_modalities, to_image_request, to_response
@@ -108,8 +109,11 @@ async def generate_content(
         return await to_image_request(model, body, loader, accepts=accepts)
 
     rid = request_id(request)
-    image_request, result = await service.generate(
-        principal, model, prepare, endpoint="gemini.generateContent", request_id=rid
+    image_request, result = await unless_client_leaves(
+        request,
+        service.generate(
+            principal, model, prepare, endpoint="gemini.generateContent", request_id=rid
+        ),
     )
     response = to_response(
         result, model=model, response_id=rid, modalities=modalities, candidates=image_request.n

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from imagegate.api.deps import base_url, loader_of, request_id, service_of
+from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.translate import to_image_request
 from imagegate.api.tasks import tasks_of
@@ -48,12 +49,15 @@ async def handle(
         )
         return Handled(task=task)
     service, loader = service_of(request), loader_of(request)
-    image_request, result = await service.generate(
-        principal,
-        body.model,
-        lambda: to_image_request(body, loader),
-        endpoint=endpoint,
-        request_id=request_id(request),
+    image_request, result = await unless_client_leaves(
+        request,
+        service.generate(
+            principal,
+            body.model,
+            lambda: to_image_request(body, loader),
+            endpoint=endpoint,
+            request_id=request_id(request),
+        ),
     )
     delivered = await service.deliver(
         result.images, image_request.response_format, base_url(request)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.responses import Response
 
 from imagegate.api.deps import CurrentKey, Loader, Service, SettingsDep, base_url, request_id
+from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.openai.protocol import ImageEditRequest, ImageGenerateRequest
 from imagegate.api.openai.render import render_error, render_images, render_model, render_models
 from imagegate.api.openai.translate import (
@@ -95,12 +96,15 @@ async def _run(
     prepare: Callable[[], Awaitable[ImageRequest]],
     endpoint: str,
 ) -> Response:
-    image_request, result = await service.generate(
-        principal,
-        model,
-        prepare,
-        endpoint=f"openai.images.{endpoint}",
-        request_id=request_id(request),
+    image_request, result = await unless_client_leaves(
+        request,
+        service.generate(
+            principal,
+            model,
+            prepare,
+            endpoint=f"openai.images.{endpoint}",
+            request_id=request_id(request),
+        ),
     )
     delivered = await service.deliver(
         result.images, image_request.response_format, base_url(request)
