@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import socket
 import stat
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +57,20 @@ def server_logging(
     """The log as `imagegate serve` writes it (logs.configure at debug), into a string;
     with IMAGEGATE_LOG_LIBRARIES or without."""
     stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    with _logging_restored():
+        logs.configure("text", "debug", libraries=request.param)
+        yield stream
+
+
+@contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Undo what logs.configure (called by the test or by `serve`) did to this process."""
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, logging.getLogRecordFactory())
     libraries = {name: logging.getLogger(name).level for name in logs._LIBRARIES}
-    monkeypatch.setattr(sys, "stderr", stream)
-    logs.configure("text", "debug", libraries=request.param)
     try:
-        yield stream
+        yield
     finally:
         root.handlers[:], level, factory = saved
         root.setLevel(level)
@@ -247,3 +256,50 @@ def test_first_start_without_a_terminal_writes_the_admin_key_to_a_private_file(
     assert key.startswith("sk-") and _mode(key_file) == 0o600
     assert key not in log and key[:12] not in log
     assert str(key_file.resolve()) in log, log
+
+
+# --- hosts ------------------------------------------------------------------------------
+
+
+async def test_a_host_header_outside_the_allowed_hosts_is_refused(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        f"sqlite+aiosqlite:///{tmp_path / 'h.db'}",
+        allowed_hosts=["images.example.com", "localhost"],
+    )
+    async for api in start_api(settings, FAKE_MODELS):
+        auth = {"Authorization": f"Bearer {await api.key()}"}
+        body = {"model": "fake-model", "prompt": "x"}
+        forged = await api.client.post(
+            "/v1/images/generations", json=body, headers={**auth, "Host": "evil.example"}
+        )
+        honest = await api.client.post(
+            "/v1/images/generations", json=body, headers={**auth, "Host": "images.example.com"}
+        )
+    assert forged.status_code == 400, forged.text
+    assert "evil.example" not in forged.text and forged.headers["x-request-id"]
+    assert honest.status_code == 200, honest.text
+    assert honest.json()["data"]["data"][0]["url"].startswith("http://images.example.com/files/")
+
+
+def test_prod_refuses_to_start_when_the_host_header_would_choose_link_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from imagegate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMAGEGATE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("IMAGEGATE_ENV", "prod")
+    monkeypatch.setenv("IMAGEGATE_SECRET_KEY", "a-long-enough-production-secret-key-0123456789")
+    monkeypatch.setenv("IMAGEGATE_BOOTSTRAP_ADMIN", "false")
+    (tmp_path / "imagegate.yaml").write_text("models:\n  - name: m1\n    provider: fake\n")
+    with socket.socket() as taken:  # were the check missing, serving would fail, not hang
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        with _logging_restored():
+            result = CliRunner().invoke(main, ["serve", "--port", port])
+    assert result.exit_code != 0
+    assert "IMAGEGATE_PUBLIC_URL" in result.output and "IMAGEGATE_ALLOWED_HOSTS" in result.output

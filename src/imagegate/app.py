@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import text
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import Response
 
 from imagegate import __version__, fastjson, logs, metrics, private
@@ -55,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> FastAPI:
     """Build the app; `models` overrides the config file (tests pass them explicitly)."""
+    settings.check_hosts()
     private.protect(settings)
     catalog = Catalog(load_models(settings) if models is None else models, settings)
     catalog.check_all()
@@ -121,6 +123,10 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     renderers.register("/v1beta/", gemini.render_error)
     renderers.register("/v1/models/", gemini.render_error)  # Gemini SDKs also call /v1/models/M:...
     install(app, renderers)
+    if settings.allowed_hosts:  # inside RequestContext: its 400 still carries a request id
+        app.add_middleware(
+            TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False
+        )
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     app.include_router(nebula.router)
     app.include_router(lab.router)

@@ -57,7 +57,6 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
     from imagegate.app import create_app
 
     settings = _settings(host=host, port=port, config_file=config_file)
-    os.umask(0o077)  # whatever the server and its workers create is its user's alone
     logs.configure(settings.log_format, settings.log_level, libraries=settings.log_libraries)
     try:
         app = create_app(settings)
@@ -69,6 +68,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
             "install the local extra for the demo model: pip install 'imagegate[local]'.",
             err=True,
         )
+    os.umask(0o077)  # whatever the server and its workers create is its user's alone
     if settings.bootstrap_admin:
         _with_session(settings, lambda session: _bootstrap_admin(session, settings.data_dir))
     if workers == 1:

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     """HMAC key for signed URLs. Default: generated once and kept in data_dir/secret.key (dev)."""
     public_url: str | None = None
     """Base of absolute image links; default: the URL the request came in on."""
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Host header values the server answers (e.g. ["images.example.com", "*.internal"]);
+    others get a 400. Empty: any. In prod, this or public_url must be set."""
     url_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     v1_response_shape: Literal["nebula", "openai"] = "nebula"
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
@@ -150,6 +153,17 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return self.storage_dir or self.data_dir / "images"
+
+    def check_hosts(self) -> None:
+        """In prod, the Host header of a request must not choose the host of the links and
+        callback bodies the server writes."""
+        if self.env != "dev" and not self.public_url and not self.allowed_hosts:
+            raise ConfigError(
+                "IMAGEGATE_ENV=prod needs IMAGEGATE_PUBLIC_URL (the base of image links, e.g. "
+                "https://images.example.com) or IMAGEGATE_ALLOWED_HOSTS (the Host names this "
+                'server answers, e.g. ["images.example.com"]): otherwise any client\'s Host '
+                "header chooses the host of signed links and callback bodies."
+            )
 
     def signing_key(self) -> bytes:
         """The URL-signing key; outside dev it must be set explicitly."""
