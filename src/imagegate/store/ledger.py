@@ -25,6 +25,9 @@ from imagegate.store.models import ApiKey, CreditLease, LedgerEntry, User, utcno
 
 RESERVE, SETTLE, REFUND, SET = "reserve", "settle", "refund", "set"
 LEDGER_TABLE: Table = LedgerEntry.__table__  # type: ignore[assignment]
+# Lease rows are never loaded to be changed in the same session: no need to match the rows in
+# the session in Python (which fails on the naive times SQLite gives back).
+_NO_SYNC = {"synchronize_session": False}
 CHARGE = "charge"
 """A request served from a credit lease: amount 0 (the lease moved the credits), `charge` is
 what the request cost."""
@@ -154,7 +157,8 @@ async def close_lease(
     now."""
     await _lock(session, account)
     held = await session.execute(
-        delete(CreditLease).where(CreditLease.id == lease_id, CreditLease.owner == owner)
+        delete(CreditLease).where(CreditLease.id == lease_id, CreditLease.owner == owner),
+        execution_options=_NO_SYNC,
     )
     reclaimed = int(held.rowcount) == 0  # type: ignore[attr-defined]
     replaced = await _replaced_since(session, account, lease_id)
@@ -201,7 +205,7 @@ async def reclaim_lease(
     condition = [CreditLease.id == lease_id]
     if stale_before is not None:
         condition.append(CreditLease.heartbeat_at < stale_before)
-    won = await session.execute(delete(CreditLease).where(*condition))
+    won = await session.execute(delete(CreditLease).where(*condition), execution_options=_NO_SYNC)
     if int(won.rowcount) != 1:  # type: ignore[attr-defined]
         if commit:
             await session.rollback()
@@ -222,7 +226,8 @@ async def reclaim_lease(
 async def heartbeat(session: AsyncSession, owner: str) -> None:
     """The owner of credit leases is alive: renew all of them."""
     await session.execute(
-        update(CreditLease).where(CreditLease.owner == owner).values(heartbeat_at=utcnow())
+        update(CreditLease).where(CreditLease.owner == owner).values(heartbeat_at=utcnow()),
+        execution_options=_NO_SYNC,
     )
     await session.commit()
 
