@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from imagegate import logs
 from imagegate.logs import _Context
 from imagegate.store.db import create_engine, session_factory, upgrade
-from imagegate.store.models import Task, Usage
+from imagegate.store.models import ApiKey, Task, Usage
 from imagegate.store.tasks import NewTask, create_task
 from imagegate.store.usage import UsageWriter
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
@@ -320,3 +320,29 @@ async def test_task_workers_log_under_the_task_id(tasks_api: Api, logged: Record
     assert {getattr(r, "request_id", None) for r in mine} == {task_id}, [
         (r.name, getattr(r, "request_id", None), r.getMessage()) for r in mine
     ]
+
+
+async def test_an_error_around_the_generation_fails_the_task_once(
+    tmp_path: Path, db_url: str
+) -> None:
+    # The rate limiter's Redis is gone: taking the key's concurrency slot raises.
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        task_poll_seconds=0.1,
+        task_lease_seconds=1.5,
+        redis_url="redis://127.0.0.1:9/0",
+    )
+    async for api in start_api(settings, FAKE_MODELS):
+        key = await api.key()
+        principal = await api.app.state.service.authenticate(key)
+        async with api.app.state.service.sessions() as session:
+            await session.execute(
+                update(ApiKey).where(ApiKey.id == principal.key_id).values(max_concurrency=1)
+            )
+            await session.commit()
+        task_id = await queue_directly(api, key, {"model": "fake-model", "prompt": "x"})
+        done = await wait_for(api, key, task_id, "failed", "succeeded")
+        assert done["error"]["code"] == 500 and "3 times" not in done["error"]["message"]
+        task, usage = await task_row(api, task_id)
+        assert task.attempts == 1 and [u.status for u in usage] == [500]

@@ -61,7 +61,15 @@ class TaskExecutor:
 
     async def run(self, task: Task, report: Reporter) -> Outcome:
         """Run the task in one of its owner's concurrency slots; DEFERRED when none is free
-        (nothing prepared, fetched or logged for it yet)."""
+        (nothing prepared, fetched or logged for it yet). Any error is the task's outcome: an
+        exception let out would leave the lease to expire and be counted as a crash."""
+        try:
+            return await self._run(task, report)
+        except Exception:  # the database or the rate limiter's Redis failing, ...
+            logger.exception("task %s failed", task.id)
+            return Outcome(FAILED, None, _internal_error(task))
+
+    async def _run(self, task: Task, report: Reporter) -> Outcome:
         try:
             submitter = await self.service.principal_for(task.key_id, task.user_id)
         except ImagegateError as exc:
@@ -99,9 +107,15 @@ class TaskExecutor:
         except ImagegateError as exc:
             error = {"code": exc.status, "message": exc.message}
             return Outcome(FAILED, None, error, usage)
-        except Exception as exc:  # a stored body that no longer parses, a full disk, ...
+        except Exception:  # a full disk, a bug, ...
             logger.exception("task %s failed", task.id)
-            message = f"Internal error while running the task ({type(exc).__name__}); see the log."
-            return Outcome(FAILED, None, {"code": 500, "message": message}, usage)
+            return Outcome(FAILED, None, _internal_error(task), usage)
         body = {"images": kept, "created": int(time.time()), "channel": result.channel}
         return Outcome(SUCCEEDED, body, None, usage)
+
+
+def _internal_error(task: Task) -> dict[str, Any]:
+    message = (
+        f"Internal error while running the task; the server log has it under the id {task.id}."
+    )
+    return {"code": 500, "message": message}
