@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     v1_response_shape: Literal["nebula", "openai"] = "nebula"
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_request_pixels: int = Field(default=80_000_000, gt=0)
+    """Pixels of all reference images of one request together, read from their headers before
+    decoding (400 above): two images at max_image_pixels, or 16 of 2048x2048."""
+    max_decoding_pixels: int = Field(default=80_000_000, gt=0)
+    """Pixels one process decodes at once (about 4 bytes of memory each); further decodes
+    wait their turn. An image larger than this decodes alone."""
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     """Cap on one image downloaded from a provider's result link (4K PNGs are large)."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import re
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from PIL import ExifTags, Image, ImageFile, ImageOps
@@ -22,8 +24,10 @@ from PIL.PngImagePlugin import PngImageFile
 from PIL.WebPImagePlugin import WebPImageFile
 
 from imagegate.config import Settings
+from imagegate.decoding import DecodeBudget, charge_request
 from imagegate.errors import InvalidRequest, PayloadTooLarge, UnreadableImage
 from imagegate.fetch import Fetcher
+from imagegate.memory import map_large_images
 from imagegate.types import InputImage
 
 # Pillow's name for a format -> the plugin class that reads it and the MIME type we report.
@@ -39,14 +43,30 @@ _ACCEPTED: dict[str, tuple[type[ImageFile.ImageFile], str]] = {
 }
 _FIX = "send PNG, JPEG or WEBP"
 _FORMS = "a data URI (data:image/png;base64,...), an http(s) URL, or raw base64-encoded image bytes"
-# Decoding a big image takes tens of milliseconds: above this size do it off the event loop.
-_THREAD_THRESHOLD = 256 * 1024
+# Work on more bytes than this (base64, a JPEG's markers) happens off the event loop.
+_THREAD_BYTES = 256 * 1024
+# Decoding takes time by pixels, whatever the bytes (a 6000x6000 PNG of one colour is 100 KB and
+# takes 0.1-1 s): only images up to 256x256 (under a millisecond) are decoded on the event loop.
+_LOOP_PIXELS = 256 * 256
 _WHITESPACE = re.compile(r"\s+")
 _BASE64 = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _PATHLIKE = re.compile(r"^(\.{0,2}/|~|\\)")
 # EXIF orientations 5-8 rotate by 90 degrees: width and height swap when displayed.
 _TRANSPOSED = frozenset({5, 6, 7, 8})
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """What an image's first bytes say, before any pixel is decoded."""
+
+    fmt: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
 
 
 def verify_image(
@@ -57,6 +77,14 @@ def verify_image(
     The size in the header is checked before any pixel is decoded, so a small file that
     claims a huge canvas (a decompression bomb) is refused without allocating it.
     """
+    header = read_header(data, max_bytes=max_bytes, max_pixels=max_pixels, label=label)
+    return decode_image(data, header, label=label)
+
+
+def read_header(data: bytes, *, max_bytes: int, max_pixels: int, label: str = "image") -> Header:
+    """The format and canvas size of data, read from its header, within the byte and pixel
+    limits. PNG and WEBP sizes sit at fixed offsets; a JPEG's is found by walking its
+    markers (Pillow, without decoding), which costs time in proportion to its bytes."""
     if len(data) > max_bytes:
         raise PayloadTooLarge(
             f"{_title(label)} is {len(data)} bytes; the limit is {max_bytes} bytes: "
@@ -66,15 +94,34 @@ def verify_image(
     if fmt not in _ACCEPTED:
         what = f"a {fmt}" if fmt else "not a recognizable image"
         raise UnreadableImage(f"{_title(label)} is {what}: {_FIX}.")
+    size = _header_size(data, fmt)
+    if size is None:
+        raise UnreadableImage(
+            f"{_title(label)} is a damaged {fmt} file (its header gives no size): {_FIX} that "
+            "opens in an image viewer."
+        )
+    _check_pixels(*size, max_pixels=max_pixels, label=label)
+    return Header(fmt, *size)
+
+
+def decode_image(data: bytes, header: Header, *, label: str = "image") -> InputImage:
+    """Decode data, whose header `read_header` checked, fully: the InputImage if it decodes."""
+    fmt = header.fmt
     try:
         with _open(data, fmt) as image:
             width, height = image.size
-            _check_pixels(width, height, max_pixels=max_pixels, label=label)
+            if (width, height) != (header.width, header.height):
+                # Such as a second IHDR chunk: what was checked (and budgeted) must be
+                # what gets decoded.
+                raise UnreadableImage(
+                    f"{_title(label)} is a damaged {fmt} file: it claims two different sizes; "
+                    f"{_FIX} that opens in an image viewer."
+                )
             image.load()
             oriented = _orientation(image) in _TRANSPOSED
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{_title(label)} has too many pixels: downscale it.") from exc
-    except PayloadTooLarge:
+    except UnreadableImage:
         raise
     # Pillow's plugins raise a zoo of exception types on hostile input (OSError, SyntaxError,
     # ValueError, EOFError, struct.error, ...): any of them means the file is unreadable.
@@ -86,6 +133,21 @@ def verify_image(
     if oriented:
         width, height = height, width
     return InputImage(data=data, mime=_ACCEPTED[fmt][1], width=width, height=height)
+
+
+def _header_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    if fmt == "PNG":  # IHDR is the first chunk, by the spec
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            return None
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    if fmt == "WEBP":  # Pillow's reader allocates the canvas to learn its size: never ask it
+        return _webp_size(data)
+    try:
+        with _open(data, fmt) as image:
+            return image.size
+    except Exception:  # the zoo again: a header Pillow cannot walk
+        return None
 
 
 def detect_format(data: bytes) -> str | None:
@@ -192,12 +254,21 @@ def to_pil(img: InputImage) -> Image.Image:
 
 
 class ImageLoader:
-    """Resolves the image references the dialects receive into verified InputImages."""
+    """Resolves the image references the dialects receive into verified InputImages.
+
+    One per process: it holds the process's `DecodeBudget`. Each image's header is read
+    first; its pixels are charged to the request (`decoding.charge_request`) and, unless it is
+    tiny, decoded in a worker thread within the budget, so the event loop never decodes
+    pixels however few bytes carry them.
+    """
 
     def __init__(self, settings: Settings, fetcher: Fetcher) -> None:
         self._max_bytes = settings.max_image_bytes
         self._max_pixels = settings.max_image_pixels
+        self._max_request_pixels = settings.max_request_pixels
         self._fetcher = fetcher
+        self.decoding = DecodeBudget(settings.max_decoding_pixels)
+        map_large_images()  # decoded pixels go back to the kernel when dropped
 
     async def load(self, ref: str, *, label: str) -> InputImage:
         """Load a data URI, an http(s) URL or raw base64."""
@@ -208,7 +279,7 @@ class ImageLoader:
             return await self._verify_text(ref, is_uri=True, label=label)
         if scheme in ("http", "https"):
             body, _ = await self._fetcher.fetch(ref)
-            return await self._verify(body, label=label)
+            return await self.verify(body, label=label)
         if scheme is not None:
             raise InvalidRequest(
                 f"{_title(label)} uses the unsupported scheme '{scheme[:20]}:': send {_FORMS}."
@@ -219,15 +290,36 @@ class ImageLoader:
         """Load raw base64 (e.g. Gemini inline_data); the format comes from the bytes, not mime."""
         return await self._verify_text(data, is_uri=False, label=label)
 
+    async def verify(self, data: bytes, *, label: str) -> InputImage:
+        """`verify_image` for a request's image: header first, then its pixels charged to the
+        request, then decoded (off the event loop unless tiny, within the process's budget)."""
+        big = len(data) > _THREAD_BYTES
+        header = (
+            await asyncio.to_thread(self._header, data, label) if big else self._header(data, label)
+        )
+        charge_request(header.pixels, limit=self._max_request_pixels, label=label)
+        if not big and header.pixels <= _LOOP_PIXELS:
+            return decode_image(data, header, label=label)
+        return await self.decoding.run(
+            header.pixels, functools.partial(decode_image, data, header, label=label)
+        )
+
+    def _header(self, data: bytes, label: str) -> Header:
+        return read_header(
+            data, max_bytes=self._max_bytes, max_pixels=self._max_pixels, label=label
+        )
+
     async def _load_raw(self, ref: str, *, label: str) -> InputImage:
         # Raw base64 has no prefix to recognise it by, so anything else (a file path, a bare
         # host name) only shows up as undecodable: name the accepted forms in that case.
         try:
-            return await self._verify_text(ref, is_uri=False, label=label)
+            data = await self._bytes_of(ref, is_uri=False, label=label)
         except InvalidRequest as exc:
             raise InvalidRequest(
                 f"{_title(label)} is not a supported reference: send {_FORMS}."
             ) from exc
+        try:
+            return await self.verify(data, label=label)
         except UnreadableImage as exc:
             if _PATHLIKE.match(ref):
                 raise InvalidRequest(
@@ -237,35 +329,25 @@ class ImageLoader:
             raise
 
     async def _verify_text(self, text: str, *, is_uri: bool, label: str) -> InputImage:
+        return await self.verify(
+            await self._bytes_of(text, is_uri=is_uri, label=label), label=label
+        )
+
+    async def _bytes_of(self, text: str, *, is_uri: bool, label: str) -> bytes:
         # Refuse before decoding what cannot fit: base64 spends 4 characters on 3 bytes; the
-        # slack covers line breaks and a data URI header (verify_image checks exactly later).
+        # slack covers line breaks and a data URI header (read_header checks exactly later).
         if len(text) > self._max_bytes * 4 // 3 * 11 // 10 + 1024:
             raise PayloadTooLarge(
                 f"{_title(label)} is larger than the limit of {self._max_bytes} bytes: "
                 "send a smaller or more compressed image."
             )
-        if len(text) > _THREAD_THRESHOLD:
-            return await asyncio.to_thread(self._decode_and_verify, text, is_uri, label)
-        return self._decode_and_verify(text, is_uri, label)
+        if len(text) > _THREAD_BYTES:
+            return await asyncio.to_thread(_text_bytes, text, is_uri, label)
+        return _text_bytes(text, is_uri, label)
 
-    def _decode_and_verify(self, text: str, is_uri: bool, label: str) -> InputImage:
-        data = decode_data_uri(text, label=label)[0] if is_uri else decode_base64(text, label=label)
-        return verify_image(
-            data, max_bytes=self._max_bytes, max_pixels=self._max_pixels, label=label
-        )
 
-    async def _verify(self, data: bytes, *, label: str) -> InputImage:
-        if len(data) > _THREAD_THRESHOLD:
-            return await asyncio.to_thread(
-                verify_image,
-                data,
-                max_bytes=self._max_bytes,
-                max_pixels=self._max_pixels,
-                label=label,
-            )
-        return verify_image(
-            data, max_bytes=self._max_bytes, max_pixels=self._max_pixels, label=label
-        )
+def _text_bytes(text: str, is_uri: bool, label: str) -> bytes:
+    return decode_data_uri(text, label=label)[0] if is_uri else decode_base64(text, label=label)
 
 
 def sniff_b64(b64: str) -> tuple[str, int, int] | None:

@@ -6,6 +6,11 @@ A gateway relaying 4 MB base64 images allocates and frees several such buffers p
 so each one cost fresh pages from the kernel: measured, a 1024x1024 image relayed at
 concurrency 1 took 13 ms instead of 6.3 ms (docs/benchmarks.md). Keeping buffers up to 16 MB in
 the heap, and trimming it only past 256 MB free, makes them reusable.
+
+Decoded images are the exception: Pillow allocates pixels in blocks of up to 16 MB, just under
+that threshold, so a 40 MP reference image left 160 MB in the heap of the worker thread that
+decoded it, kept there (a thread's heap is trimmed only past the 256 MB). `map_large_images`
+makes Pillow's blocks larger, so a big image's blocks are mapped apart and unmapped when freed.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import ctypes
 import ctypes.util
 import logging
 
+from PIL import _imaging  # Image.core: the C module holding the allocator settings
+
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 16 * 1024 * 1024
 TRIM_THRESHOLD = 256 * 1024 * 1024
+# Above glibc's largest mmap threshold (32 MB on 64-bit; 16 MB once tuned above).
+PIXEL_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def tune_allocator() -> bool:
@@ -37,3 +46,11 @@ def tune_allocator() -> bool:
     if not done:
         logger.info("the C allocator did not take imagegate's settings; using its defaults")
     return done
+
+
+def map_large_images() -> None:
+    """Pillow allocates an image's pixels in blocks of up to PIXEL_BLOCK_BYTES: an image over
+    the mmap threshold (16 MB, 4 MP, when tuned; at most 32 MB otherwise) then gets blocks
+    mapped apart, handed back to the kernel when the image is freed, whichever thread decoded
+    it. Smaller images stay in the heap, where their memory is reused."""
+    _imaging.set_block_size(PIXEL_BLOCK_BYTES)

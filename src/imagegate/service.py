@@ -22,6 +22,7 @@ from imagegate.auth.passwords import verify_password_async
 from imagegate.auth.throttle import LoginThrottle
 from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
 from imagegate.catalog import Catalog
+from imagegate.decoding import counting_pixels
 from imagegate.errors import (
     AuthenticationFailed,
     ImagegateError,
@@ -264,7 +265,8 @@ class ImageService:
         row = _usage_row(principal, model, endpoint, request_id)
         try:
             self.authorize_model(principal, model)
-            request = await prepare()
+            with counting_pixels():  # IMAGEGATE_MAX_REQUEST_PIXELS over the request's images
+                request = await prepare()
             row.update(n_requested=request.n, size=request.size.raw if request.size else None)
             if self.log_prompts:
                 row["prompt"] = request.prompt

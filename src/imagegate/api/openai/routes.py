@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from imagegate.api.deps import CurrentKey, Loader, Service, SettingsDep, base_url, request_id
+from imagegate.api.deps import CurrentKey, Loader, Service, base_url, request_id
 from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.openai.protocol import ImageEditRequest, ImageGenerateRequest
 from imagegate.api.openai.render import render_error, render_images, render_model, render_models
@@ -47,7 +47,6 @@ async def edits(
     principal: CurrentKey,
     service: Service,
     loader: Loader,
-    settings: SettingsDep,
 ) -> Response:
     """Multipart (`image` / `image[]` files, `mask`) as the SDK sends, or JSON with `images`."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -56,7 +55,7 @@ async def edits(
             body, uploads, mask = await read_form(form)
 
         async def prepare() -> ImageRequest:
-            return await from_edit_form(body, uploads, mask, settings)
+            return await from_edit_form(body, uploads, mask, loader)
 
         return await _run(service, principal, request, body.model, prepare, "edits")
     if media_type == "application/json":

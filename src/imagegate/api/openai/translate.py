@@ -8,7 +8,6 @@ they are accepted and not forwarded. Streaming is refused: every response is one
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,17 +22,14 @@ from imagegate.api.openai.protocol import (
     ImageGenerateRequest,
     ImageReference,
 )
-from imagegate.config import Settings
 from imagegate.errors import InvalidRequest
-from imagegate.images import ImageLoader, verify_image
+from imagegate.images import ImageLoader
 from imagegate.types import ImageRequest, InputImage, ResponseFormat, Size
 
 MAX_IMAGES = 16
 DEFAULT_RESPONSE_FORMAT: ResponseFormat = "b64_json"
 _AUTO = "auto"
 _INDEXED_IMAGE = re.compile(r"^image\[\d+\]$")
-# Decoding a big image takes tens of milliseconds: above this size do it off the event loop.
-_THREAD_THRESHOLD = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +92,7 @@ async def from_edit_json(body: ImageEditRequest, loader: ImageLoader) -> ImageRe
 
 
 async def from_edit_form(
-    body: ImageEditForm, uploads: list[Upload], mask: Upload | None, settings: Settings
+    body: ImageEditForm, uploads: list[Upload], mask: Upload | None, loader: ImageLoader
 ) -> ImageRequest:
     _check_count(len(uploads))
     if not uploads:
@@ -105,8 +101,8 @@ async def from_edit_form(
             "or 'image[]'.",
             param="image",
         )
-    images = tuple([await _verify(upload, settings) for upload in uploads])
-    verified_mask = await _verify(mask, settings) if mask is not None else None
+    images = tuple([await loader.verify(u.data, label=u.label) for u in uploads])
+    verified_mask = await loader.verify(mask.data, label=mask.label) if mask is not None else None
     extras = _extras(body, input_fidelity=body.input_fidelity, mask=verified_mask)
     return _request(body, images=images, extras=extras)
 
@@ -189,17 +185,3 @@ def _reference(ref: ImageReference, label: str) -> str:
             param=f"{label}.image_url",
         )
     return ref.image_url
-
-
-async def _verify(upload: Upload, settings: Settings) -> InputImage:
-    def run() -> InputImage:
-        return verify_image(
-            upload.data,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            label=upload.label,
-        )
-
-    if len(upload.data) > _THREAD_THRESHOLD:
-        return await asyncio.to_thread(run)
-    return run()
