@@ -4,6 +4,7 @@ and background log lines carry their own request id, not a stale one. SQLite and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ from imagegate.store.models import ApiKey, Task, Usage
 from imagegate.store.tasks import NewTask, create_task
 from imagegate.store.usage import UsageWriter
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
+from tests.test_quotas import MODELS as PRICED_MODELS
+from tests.test_quotas import PER_IMAGE, generate, make_key
 from tests.test_tasks import submit, wait_for
 
 BIG = 18446744073709551616  # 2**64: fits neither Integer nor BigInteger
@@ -234,7 +237,11 @@ async def refuse(api: Api, table: str, when: str) -> None:
 
 
 def condition(table: str) -> str:
-    return "NEW.task_id IS NOT NULL" if table == "usage" else "NEW.status = 'succeeded'"
+    return {
+        "usage": "NEW.task_id IS NOT NULL",
+        "tasks": "NEW.status = 'succeeded'",
+        "ledger": "NEW.kind = 'reserve'",
+    }[table]
 
 
 async def test_a_usage_row_the_database_refuses_does_not_fail_the_task(
@@ -346,3 +353,18 @@ async def test_an_error_around_the_generation_fails_the_task_once(
         assert done["error"]["code"] == 500 and "3 times" not in done["error"]["message"]
         task, usage = await task_row(api, task_id)
         assert task.attempts == 1 and [u.status for u in usage] == [500]
+
+
+async def test_credit_lease_background_work_logs_under_no_request(
+    tmp_path: Path, db_url: str, logged: Records
+) -> None:
+    async for api in start_api(make_settings(tmp_path, db_url), PRICED_MODELS):
+        key, _ = await make_key(api, 1000 * PER_IMAGE)
+        assert (await generate(api, key, model="flat-priced")).status_code == 200  # a lease
+        await refuse(api, "ledger", "INSERT")  # so the next lease, taken ahead, fails
+        # Past half the lease (62 requests' worth): the next is taken in the background.
+        served = await asyncio.gather(*(generate(api, key, model="flat-priced") for _ in range(40)))
+        assert {r.status_code for r in served} == {200}
+        await asyncio.sleep(0.5)
+    renewals = [r for r in logged.records if "next credit lease" in r.getMessage()]
+    assert renewals and {getattr(r, "request_id", None) for r in renewals} == {"-"}

@@ -27,6 +27,7 @@ unused credits do not come back on top of the new balance (see `ledger.close_lea
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import secrets
@@ -101,7 +102,7 @@ class CreditLeases:
     def start(self) -> None:
         """Renew this process's leases and refund those of dead processes, until `close`."""
         if self._keeper is None or self._keeper.done():
-            self._keeper = asyncio.create_task(self._keep(), name="credit-lease-heartbeat")
+            self._keeper = _detached(self._keep(), "credit-lease-heartbeat")
 
     async def take(self, account: ledger.Account, amount: int) -> Lease | None:
         """Reserve `amount` from this process's lease on the account, renewing the lease when
@@ -260,7 +261,7 @@ class CreditLeases:
 
     @staticmethod
     def _spawn(work: Coroutine[Any, Any, None], name: str, tasks: set[asyncio.Task[None]]) -> None:
-        task = asyncio.create_task(work, name=name)
+        task = _detached(work, name)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -331,7 +332,7 @@ class CreditLeases:
 
     def _start_janitor(self) -> None:
         if self._janitor is None or self._janitor.done():
-            self._janitor = asyncio.create_task(self._sweep(), name="credit-leases")
+            self._janitor = _detached(self._sweep(), "credit-leases")
 
     async def _sweep(self) -> None:
         while self._current:
@@ -341,3 +342,9 @@ class CreditLeases:
                 stale = now - lease.taken_at > self.rules.max_age
                 if stale or now - lease.used_at > self.rules.idle:
                     self._retire(lease)
+
+
+def _detached(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Background work for many requests, in a context of its own: started from one request's,
+    its log lines would carry that request's id."""
+    return asyncio.create_task(work, name=name, context=contextvars.Context())
