@@ -134,7 +134,8 @@ def _unavailable(error: Exception) -> bool:
 
 def _reason(error: Exception) -> str:
     cause = getattr(error, "orig", None) or error  # without SQLAlchemy's statement dump
-    return f"{type(cause).__name__}: {str(cause).splitlines()[0][:300] if str(cause) else ''}"
+    first = (str(cause).splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first[:300]}"
 
 
 def _shown(row: dict[str, Any]) -> str:
