@@ -201,6 +201,32 @@ async def test_a_request_past_the_deadline_is_stopped_and_refunded(
     assert await balance_of(api, key_id) == BALANCE - 500
 
 
+async def test_an_async_task_past_the_deadline_fails_and_is_refunded(
+    hasty: Api, steps: type[StepPipeline]
+) -> None:
+    api = hasty
+    key, key_id = await priced_key(api)
+    steps.step_delay = 0.05
+    await (await local_provider(api)).start()
+    submitted = await post(api, key, num_inference_steps=150, **{"async": True})
+    assert submitted.status_code == 202, submitted.text
+    task_id = submitted.json()["data"]["task_id"]
+    headers = {"Authorization": f"Bearer {key}"}
+    view: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    while view.get("status") not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline, view
+        await asyncio.sleep(0.1)
+        found = await api.client.get(f"/v1/images/tasks/{task_id}", headers=headers)
+        view = found.json()["data"]
+    assert view["status"] == "failed"
+    assert view["error"]["code"] == 504
+    assert "IMAGEGATE_REQUEST_TIMEOUT_SECONDS" in view["error"]["message"]
+    await until(lambda: len(steps.steps) == 1)
+    assert steps.steps[0] < 150
+    assert await balance_of(api, key_id) == BALANCE
+
+
 # -- a client that leaves ----------------------------------------------------------------------
 
 

@@ -65,6 +65,9 @@ class DiffusersOptions(ProviderOptions):
     still depends on its own seed only. The oldest queued request waits at most
     `batch_window_ms` (after it arrived and the pipeline came free) for others to join it;
     `max_batch` caps the images of one call (1 turns batching off).
+
+    Bounds: `max_steps` and `max_pixels` (width x height x n) cap what one request may ask
+    for, so that no request holds the pipeline for minutes; above them it gets a 400.
     """
 
     path: str = Field(min_length=1)

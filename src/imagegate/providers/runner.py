@@ -235,9 +235,10 @@ class PipelineRunner(Generic[J, R]):
                 turns = self._in_turn()
                 head = turns[0]
                 batch = self._compatible(head, turns)
-                # The window opens when the oldest job arrived or the worker came free, whichever
-                # is later: jobs that queued behind a batch give clients whose requests it just
-                # answered a moment to send their next ones, so closed-loop load stays batched.
+                # The window opens when the job whose turn it is arrived or the worker came free,
+                # whichever is later: jobs that queued behind a batch give clients whose requests
+                # it just answered a moment to send their next ones, so closed-loop load stays
+                # batched.
                 due = max(head.arrived, self._idle_since) + self._window_s
                 if sum(t.size for t in batch) >= self._max_batch or time.monotonic() >= due:
                     for ticket in batch:
