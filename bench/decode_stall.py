@@ -3,11 +3,12 @@
 Starts `imagegate serve` (SQLite, the test suite's fake provider, one process) on 127.0.0.1,
 builds one single-colour PNG of --side x --side pixels (6292x6292 = 39.6 MP is ~130 KB: tiny in
 bytes, huge in pixels), and sends --concurrency requests at once to /v1/images/generations,
-each naming it --images times as a reference image (below 4, and a 16x16 one last, so that
-the fake provider's output is small; from 4 on, the request is refused for having more than
-the fake's 4 images once they are decoded). Meanwhile it asks GET /healthz every
-10 ms on its own connection and prints that latency's median, p99 and maximum, what the
-requests answered, and the server's resident memory before, at its peak and 3 s after.
+each naming it --images times as a reference image, then a 16x16 one (below 16), so that the
+fake provider's output is small (it takes the size of the last one) or, with more than 4 images
+in all, the request is refused once they are decoded (the fake takes at most 4). Meanwhile it
+asks GET /healthz every 10 ms on its own connection and prints that latency's median, p99 and
+maximum, what the requests answered, and the server's resident memory before, at its peak and
+3 s after.
 
     python bench/decode_stall.py [--images 16] [--side 6292] [--concurrency 1]
     python bench/decode_stall.py --concurrency 4 --set MAX_REQUEST_PIXELS=1000000000
@@ -120,7 +121,7 @@ def main() -> None:
     body: dict[str, object] = {
         "model": "fake",
         "prompt": "x",
-        "image": [uri] * args.images + ([small] if args.images < 4 else []),
+        "image": [uri] * args.images + ([small] if args.images < 16 else []),
     }
     print(
         f"{args.concurrency} request(s) of {args.images} x {args.side}x{args.side} PNG "
