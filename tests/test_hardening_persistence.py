@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +27,7 @@ from imagegate.store.usage import UsageWriter
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
 from tests.test_quotas import MODELS as PRICED_MODELS
 from tests.test_quotas import PER_IMAGE, generate, make_key
+from tests.test_tasks import MODELS as TASK_MODELS
 from tests.test_tasks import submit, wait_for
 
 BIG = 18446744073709551616  # 2**64: fits neither Integer nor BigInteger
@@ -368,3 +373,66 @@ async def test_credit_lease_background_work_logs_under_no_request(
         await asyncio.sleep(0.5)
     renewals = [r for r in logged.records if "next credit lease" in r.getMessage()]
     assert renewals and {getattr(r, "request_id", None) for r in renewals} == {"-"}
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A Redis server of this test's own, which the test may stop."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = ["redis-server", "--port", str(port), "--save", "", "--dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not _listening(port):
+        assert time.monotonic() < deadline, "redis-server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", process
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def generating(api: Api, key: str, task_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        response = await api.client.get(
+            f"/v1/images/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}
+        )
+        if response.json()["data"]["progress"] > 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"task {task_id} never started generating")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_a_slot_that_cannot_be_given_back_keeps_the_images(
+    tmp_path: Path, db_url: str, own_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    url, redis_server = own_redis
+    settings = make_settings(
+        tmp_path, db_url, task_poll_seconds=0.1, task_lease_seconds=1.5, redis_url=url
+    )
+    async for api in start_api(settings, TASK_MODELS):
+        key = await api.key()
+        principal = await api.app.state.service.authenticate(key)
+        async with api.app.state.service.sessions() as session:
+            await session.execute(
+                update(ApiKey).where(ApiKey.id == principal.key_id).values(max_concurrency=1)
+            )
+            await session.commit()
+        body = {"model": "fake-slow", "prompt": "x", "async": True}
+        task_id = (await submit(api, key, body)).json()["data"]["task_id"]
+        await generating(api, key, task_id)  # the slot is taken
+        redis_server.kill()  # ... and cannot be given back
+        done = await wait_for(api, key, task_id, "failed", "succeeded")
+        assert done["status"] == "succeeded", done
+        task, usage = await task_row(api, task_id)
+        assert task.attempts == 1 and [u.status for u in usage] == [200]

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from imagegate.accounting.limits import Subject
 from imagegate.errors import ImagegateError, RateLimited
 from imagegate.progress import Reporter, reporting_to
 from imagegate.service import ImageService, Principal
@@ -85,7 +86,14 @@ class TaskExecutor:
             return await self._generate(task, submitter, report)
         finally:
             if slots:
-                await asyncio.shield(self.service.limiter.release(slots))
+                await asyncio.shield(self._give_back(slots))
+
+    async def _give_back(self, slots: tuple[Subject, ...]) -> None:
+        """A slot that cannot be given back must not turn what the task made into an error."""
+        try:
+            await self.service.limiter.release(slots)
+        except Exception:
+            logger.exception("could not give back a concurrency slot")
 
     async def _generate(self, task: Task, submitter: Principal, report: Reporter) -> Outcome:
         usage: dict[str, Any] = {}
