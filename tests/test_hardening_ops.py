@@ -303,3 +303,62 @@ def test_prod_refuses_to_start_when_the_host_header_would_choose_link_hosts(
             result = CliRunner().invoke(main, ["serve", "--port", port])
     assert result.exit_code != 0
     assert "IMAGEGATE_PUBLIC_URL" in result.output and "IMAGEGATE_ALLOWED_HOSTS" in result.output
+
+
+# --- the HTTP edges: OpenAPI, 405, multipart -------------------------------------------
+
+ERROR_STATUSES = ("400", "401", "403", "404", "409", "413", "422", "429")
+
+
+async def test_openapi_declares_error_bodies_and_real_content_types(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'o.db'}")
+    async for api in start_api(settings, FAKE_MODELS):
+        schema = (await api.client.get("/openapi.json")).json()
+    paths = schema["paths"]
+
+    def error_schema(path: str, method: str, status: str) -> str:
+        answer = paths[path][method]["responses"][status]
+        return str(answer["content"]["application/json"]["schema"]["$ref"])
+
+    for path, method, body in (
+        ("/v1/images/generations", "post", "NebulaError"),
+        ("/prod-api/nebula/v4/api/img2imgSubmit", "post", "NebulaError"),
+        ("/openai/v1/images/generations", "post", "OpenAIErrorResponse"),
+        ("/openai/v1/images/edits", "post", "OpenAIErrorResponse"),
+        ("/v1beta/models/{model}:generateContent", "post", "GeminiErrorResponse"),
+    ):
+        for status in ERROR_STATUSES:
+            assert error_schema(path, method, status).endswith(f"/{body}"), (path, status)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # we answer 400
+    assert set(paths["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert "401" in paths["/metrics"]["get"]["responses"]
+    usage = paths["/admin/usage"]["get"]["responses"]["200"]["content"]
+    assert {"application/json", "text/csv"} <= set(usage)
+
+
+async def test_405_names_the_allowed_methods(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    async for api in start_api(settings, FAKE_MODELS):
+        on_generations = await api.client.get("/v1/images/generations")
+        on_task = await api.client.put("/v1/images/tasks/task_1")
+        on_health = await api.client.post("/healthz")
+    assert on_generations.status_code == 405 and on_generations.headers["allow"] == "POST"
+    assert on_task.status_code == 405 and on_task.headers["allow"] == "GET, DELETE"
+    assert on_health.status_code == 405 and on_health.headers["allow"] == "GET"
+    assert on_generations.json()["code"] == 405
+
+
+async def test_too_many_multipart_files_is_a_400_with_a_code(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, f"sqlite+aiosqlite:///{tmp_path / 'f.db'}")
+    async for api in start_api(settings, FAKE_MODELS):
+        files = [("image[]", (f"{i}.png", png_bytes(), "image/png")) for i in range(40)]
+        answer = await api.client.post(
+            "/openai/v1/images/edits",
+            data={"model": "fake-model", "prompt": "x"},
+            files=files,
+            headers={"Authorization": f"Bearer {await api.key()}"},
+        )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "too_many_files"
+    assert error["param"] == "image" and "32" in error["message"]

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import text
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from imagegate import __version__, fastjson, logs, metrics, private
 from imagegate.accounting.leases import LeaseRules
@@ -31,6 +31,15 @@ from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.render import render_error, task_view
 from imagegate.api.nebula.translate import to_image_request
 from imagegate.api.openai import routes as openai
+from imagegate.api.openapi import (
+    ADMIN,
+    METRICS,
+    GeminiErrorResponse,
+    NebulaError,
+    OpenAIErrorResponse,
+    drop_fastapi_422,
+    error_responses,
+)
 from imagegate.api.responses import JSON
 from imagegate.api.tasks import Tasks
 from imagegate.auth.throttle import LoginThrottle
@@ -128,13 +137,15 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False
         )
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
-    app.include_router(nebula.router)
-    app.include_router(lab.router)
-    app.include_router(openai.router)
-    app.include_router(gemini.router)
-    app.include_router(files.router)
-    app.include_router(admin.router)
+    nebula_errors = error_responses(NebulaError)
+    app.include_router(nebula.router, responses=nebula_errors)
+    app.include_router(lab.router, responses=nebula_errors)
+    app.include_router(openai.router, responses=error_responses(OpenAIErrorResponse))
+    app.include_router(gemini.router, responses=error_responses(GeminiErrorResponse))
+    app.include_router(files.router, responses=error_responses(NebulaError, (403, 404)))
+    app.include_router(admin.router, responses=error_responses(NebulaError, ADMIN))
     _health(app)
+    drop_fastapi_422(app)
     return app
 
 
@@ -199,7 +210,7 @@ def _health(app: FastAPI) -> None:
             status_code=200 if ready else 503,
         )
 
-    @app.get("/metrics", tags=["health"])
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse, responses=METRICS)
     async def prometheus(request: Request) -> Response:
         _check_scraper(app.state.settings.metrics_token, request)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

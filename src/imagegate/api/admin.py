@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from imagegate.api.deps import AdminKey, Service, SettingsDep
+from imagegate.api.openapi import CSV
 from imagegate.api.responses import JSON
 from imagegate.auth.passwords import MIN_PASSWORD_LENGTH
 from imagegate.config import load_models
@@ -298,7 +299,7 @@ async def set_user_limits(
     return ok(user_view(user))
 
 
-@router.get("/usage")
+@router.get("/usage", responses=CSV)
 async def usage(
     admin: AdminKey,
     service: Service,

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 from imagegate.errors import (
     AuthenticationFailed,
@@ -23,6 +24,7 @@ from imagegate.errors import (
 
 logger = logging.getLogger(__name__)
 Renderer = Callable[[ImagegateError], Response]
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class ErrorRenderers:
@@ -79,7 +81,12 @@ def install(app: FastAPI, renderers: ErrorRenderers) -> None:
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        return renderers.render(request.url.path, _from_http(exc, request))
+        response = renderers.render(request.url.path, _from_http(exc, request))
+        for name, value in (exc.headers or {}).items():
+            response.headers.setdefault(name, value)
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         logger.exception("unhandled error on %s", request.url.path)
@@ -96,7 +103,33 @@ def install(app: FastAPI, renderers: ErrorRenderers) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path (a path may have one route per method)."""
+    routes = request.app.router.routes
+
+    def answers(method: str) -> bool:
+        scope = {**request.scope, "method": method}
+        return any(route.matches(scope)[0] is Match.FULL for route in routes)
+
+    return [method for method in _METHODS if answers(method)]
+
+
+def _from_form(detail: str) -> InvalidRequest:
+    """Starlette's own 400s come from parsing a multipart or urlencoded body."""
+    if detail.startswith("Too many files"):
+        error = InvalidRequest(f"{detail} Send fewer images in one request.", param="image")
+        error.kind = "too_many_files"
+        return error
+    if detail.startswith("Too many fields"):
+        error = InvalidRequest(f"{detail} Send fewer form fields.")
+        error.kind = "too_many_fields"
+        return error
+    return InvalidRequest(detail)
+
+
 def _from_http(exc: StarletteHTTPException, request: Request) -> ImagegateError:
+    if exc.status_code == 400:
+        return _from_form(str(exc.detail))
     if exc.status_code == 404:
         return NotFound(f"No such endpoint: {request.method} {request.url.path}.")
     if exc.status_code == 405:
