@@ -21,10 +21,11 @@ import httpx
 import pytest
 import torch
 
-from imagegate.config import ModelConfig, ModelDefaultsConfig, PricingConfig
+from imagegate.config import ModelConfig, ModelDefaultsConfig, PricingConfig, Settings
 from imagegate.providers.diffusers import DiffusersProvider
 from imagegate.store import ledger
 from imagegate.store.db import create_engine, session_factory
+from imagegate.types import ImageRequest
 from tests.conftest import Api, make_settings, start_api
 from tests.servers import cli, server_env, serving
 from tests.step_pipeline import StepPipeline
@@ -178,6 +179,36 @@ async def test_one_keys_flood_does_not_make_another_key_wait_behind_it(
     order = [prompts[0] for prompts in steps.prompts]
     assert order[1] == "single", order
     assert sorted(order[:1] + order[2:]) == [f"flood {i}" for i in range(6)]
+
+
+async def test_batches_fill_in_turn_order_too(tiny_sd: Path, steps: type[StepPipeline]) -> None:
+    """With batching on, the next batch takes each waiting owner's first request before any
+    owner's second: the other key's request rides in it instead of waiting for the flood."""
+    config = tiny_model(tiny_sd, max_batch=4)
+    provider = DiffusersProvider(
+        name="tiny",
+        options=config.options,
+        defaults=config.defaults,
+        settings=Settings(),
+    )
+    await provider.start()
+    steps.hold = threading.Event()
+
+    def ask(prompt: str, owner: str) -> asyncio.Task[Any]:
+        request = ImageRequest(model="tiny", prompt=prompt, owner=owner)
+        return asyncio.create_task(provider.generate(request))
+
+    first = ask("flood 0", "key:1")
+    await until(lambda: len(steps.prompts) == 1)
+    flood = [ask(f"flood {i}", "key:1") for i in range(1, 10)]
+    await until(lambda: provider.queued == 9)
+    single = ask("single", "key:2")
+    await until(lambda: provider.queued == 10)
+    steps.hold.set()
+    await asyncio.gather(first, *flood, single)
+    await provider.close()
+    assert steps.prompts[0] == ["flood 0"]
+    assert steps.prompts[1] == ["single", "flood 1", "flood 2", "flood 3"]
 
 
 # -- the deadline ------------------------------------------------------------------------------
