@@ -35,6 +35,7 @@ URL_PASSWORD = "hunter2-url-password"
 AMZ_SIGNATURE = "f00dfacecafe0123456789abcdef"
 ACCESS_TOKEN = "callback-access-token-777"
 PROMPT = "a very private prompt about my neighbour"
+USER_PASSWORD = "correct-horse-battery-staple"
 
 
 def _upstream() -> Starlette:
@@ -89,6 +90,7 @@ async def test_no_credentials_hashes_or_prompts_reach_any_log(
         base = upstream.url.replace("http://", f"http://user:{URL_PASSWORD}@")
         async for api in start_api(settings, FAKE_MODELS):
             key = await api.key()
+            await _user(api, "alice", USER_PASSWORD)
             auth = {"Authorization": f"Bearer {key}"}
             body: dict[str, Any] = {
                 "model": "fake-model",
@@ -105,10 +107,15 @@ async def test_no_credentials_hashes_or_prompts_reach_any_log(
             assert task.status_code == 202, task.text
             task_id = task.json()["data"]["task_id"]
             await _until_called_back(api, key, task_id)
-            digest = await _key_digest(api)
+            login = {"username": "alice", "password": USER_PASSWORD}
+            token = await api.client.post("/prod-api/v3/auth/getToken", json=login)
+            assert token.status_code == 200, token.text
+            digest, password_hash = await _stored_secrets(api)
     logging.getLogger().removeHandler(caplog.handler)
     written = server_logging.getvalue() + "\n".join(r.getMessage() for r in caplog.records)
     secrets = [URL_PASSWORD, AMZ_SIGNATURE, ACCESS_TOKEN, key, key[:20], digest]
+    secrets += [USER_PASSWORD, password_hash, password_hash.rsplit("$", 1)[-1]]
+    secrets += [token.json()["data"].split()[-1]]
     if logging.getLogger("aiosqlite").level == logging.WARNING:  # SQL parameters hold prompts
         secrets.append(PROMPT)
     else:  # the library lines are there, masked
@@ -132,18 +139,33 @@ async def _until_called_back(api: Api, key: str, task_id: str) -> None:
     raise AssertionError("the task did not finish")
 
 
-async def _key_digest(api: Api) -> str:
+async def _user(api: Api, username: str, password: str) -> None:
+    from imagegate.store import users
+    from imagegate.store.db import create_engine, session_factory
+
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine).begin() as session:
+            await users.create_user(session, username=username, password=password)
+    finally:
+        await engine.dispose()
+
+
+async def _stored_secrets(api: Api) -> tuple[str, str]:
+    """The key digest and the password hash the database holds."""
     from sqlalchemy import select
 
     from imagegate.store.db import create_engine, session_factory
-    from imagegate.store.models import ApiKey
+    from imagegate.store.models import ApiKey, User
 
     engine = create_engine(api.settings.resolved_database_url)
     try:
         async with session_factory(engine)() as session:
-            return str((await session.scalars(select(ApiKey.digest))).first())
+            digest = (await session.scalars(select(ApiKey.digest))).first()
+            password_hash = (await session.scalars(select(User.password_hash))).first()
     finally:
         await engine.dispose()
+    return str(digest), str(password_hash)
 
 
 # --- metrics ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ _SECRETS = re.compile(
     r"|(data:image/[a-z]+;base64,)[A-Za-z0-9+/=]{16,}"  # inline images
     r"|(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#]+(?=@)"  # user:password@ in URLs
     r"|([?&][A-Za-z0-9_.~%\[\]-]{1,64}=)[^&\s#\"'<>]+"  # query values: signatures, tokens
-    r"|(\$argon2(?:id|i|d)\$)[^\s'\",)]+"  # password hashes
+    r"|(\$argon2(?:id|i|d)\$)[A-Za-z0-9+/$=,.-]+"  # password hashes
     r"|\b[0-9a-f]{64}\b"  # SHA-256 hex: key digests, link signatures
 )
 _LIBRARIES = ("httpx", "httpcore", "hpack", "aiohttp", "aiosqlite", "asyncpg", "sqlalchemy")
