@@ -102,7 +102,7 @@ async def test_the_attack_is_refused_by_the_request_budget_without_stalling_the_
     assert "IMAGEGATE_MAX_REQUEST_PIXELS" in message
     assert "with image[2] they come to 118767792; the limit is 80000000" in message
     # The old code held the loop for the whole decode (here 16 images, >1.5 s on any machine).
-    assert max(gaps) < 0.15, f"the loop stalled {max(gaps):.3f} s in a {took:.2f} s request"
+    assert max(gaps) < 0.25, f"the loop stalled {max(gaps):.3f} s in a {took:.2f} s request"
 
 
 async def test_a_request_budget_is_charged_from_headers_before_decoding(tmp_path: Path) -> None:
@@ -142,13 +142,14 @@ async def test_multipart_edits_are_charged_to_the_request_budget(tmp_path: Path)
 async def test_small_files_with_many_pixels_are_decoded_off_the_event_loop(
     tmp_path: Path,
 ) -> None:
-    """Within the budget (2 x 39.6 MP + a small last one, so the fake's output stays small)."""
+    """3 x 39.6 MP (the old code held the loop >0.3 s on any machine) + a small last one, so
+    that the fake's output stays small."""
     uri = data_uri(flat_png())
-    body = {"model": "fake-model", "prompt": "x", "image": [uri, uri, data_uri(png_bytes())]}
-    async with app(tmp_path) as (api, headers), loop_gaps() as gaps:
+    body = {"model": "fake-model", "prompt": "x", "image": [uri] * 3 + [data_uri(png_bytes())]}
+    async with app(tmp_path, max_request_pixels=200_000_000) as (api, headers), loop_gaps() as gaps:
         answer = await api.client.post("/v1/images/generations", json=body, headers=headers)
     assert answer.status_code == 200, answer.text
-    assert max(gaps) < 0.15, f"the loop stalled {max(gaps):.3f} s"
+    assert max(gaps) < 0.2, f"the loop stalled {max(gaps):.3f} s"
 
 
 # --- item 7 through a real `imagegate serve` ----------------------------------------------------
