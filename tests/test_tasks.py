@@ -197,7 +197,7 @@ async def test_only_the_owner_or_an_admin_sees_a_task(tasks_api: Api) -> None:
         await tasks_api.key(),
         await tasks_api.key(admin=True),
     )
-    response = await submit(tasks_api, owner, {"model": "fake-model", "prompt": "x", "async": 1})
+    response = await submit(tasks_api, owner, {"model": "fake-model", "prompt": "x", "async": True})
     task_id = response.json()["data"]["task_id"]
     hidden = await get_task(tasks_api, stranger, task_id)
     assert hidden.status_code == 404 and task_id in hidden.json()["msg"]

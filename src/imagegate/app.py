@@ -44,6 +44,7 @@ from imagegate.api.responses import JSON
 from imagegate.api.tasks import Tasks
 from imagegate.auth.throttle import LoginThrottle
 from imagegate.auth.tokens import TokenIssuer
+from imagegate.bounds import Bounds
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
 from imagegate.errors import AuthenticationFailed
@@ -95,6 +96,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             usage_log=settings.usage_log,
             request_timeout_seconds=settings.request_timeout_seconds,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
+            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
             logins=LoginThrottle.create(
                 settings.redis_url,
                 max_failures=settings.login_max_failures,

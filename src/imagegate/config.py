@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     """Pixels one process decodes at once (about 4 bytes of memory each); further decodes
     wait their turn. An image larger than this decodes alone."""
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_prompt_chars: int = Field(default=32_000, gt=0)
+    """The most characters in one prompt, negative prompt or text part (400 above)."""
+    max_images_per_request: int = Field(default=16, ge=1, le=10_000)
+    """The most images one request may ask for: n, max_images, candidateCount (400 above)."""
     max_output_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     """Cap on one image downloaded from a provider's result link (4K PNGs are large)."""
     fetch_timeout_seconds: float = Field(default=15.0, gt=0)

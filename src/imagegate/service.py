@@ -21,6 +21,7 @@ from imagegate.accounting.limits import Limits, MemoryLimiter, RateLimiter, Subj
 from imagegate.auth.passwords import verify_password_async
 from imagegate.auth.throttle import LoginThrottle
 from imagegate.auth.tokens import TokenIssuer, looks_like_jwt
+from imagegate.bounds import Bounds, check_model_name
 from imagegate.catalog import Catalog
 from imagegate.decoding import counting_pixels
 from imagegate.errors import (
@@ -33,7 +34,7 @@ from imagegate.errors import (
     RateLimited,
 )
 from imagegate.fastjson import Base64Text
-from imagegate.providers.base import Provider
+from imagegate.providers.base import Provider, check_capabilities
 from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
@@ -109,6 +110,7 @@ class ImageService:
         logins: LoginThrottle | None = None,
         log_prompts: bool = False,
         usage_log: bool = True,
+        bounds: Bounds | None = None,
         request_timeout_seconds: float | None = None,
     ) -> None:
         self.sessions = sessions
@@ -122,6 +124,7 @@ class ImageService:
         self.logins = logins or LoginThrottle()
         self.log_prompts = log_prompts
         self.usage_log = usage_log
+        self.bounds = bounds or Bounds()
         self.request_timeout_seconds = request_timeout_seconds
         """The deadline of one provider call (IMAGEGATE_REQUEST_TIMEOUT_SECONDS); None: none."""
         self.key_cache_seconds = key_cache_seconds
@@ -262,15 +265,19 @@ class ImageService:
         dict to fill instead: they write the row in the transaction that finishes the task.
         """
         started = time.perf_counter()
+        check_model_name(model)  # before the row: usage.model is String(200)
         row = _usage_row(principal, model, endpoint, request_id)
         try:
             self.authorize_model(principal, model)
             with counting_pixels():  # IMAGEGATE_MAX_REQUEST_PIXELS over the request's images
                 request = await prepare()
+            self.bounds.check(request)
             row.update(n_requested=request.n, size=request.size.raw if request.size else None)
             if self.log_prompts:
                 row["prompt"] = request.prompt
             provider = await self.catalog.provider(request.model)
+            # What the model cannot take is refused before prices or rate limits count it.
+            check_capabilities(request.model, provider.capabilities, request)
             result, charge = await self._limited(principal, request, provider, request_id)
             row.update(images=len(result.images), charge=charge, channel=result.channel or None)
             return request, replace(result, charge=charge)

@@ -49,6 +49,8 @@ class SizeKind(Enum):
 _PIXELS = re.compile(r"^\s*(\d{1,5})\s*[xX*×]\s*(\d{1,5})\s*$")  # noqa: RUF001
 _RATIO = re.compile(r"^\s*(\d{1,3})\s*:\s*(\d{1,3})\s*$")
 _TIER = re.compile(r"^\s*([1-8])[kK]\s*$")
+MAX_SIZE_CHARS = 40
+"""usage.size is String(40): a longer size string is never a size anyway."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,12 @@ class Size:
 
     @classmethod
     def parse(cls, raw: str) -> Size:
+        if len(raw) > MAX_SIZE_CHARS:
+            raise InvalidRequest(
+                f"Invalid size: {len(raw):,} characters, the most is {MAX_SIZE_CHARS}; use "
+                "pixels like '1024x1024', a ratio like '16:9' or a tier like '2K'.",
+                param="size",
+            )
         if m := _PIXELS.match(raw):
             width, height = int(m[1]), int(m[2])
             if width <= 0 or height <= 0:

@@ -17,6 +17,8 @@ from imagegate.store.models import Task
 from imagegate.tasks.queue import TaskQueue
 
 MAX_IDEMPOTENCY_KEY = 200
+MAX_BASE_URL = 500
+"""tasks.base_url is String(500)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,7 @@ class Tasks:
             endpoint=endpoint,
             model=model,
             request=body,
-            base_url=base_url(request),
+            base_url=_base_url(request),
             idempotency_key=_idempotency_key(request, idempotency_key),
             callback_url=callback_url,
         )
@@ -102,6 +104,18 @@ class Tasks:
             raise InvalidRequest(
                 f"Invalid callback_url: {exc.message}", param="callback_url"
             ) from None
+
+
+def _base_url(request: Request) -> str:
+    url = base_url(request)
+    if len(url) > MAX_BASE_URL:
+        raise InvalidRequest(
+            f"The Host header makes a base URL of {len(url):,} characters; a task keeps at "
+            f"most {MAX_BASE_URL}: send the server's own host name (or the operator sets "
+            "IMAGEGATE_PUBLIC_URL).",
+            param="Host",
+        )
+    return url
 
 
 def _idempotency_key(request: Request, from_body: str | None) -> str | None:

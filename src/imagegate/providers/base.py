@@ -97,6 +97,12 @@ def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) ->
                 f"Parameter {name} is not supported by model {model}: remove it from the request.",
                 param=name,
             )
+    if request.max_images is not None and "sequential_image_generation" not in caps.accepts:
+        raise InvalidRequest(
+            f"Parameter sequential_image_generation_options.max_images is not supported by "
+            f"model {model}: remove it, and ask for several images with n.",
+            param="sequential_image_generation_options.max_images",
+        )
     unknown = sorted(set(request.extras) - caps.accepts)
     if unknown:
         raise InvalidRequest(

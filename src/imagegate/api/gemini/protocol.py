@@ -17,7 +17,15 @@ from pydantic.alias_generators import to_camel
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, alias_generator=to_camel)
+    # strict: `"candidateCount": true` is not 1 and `"thought": "yes"` is not true; NaN and
+    # Infinity (which Python's JSON parser reads) are not numbers.
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=to_camel,
+        strict=True,
+        allow_inf_nan=False,
+    )
 
 
 class Blob(_Wire):

@@ -106,7 +106,7 @@ async def generate_content(
 
     async def prepare() -> ImageRequest:
         accepts = (await service.catalog.provider(model)).capabilities.accepts
-        return await to_image_request(model, body, loader, accepts=accepts)
+        return await to_image_request(model, body, loader, accepts=accepts, bounds=service.bounds)
 
     rid = request_id(request)
     image_request, result = await unless_client_leaves(

@@ -27,6 +27,7 @@ from imagegate.api.gemini.protocol import (
     ResponsePart,
     UsageMetadata,
 )
+from imagegate.bounds import MAX_SEED, Bounds, short
 from imagegate.errors import InvalidRequest
 from imagegate.images import ImageLoader
 from imagegate.types import GenerationResult, ImageRequest, Role, Size, Turn
@@ -52,10 +53,17 @@ def response_modalities(body: GenerateContentRequest) -> list[str]:
 
 
 async def to_image_request(
-    model: str, body: GenerateContentRequest, loader: ImageLoader, *, accepts: frozenset[str]
+    model: str,
+    body: GenerateContentRequest,
+    loader: ImageLoader,
+    *,
+    accepts: frozenset[str],
+    bounds: Bounds,
 ) -> ImageRequest:
-    """`accepts` is what the model's provider accepts: hints it cannot take are not sent."""
+    """`accepts` is what the model's provider accepts: hints it cannot take are not sent.
+    `bounds` are checked here to name the fields as this dialect does."""
     _refuse_unsupported(body)
+    _check_bounds(body, bounds)
     turns = await _conversation(body.contents, loader)
     config = body.generation_config
     image = config.image_config if config else None
@@ -74,11 +82,21 @@ async def to_image_request(
         images=tuple(p.image for t in turns for p in t.parts if p.image is not None),
         n=_candidates(config.candidate_count if config else None),
         size=size,
-        seed=config.seed if config else None,
+        seed=_seed(config.seed if config else None),
         output_format=_output_format(image.output_mime_type if image else None),
         response_format="b64_json",
         extras=extras,
     )
+
+
+def _check_bounds(body: GenerateContentRequest, bounds: Bounds) -> None:
+    config = body.generation_config
+    bounds.images("generationConfig.candidateCount", config.candidate_count if config else None)
+    for index, content in enumerate(body.contents):
+        for j, part in enumerate(content.parts):
+            bounds.text(f"contents[{index}].parts[{j}].text", part.text)
+    for j, part in enumerate(body.system_instruction.parts if body.system_instruction else []):
+        bounds.text(f"systemInstruction.parts[{j}].text", part.text)
 
 
 def _refuse_unsupported(body: GenerateContentRequest) -> None:
@@ -217,8 +235,18 @@ def _candidates(value: int | None) -> int:
         return 1
     if value < 1:
         raise InvalidRequest(
-            f"Invalid generationConfig.candidateCount={value}: ask for 1 or more images.",
+            f"Invalid generationConfig.candidateCount={short(value)}: ask for 1 or more images.",
             param="generationConfig.candidateCount",
+        )
+    return value
+
+
+def _seed(value: int | None) -> int | None:
+    if value is not None and not 0 <= value <= MAX_SEED:
+        raise InvalidRequest(
+            f"Invalid generationConfig.seed={short(value)}: use an integer from 0 to "
+            f"{MAX_SEED}, or leave it out for a random seed.",
+            param="generationConfig.seed",
         )
     return value
 

@@ -8,11 +8,12 @@ sends. text2imageSubmit: `{"req": {...}}`, `{"volcEngineReqDTO": {"req": {...}}}
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imagegate.api.errors import describe_validation
+from imagegate.bounds import MAX_MODEL_CHARS
 from imagegate.errors import InvalidRequest
 
 M = TypeVar("M", bound=BaseModel)
@@ -22,7 +23,16 @@ VOLC_REQ = "volcEngineReqDTO.req"
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: `"n": true` is not 1 and `"async": "yes"` is not true; a number is not a string;
+    # NaN and Infinity (which Python's JSON parser reads) are not numbers either.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False
+    )
+
+
+ModelName = Annotated[str, Field(max_length=MAX_MODEL_CHARS)]
+Side = Annotated[int, Field(gt=0, le=99_999)]
+"""A side in pixels, as far as a size string can say it (types.Size: up to 5 digits)."""
 
 
 class Envelope(_Wire):
@@ -32,7 +42,7 @@ class Envelope(_Wire):
     callback_url: str | None = Field(default=None, alias="callbackUrl")
     score: float | str | None = None
     """Credits the Lab site charges; accepted and ignored (prices come from the config)."""
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class GetTokenBody(_Wire):
@@ -41,7 +51,7 @@ class GetTokenBody(_Wire):
 
 
 class BatchImageGeneration(_Wire):
-    model: str | None = None
+    model: ModelName | None = None
     prompt: str | None = None
     n: int | None = None
     size: str | None = None
@@ -64,18 +74,18 @@ class VolcImage(_Wire):
     prompt: str | None = None
     size: str | None = None
     style: str | None = None
-    model: str | None = None
+    model: ModelName | None = None
 
 
 class Text2ImageReq(_Wire):
     prompt: str | None = None
     size: str | None = None
     value: str | None = None
-    width: int | None = Field(default=None, gt=0)
-    height: int | None = Field(default=None, gt=0)
+    width: Side | None = None
+    height: Side | None = None
     req_key: str | None = None
     return_url: bool | None = None
-    model: str | None = None
+    model: ModelName | None = None
 
 
 def split_img2img(raw: dict[str, Any]) -> tuple[Envelope, BatchImageGeneration | VolcImage]:

@@ -9,8 +9,9 @@ from fastapi import Request
 from imagegate.api.deps import base_url, loader_of, request_id, service_of
 from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.nebula.protocol import ImageGenerationRequest
-from imagegate.api.nebula.translate import to_image_request
+from imagegate.api.nebula.translate import check_body, to_image_request
 from imagegate.api.tasks import tasks_of
+from imagegate.errors import InvalidRequest
 from imagegate.service import DeliveredImage, Principal
 from imagegate.store.models import Task
 
@@ -35,7 +36,15 @@ async def handle(
     callback_url: str | None,
     idempotency_key: str | None = None,
 ) -> Handled:
+    if callback_url is not None and not wants_async:
+        name = "callbackUrl" if dialect == "lab" else "callback_url"
+        raise InvalidRequest(
+            f'{name} is only used by async tasks: add "async": true (or the header '
+            f"Prefer: respond-async), or remove {name}.",
+            param=name,
+        )
     if wants_async:
+        check_body(body, service_of(request).bounds)
         task = await tasks_of(request).submit(
             request,
             principal,

@@ -6,9 +6,15 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from imagegate.bounds import MAX_MODEL_CHARS
+
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # strict: `"n": true` is not 1 and `"async": "yes"` is not true; a number is not a string;
+    # NaN and Infinity (which Python's JSON parser reads) are not numbers either.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, strict=True, allow_inf_nan=False
+    )
 
 
 class InlineData(_Wire):
@@ -35,7 +41,7 @@ class Content(_Wire):
 
 
 class ImageGenerationRequest(_Wire):
-    model: str
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     prompt: str | None = None
     response_format: str = "url"
     contents: list[Content] | None = None
@@ -62,7 +68,7 @@ class ImageGenerationRequest(_Wire):
     input_fidelity: str | None = None
     background: str | None = None
     moderation: str | None = None
-    output_compression: int | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
     sequential_image_generation: str | None = None
     sequential_image_generation_options: dict[str, Any] | None = None
     optimize_prompt_options: dict[str, Any] | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from imagegate.api.nebula.protocol import Content, ContentPart, ImageGenerationRequest
+from imagegate.bounds import MAX_SEED, Bounds, short
 from imagegate.errors import InvalidRequest
 from imagegate.images import ImageLoader
 from imagegate.types import ImageRequest, InputImage, Part, Role, Size, Turn
@@ -31,12 +32,14 @@ _EXTRA_FIELDS = (
     "optimize_prompt_options",
 )
 _OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
+_MAX_IMAGES = "sequential_image_generation_options.max_images"
 
 
 async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) -> ImageRequest:
     fields = _merge_parameters(body)
     turns = await _conversation(body, loader)
-    prompt = _resolve_prompt(turns, body.prompt or _extra_input_text(body))
+    extra_text = _extra_input_text(body)  # judged even when a prompt makes it unused
+    prompt = _resolve_prompt(turns, body.prompt or extra_text)
     images = tuple(p.image for t in turns for p in t.parts if p.image is not None)
     return ImageRequest(
         model=body.model,
@@ -47,17 +50,33 @@ async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) ->
         size=_size(fields.get("size")),
         quality=body.quality,
         seed=_seed(fields.get("seed")),
-        negative_prompt=fields.get("negative_prompt") or None,
+        negative_prompt=_negative_prompt(fields.get("negative_prompt")),
         num_inference_steps=_in_range("num_inference_steps", body.num_inference_steps, 1, 500),
         guidance_scale=_in_range("guidance_scale", body.guidance_scale, 0, 100),
         strength=_strength(body.strength),
-        watermark=fields.get("watermark"),
+        watermark=_watermark(fields.get("watermark")),
         output_format=_output_format(body.output_format),
         response_format=_response_format(body.response_format),
         sequential=body.sequential_image_generation,
-        max_images=(body.sequential_image_generation_options or {}).get("max_images"),
+        max_images=_max_images(body),
         extras=fields["extras"],
     )
+
+
+def check_body(body: ImageGenerationRequest, bounds: Bounds) -> None:
+    """What can be judged without loading images: an async submission is refused now, not
+    when a worker runs it (to_image_request and the service check the same again then)."""
+    fields = _merge_parameters(body)
+    bounds.images("n", _n(fields.get("n")))
+    bounds.images(_MAX_IMAGES, _max_images(body))
+    _seed(fields.get("seed"))
+    _watermark(fields.get("watermark"))
+    bounds.text("prompt", body.prompt)
+    bounds.text("prompt", _extra_input_text(body))
+    bounds.text("negative_prompt", _negative_prompt(fields.get("negative_prompt")))
+    for index, content in enumerate(body.contents or []):
+        for j, part in enumerate(content.parts):
+            bounds.text(f"contents[{index}].parts[{j}].text", part.text)
 
 
 def _merge_parameters(body: ImageGenerationRequest) -> dict[str, Any]:
@@ -72,7 +91,7 @@ def _merge_parameters(body: ImageGenerationRequest) -> dict[str, Any]:
             f"Unknown parameter 'extra.{unknown[0]}': extra takes 'input' and 'parameters'.",
             param=f"extra.{unknown[0]}",
         )
-    nested = dict((body.extra or {}).get("parameters") or {})
+    nested = dict(_typed((body.extra or {}).get("parameters"), dict, "extra.parameters"))
     nested.update(body.parameters or {})
     for name, value in nested.items():
         if name in _STANDARD_IN_PARAMETERS:
@@ -89,16 +108,27 @@ def _merge_parameters(body: ImageGenerationRequest) -> dict[str, Any]:
 
 def _extra_input_text(body: ImageGenerationRequest) -> str | None:
     """The prompt of Qwen's "full format": extra.input.messages[].content[].text."""
-    messages = ((body.extra or {}).get("input") or {}).get("messages") or []
+    given = _typed((body.extra or {}).get("input"), dict, "extra.input")
+    messages = _typed(given.get("messages"), list, "extra.input.messages")
     texts = [
         part.get("text")
-        for message in messages
+        for i, message in enumerate(messages)
         if isinstance(message, dict)
-        for part in message.get("content") or []
+        for part in _typed(message.get("content"), list, f"extra.input.messages[{i}].content")
         if isinstance(part, dict)
     ]
     joined = "\n".join(t.strip() for t in texts if isinstance(t, str) and t.strip())
     return joined or None
+
+
+def _typed(value: Any, kind: type[dict[str, Any]] | type[list[Any]], name: str) -> Any:
+    """`value` if it is a `kind` (an empty one if unset), else a 400 naming the field."""
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        wanted = "a JSON object" if kind is dict else "a JSON array"
+        raise InvalidRequest(f"Invalid parameter {name!r}: must be {wanted}.", param=name)
+    return value
 
 
 async def _conversation(body: ImageGenerationRequest, loader: ImageLoader) -> tuple[Turn, ...]:
@@ -204,7 +234,36 @@ def _n(value: Any) -> int:
         return 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidRequest(
-            f"Invalid n={value!r}: n is the number of images, an integer >= 1.", param="n"
+            f"Invalid n={short(value)}: n is the number of images, an integer >= 1.", param="n"
+        )
+    return value
+
+
+def _negative_prompt(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InvalidRequest(
+            f"Invalid negative_prompt={short(value)}: send a string.", param="negative_prompt"
+        )
+    return value or None
+
+
+def _watermark(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(
+            f"Invalid watermark={short(value)}: send true or false.", param="watermark"
+        )
+    return value
+
+
+def _max_images(body: ImageGenerationRequest) -> int | None:
+    value = (body.sequential_image_generation_options or {}).get("max_images")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(
+            f"Invalid {_MAX_IMAGES}={short(value)}: the most images of a group, an integer "
+            ">= 1 (and no more than the model allows).",
+            param=_MAX_IMAGES,
         )
     return value
 
@@ -222,9 +281,9 @@ def _size(value: Any) -> Size | None:
 def _seed(value: Any) -> int | None:
     if value is None or value == -1:
         return None  # -1 is the conventional "random seed"
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**32 - 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise InvalidRequest(
-            f"Invalid seed={value!r}: use an integer from 0 to 4294967295, or "
+            f"Invalid seed={short(value)}: use an integer from 0 to {MAX_SEED}, or "
             "-1 for a random seed.",
             param="seed",
         )

@@ -11,22 +11,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegate.bounds import MAX_MODEL_CHARS
+
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict JSON: `"n": true` is not 1 and `"stream": "yes"` is not true. Multipart forms,
+    # whose every field is text, are validated with strict=False (api/openai/translate.py).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class _ImageOptions(_Wire):
     """Fields shared by generations and edits."""
 
-    model: str
+    model: str = Field(max_length=MAX_MODEL_CHARS)
     prompt: str
     n: int | None = None
     size: str | None = None
     quality: str | None = None
     response_format: Literal["url", "b64_json"] | None = None
     output_format: Literal["png", "jpeg", "webp"] | None = None
-    output_compression: int | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
     background: str | None = None
     moderation: str | None = None
     stream: bool | None = None

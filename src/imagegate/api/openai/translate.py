@@ -22,6 +22,7 @@ from imagegate.api.openai.protocol import (
     ImageGenerateRequest,
     ImageReference,
 )
+from imagegate.bounds import short
 from imagegate.errors import InvalidRequest
 from imagegate.images import ImageLoader
 from imagegate.types import ImageRequest, InputImage, ResponseFormat, Size
@@ -65,7 +66,7 @@ async def read_form(form: FormData) -> tuple[ImageEditForm, list[Upload], Upload
         else:
             fields[name] = value
     try:
-        body = ImageEditForm.model_validate(fields)
+        body = ImageEditForm.model_validate(fields, strict=False)  # form fields are all text
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
     return body, uploads, mask
@@ -160,7 +161,7 @@ def _n(value: int | None) -> int:
         return 1
     if value < 1:
         raise InvalidRequest(
-            f"Invalid n={value}: n is the number of images, an integer >= 1.", param="n"
+            f"Invalid n={short(value)}: n is the number of images, an integer >= 1.", param="n"
         )
     return value
 
