@@ -45,7 +45,7 @@ def response_modalities(body: GenerateContentRequest) -> list[str]:
     modalities = [m.upper() for m in asked]
     if "IMAGE" not in modalities or not set(modalities) <= {"TEXT", "IMAGE"}:
         raise InvalidRequest(
-            f"Invalid generationConfig.responseModalities {asked!r}: use ['TEXT', 'IMAGE'] or "
+            f"Invalid generationConfig.responseModalities {short(asked)}: use ['TEXT', 'IMAGE'] or "
             "['IMAGE'] (this endpoint generates images).",
             param="generationConfig.responseModalities",
         )
@@ -169,7 +169,8 @@ async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
     where = f"contents[{index}]"
     if content.role not in (None, "user", "model"):
         raise InvalidRequest(
-            f"Invalid {where}.role {content.role!r}: use 'user' or 'model'.", param=f"{where}.role"
+            f"Invalid {where}.role {short(content.role)}: use 'user' or 'model'.",
+            param=f"{where}.role",
         )
     if not content.parts:
         raise InvalidRequest(
@@ -200,7 +201,7 @@ async def _part(where: str, part: Part, loader: ImageLoader) -> TurnPart:
         mime = part.inline_data.mime_type or ""
         if mime and not mime.startswith("image/"):
             raise InvalidRequest(
-                f"{where}.inlineData is {mime}: only images (PNG, JPEG, WEBP) are accepted.",
+                f"{where}.inlineData is {short(mime)}: only images (PNG, JPEG, WEBP) are accepted.",
                 param=f"{where}.inlineData",
             )
         image = await loader.load_base64(
@@ -258,7 +259,7 @@ def _output_format(mime: str | None) -> str | None:
         return _OUTPUT_FORMATS[mime.lower()]
     except KeyError:
         raise InvalidRequest(
-            f"Invalid imageConfig.outputMimeType {mime!r}: use image/png, image/jpeg or "
+            f"Invalid imageConfig.outputMimeType {short(mime)}: use image/png, image/jpeg or "
             "image/webp.",
             param="generationConfig.imageConfig.outputMimeType",
         ) from None

@@ -157,7 +157,7 @@ def _count_images(contents: list[Content]) -> int:
 async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
     if content.role not in ("user", "model"):
         raise InvalidRequest(
-            f"Invalid contents[{index}].role {content.role!r}: use 'user' or 'model'.",
+            f"Invalid contents[{index}].role {short(content.role)}: use 'user' or 'model'.",
             param=f"contents[{index}].role",
         )
     if not content.parts:
@@ -273,7 +273,7 @@ def _size(value: Any) -> Size | None:
         return None
     if not isinstance(value, str):
         raise InvalidRequest(
-            f"Invalid size {value!r}: send a string like '1024x1024'.", param="size"
+            f"Invalid size {short(value)}: send a string like '1024x1024'.", param="size"
         )
     return Size.parse(value)
 
@@ -315,14 +315,15 @@ def _output_format(value: str | None) -> str | None:
         return _OUTPUT_FORMATS[value.lower()]
     except KeyError:
         raise InvalidRequest(
-            f"Invalid output_format {value!r}: use png, jpeg or webp.", param="output_format"
+            f"Invalid output_format {short(value)}: use png, jpeg or webp.", param="output_format"
         ) from None
 
 
 def _response_format(value: str) -> Any:
     if value not in ("url", "b64_json"):
         raise InvalidRequest(
-            f"Invalid response_format {value!r}: use 'url' or 'b64_json'.", param="response_format"
+            f"Invalid response_format {short(value)}: use 'url' or 'b64_json'.",
+            param="response_format",
         )
     return value
 
