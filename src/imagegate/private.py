@@ -9,6 +9,7 @@ are created with their final mode (never readable by others, not even for a mome
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from imagegate.config import Settings
 
+logger = logging.getLogger(__name__)
 FOLDER = 0o700
 FILE = 0o600
 ADMIN_KEY_FILE = "admin-key.txt"
@@ -48,9 +50,14 @@ def create_file(path: Path) -> None:
 
 
 def tighten(path: Path, mode: int) -> None:
-    """Give `path` this mode if it exists."""
-    with contextlib.suppress(FileNotFoundError):
+    """Give `path` this mode if it exists; one this user does not own is only warned about
+    (a volume mounted by another user must not stop the server)."""
+    try:
         path.chmod(mode)
+    except FileNotFoundError:
+        pass
+    except PermissionError as exc:
+        logger.warning("cannot make %s private (mode %o): %s", path, mode, exc.strerror)
 
 
 def protect(settings: Settings) -> None:
@@ -58,6 +65,6 @@ def protect(settings: Settings) -> None:
     already exist (the SQLite files: `store.db`, which opens them)."""
     for folder in (settings.data_dir, settings.resolved_storage_dir):
         if folder.is_dir():
-            folder.chmod(FOLDER)
+            tighten(folder, FOLDER)
     for name in (SIGNING_KEY_FILE, ADMIN_KEY_FILE):
         tighten(settings.data_dir / name, FILE)
