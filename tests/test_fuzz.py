@@ -31,7 +31,7 @@ MODELS = [
     ModelConfig(name="priced", provider="fake", pricing=PricingConfig(per_image=0.002)),
 ]
 FUZZ = settings(
-    max_examples=120,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     database=None,
@@ -416,7 +416,7 @@ def gemini_shape(response: Any) -> None:
 # ---- the tests -------------------------------------------------------------------------------
 
 
-@settings(FUZZ, max_examples=250)
+@settings(FUZZ, max_examples=400)
 @given(body=v1_bodies)
 async def test_v1_never_answers_5xx_or_out_of_shape(fuzz: Fuzz, body: Any) -> None:
     nebula_shape(await fuzz.post("/v1/images/generations", body))
