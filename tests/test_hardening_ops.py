@@ -280,6 +280,35 @@ def test_first_start_without_a_terminal_writes_the_admin_key_to_a_private_file(
     assert str(key_file.resolve()) in log, log
 
 
+def test_first_start_in_a_terminal_shows_the_key_and_writes_no_file(tmp_path: Path) -> None:
+    import os
+    import pty
+    import select
+    import subprocess
+
+    from tests.servers import server_env
+    from tests.test_server_e2e import _free_port
+
+    env = server_env(tmp_path, "models:\n  - name: fake\n    provider: tests.fakes:FakeProvider\n")
+    env["IMAGEGATE_BOOTSTRAP_ADMIN"] = "true"
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-m", "imagegate", "serve", "--port", str(_free_port())]
+    process = subprocess.Popen(command, stdout=follower, stderr=follower, env=env, cwd=tmp_path)
+    os.close(follower)
+    shown = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"sk-" not in shown and time.monotonic() < deadline and process.poll() is None:
+            if select.select([leader], [], [], 0.2)[0]:
+                shown += os.read(leader, 65536)
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        os.close(leader)
+    assert b"shown only this once" in shown and b"sk-" in shown, shown
+    assert not (tmp_path / "data" / "admin-key.txt").exists()
+
+
 # --- hosts ------------------------------------------------------------------------------
 
 
