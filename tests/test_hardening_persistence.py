@@ -129,6 +129,19 @@ async def test_a_row_that_cannot_be_made_valid_is_dropped_alone(
     assert {getattr(r, "request_id", None) for r in dropped} == {"orphan-7", "orphan-150"}
 
 
+async def test_rows_wait_out_a_short_database_outage(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'not-yet' / 'usage.db'}"
+    engine = create_async_engine(url)  # its folder does not exist yet: it cannot open
+    writer = UsageWriter(engine, interval=0.01, retry_seconds=(0.5, 0.5))
+    writer.record(**good_row("during-the-outage-1"))
+    writer.record(**good_row("during-the-outage-2"))
+    await asyncio.sleep(0.2)  # the first attempt has failed
+    await upgrade(url)  # the database is back
+    await writer.close()
+    assert set(await usage_by_request(engine)) == {"during-the-outage-1", "during-the-outage-2"}
+    await engine.dispose()
+
+
 # -- tasks -------------------------------------------------------------------------------------
 
 
@@ -305,7 +318,7 @@ async def test_the_usage_writer_does_not_log_as_the_request_that_started_it(
 ) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     unreachable = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a-file' / 'x.db'}")
-    writer = UsageWriter(unreachable, interval=0.01)
+    writer = UsageWriter(unreachable, interval=0.01, retry_seconds=(0.01,))
     token = logs.request_id.set("req-first")  # as in a request: the writer starts here
     try:
         writer.record(**good_row("req-first"))

@@ -34,13 +34,23 @@ class UsageWriter:
     transaction per request would contend with every other writer of the database).
     `flush()` waits until everything queued so far is written; `close()` flushes and stops.
     Rows still queued when the process is killed outright are lost (at most one batch);
-    billing-grade accounting does not rely on this log.
+    billing-grade accounting does not rely on this log. A row the database refuses costs
+    only itself (see `_write`); a short outage of the database is waited out.
     """
 
-    def __init__(self, engine: AsyncEngine, *, batch: int = 2000, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        batch: int = 2000,
+        interval: float = 0.5,
+        retry_seconds: tuple[float, ...] = (1.0, 4.0),
+    ) -> None:
         self._engine = engine
         self._batch = batch
         self._interval = interval
+        self._retry_seconds = retry_seconds
+        """Waits before a batch the database could not take (down, unreachable) is retried."""
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -71,27 +81,40 @@ class UsageWriter:
             while len(rows) < self._batch and not self._queue.empty():
                 rows.append(self._queue.get_nowait())
             try:
-                await self._write(rows)
+                await self._write_soon(rows)
             finally:
                 for _ in rows:
                     self._queue.task_done()
 
-    async def _write(self, rows: list[dict[str, Any]]) -> None:
+    async def _write_soon(self, rows: list[dict[str, Any]]) -> None:
+        """Write `rows`, waiting out a short outage of the database (a restart, a failover)."""
+        for wait in (*self._retry_seconds, None):
+            rows = await self._write(rows)
+            if not rows:
+                return
+            if wait is None:
+                logger.error("%d usage rows dropped: the database is unavailable", len(rows))
+                return
+            await asyncio.sleep(wait)
+
+    async def _write(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Insert `rows`; when the batch fails because of its data, its halves are tried
-        apart, down to the one row at fault, so a bad row never costs the others theirs."""
+        apart, down to the one row at fault, so a bad row never costs the others theirs.
+        Returns the rows not written because the database is unavailable."""
         try:
             # A Core insert on a bare connection: the ORM's bookkeeping is pure cost here.
             async with self._engine.begin() as connection:
                 await insert_many(connection, USAGE_TABLE, rows)
         except Exception as exc:
-            if _unavailable(exc):  # nothing to learn from retrying row by row
-                logger.exception("could not write %d usage rows", len(rows))
-            elif len(rows) == 1:
+            if _unavailable(exc):  # nothing to learn from trying row by row
+                logger.warning("could not write %d usage rows (%s)", len(rows), _reason(exc))
+                return rows
+            if len(rows) == 1:
                 await self._quarantine(rows[0], exc)
-            else:
-                half = len(rows) // 2
-                await self._write(rows[:half])
-                await self._write(rows[half:])
+                return []
+            half = len(rows) // 2
+            return await self._write(rows[:half]) + await self._write(rows[half:])
+        return []
 
     async def _quarantine(self, row: dict[str, Any], error: Exception) -> None:
         """A row the database refused on its own: stored made to fit the columns (a huge
