@@ -210,6 +210,21 @@ async def test_fields_the_model_does_not_take_are_refused_before_limits_and_pric
     assert "makes 1 to 4 images" in refused(too_many, "n")
 
 
+async def test_an_async_submission_is_judged_against_the_model_before_it_is_counted(
+    api: Api,
+) -> None:
+    key = await key_with(api, ipm=5)
+    group = {"sequential_image_generation_options": {"max_images": 10}}
+    for bad, field in ((group, "max_images"), ({"n": 10}, "makes 1 to 4")):
+        body = {"model": "fake-model", "prompt": "x", "async": True, **bad}
+        refused(await post(api, V1, body, key), field)  # not 403 "at most 5 per minute"
+    assert await task_count(api) == 0
+    # n in `parameters` counts too: 3 + 3 images is over 5 a minute.
+    three = {"model": "fake-model", "prompt": "x", "async": True, "parameters": {"n": 3}}
+    assert (await post(api, V1, three, key)).status_code == 202
+    assert (await post(api, V1, three, key)).status_code == 429
+
+
 # ---- prompt length ---------------------------------------------------------------------------
 
 

@@ -65,14 +65,25 @@ _FIELD_PRESENT: dict[str, Any] = {
 }
 
 
-def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) -> None:
-    """Refuse what the model cannot do, naming the parameter and the model."""
-    if request.n < 1 or request.n > caps.max_n:
+def check_counts(model: str, caps: Capabilities, n: int, max_images: int | None) -> None:
+    """How many images are asked for, against what the model makes: judged before rate limits
+    count them (an async submission is counted before its images are loaded)."""
+    if n < 1 or n > caps.max_n:
         raise InvalidRequest(
-            f"Invalid parameter n={request.n}: model {model} makes 1 to {caps.max_n} images "
-            "per request.",
+            f"Invalid parameter n={n}: model {model} makes 1 to {caps.max_n} images per request.",
             param="n",
         )
+    if max_images is not None and "sequential_image_generation" not in caps.accepts:
+        raise InvalidRequest(
+            f"Parameter sequential_image_generation_options.max_images is not supported by "
+            f"model {model}: remove it, and ask for several images with n.",
+            param="sequential_image_generation_options.max_images",
+        )
+
+
+def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) -> None:
+    """Refuse what the model cannot do, naming the parameter and the model."""
+    check_counts(model, caps, request.n, request.max_images)
     if request.images and not caps.image_edit:
         raise InvalidRequest(
             f"Model {model} does not accept reference images: send a text prompt only, "
@@ -97,12 +108,6 @@ def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) ->
                 f"Parameter {name} is not supported by model {model}: remove it from the request.",
                 param=name,
             )
-    if request.max_images is not None and "sequential_image_generation" not in caps.accepts:
-        raise InvalidRequest(
-            f"Parameter sequential_image_generation_options.max_images is not supported by "
-            f"model {model}: remove it, and ask for several images with n.",
-            param="sequential_image_generation_options.max_images",
-        )
     unknown = sorted(set(request.extras) - caps.accepts)
     if unknown:
         raise InvalidRequest(

@@ -12,6 +12,7 @@ from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.translate import check_body, to_image_request
 from imagegate.api.tasks import tasks_of
 from imagegate.errors import InvalidRequest
+from imagegate.providers.base import check_counts
 from imagegate.service import DeliveredImage, Principal
 from imagegate.store.models import Task
 
@@ -44,7 +45,12 @@ async def handle(
             param=name,
         )
     if wants_async:
-        check_body(body, service_of(request).bounds)
+        service = service_of(request)
+        n, max_images = check_body(body, service.bounds)
+        # Counted against the per-minute limits at submission: judged against the model first.
+        service.authorize_model(principal, body.model)
+        caps = (await service.catalog.provider(body.model)).capabilities
+        check_counts(body.model, caps, n, max_images)
         task = await tasks_of(request).submit(
             request,
             principal,
@@ -54,7 +60,7 @@ async def handle(
             body=body.task_body(),
             callback_url=callback_url,
             idempotency_key=idempotency_key,
-            images=body.images_asked(),
+            images=max(n, max_images or 0),
         )
         return Handled(task=task)
     service, loader = service_of(request), loader_of(request)

@@ -78,11 +78,6 @@ class ImageGenerationRequest(_Wire):
     async_: bool | None = Field(default=None, alias="async")
     callback_url: str | None = None
 
-    def images_asked(self) -> int:
-        """The most images this request may make (n, or a Seedream group's max_images)."""
-        group = (self.sequential_image_generation_options or {}).get("max_images")
-        return max(self.n or 1, group if isinstance(group, int) else 0)
-
     def task_body(self) -> dict[str, Any]:
         """What a task stores: the request itself, without the fields about how to answer it."""
         return self.model_dump(mode="json", exclude_none=True, exclude={"async_", "callback_url"})

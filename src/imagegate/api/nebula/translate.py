@@ -63,12 +63,14 @@ async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) ->
     )
 
 
-def check_body(body: ImageGenerationRequest, bounds: Bounds) -> None:
+def check_body(body: ImageGenerationRequest, bounds: Bounds) -> tuple[int, int | None]:
     """What can be judged without loading images: an async submission is refused now, not
-    when a worker runs it (to_image_request and the service check the same again then)."""
+    when a worker runs it (to_image_request and the service check the same again then).
+    Returns the images asked for: n (from `parameters` too) and max_images."""
     fields = _merge_parameters(body)
-    bounds.images("n", _n(fields.get("n")))
-    bounds.images(_MAX_IMAGES, _max_images(body))
+    n, max_images = _n(fields.get("n")), _max_images(body)
+    bounds.images("n", n)
+    bounds.images(_MAX_IMAGES, max_images)
     _seed(fields.get("seed"))
     _watermark(fields.get("watermark"))
     bounds.text("prompt", body.prompt)
@@ -77,6 +79,7 @@ def check_body(body: ImageGenerationRequest, bounds: Bounds) -> None:
     for index, content in enumerate(body.contents or []):
         for j, part in enumerate(content.parts):
             bounds.text(f"contents[{index}].parts[{j}].text", part.text)
+    return n, max_images
 
 
 def _merge_parameters(body: ImageGenerationRequest) -> dict[str, Any]:
