@@ -99,6 +99,7 @@ def refused(response: Any, field: str) -> str:
         {"n": 17},
         {"size": "1024" + " " * 100 + "x1024"},
         {"model": "m" * 201},
+        {"model": "fake\x00model"},  # PostgreSQL stores no NUL
     ],
 )
 async def test_out_of_range_values_leave_other_callers_usage_rows(
@@ -165,6 +166,13 @@ async def test_seeds_widths_and_sizes_are_bounded(api: Api) -> None:
     refused(await post(api, V1, steps, key), "num_inference_steps")
     seed = {"model": "fake-model", "prompt": "x", "parameters": {"seed": 2**64}}
     refused(await post(api, V1, seed, key), "seed")
+
+
+async def test_an_idempotency_key_with_nul_is_refused_before_the_task_row(api: Api) -> None:
+    key = await api.key()
+    body = {"req": {"prompt": "x", "req_key": "a\x00b"}, "async": True}
+    assert "NUL" in refused(await post(api, TEXT2IMAGE, body, key), "Idempotency-Key")
+    assert await task_count(api) == 0
 
 
 async def test_a_host_too_long_for_the_task_row_is_refused(api: Api) -> None:

@@ -58,10 +58,11 @@ class Bounds:
 
 
 def check_model_name(model: str, param: str = "model") -> None:
-    if len(model) > MAX_MODEL_CHARS:
+    """Before the usage row: the name must fit usage.model, and PostgreSQL stores no NUL."""
+    if len(model) > MAX_MODEL_CHARS or "\x00" in model:
         raise InvalidRequest(
-            f"Invalid {param}: a model name has at most {MAX_MODEL_CHARS} characters, this one "
-            f"has {len(model):,}; use a name from GET /v1/models.",
+            f"Invalid {param} {short(model)}: a model name has at most {MAX_MODEL_CHARS} "
+            "characters, none of them NUL; use a name from GET /v1/models.",
             param=param,
         )
 

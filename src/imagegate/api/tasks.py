@@ -120,9 +120,11 @@ def _base_url(request: Request) -> str:
 
 def _idempotency_key(request: Request, from_body: str | None) -> str | None:
     key = request.headers.get("idempotency-key") or from_body
-    if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+    # PostgreSQL cannot store NUL in a text column.
+    if key is not None and (not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or "\x00" in key):
         raise InvalidRequest(
-            f"Invalid Idempotency-Key: use 1 to {MAX_IDEMPOTENCY_KEY} characters.",
+            f"Invalid Idempotency-Key: use 1 to {MAX_IDEMPOTENCY_KEY} characters, none of "
+            "them NUL (\\u0000).",
             param="Idempotency-Key",
         )
     return key
