@@ -314,10 +314,12 @@ async def test_finish_stores_an_oversized_usage_row_clamped(tasks_api: Api) -> N
 
 
 async def test_the_usage_writer_does_not_log_as_the_request_that_started_it(
-    tmp_path: Path, logged: Records
+    logged: Records,
 ) -> None:
-    (tmp_path / "a-file").write_text("not a folder")
-    unreachable = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a-file' / 'x.db'}")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = create_async_engine(f"postgresql+asyncpg://nobody@127.0.0.1:{port}/none")
     writer = UsageWriter(unreachable, interval=0.01, retry_seconds=(0.01,))
     token = logs.request_id.set("req-first")  # as in a request: the writer starts here
     try:
