@@ -96,12 +96,12 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             usage_log=settings.usage_log,
             request_timeout_seconds=settings.request_timeout_seconds,
             limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
-            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
             logins=LoginThrottle.create(
                 settings.redis_url,
                 max_failures=settings.login_max_failures,
                 window_seconds=settings.login_window_seconds,
             ),
+            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
         )
         queue = _task_queue(settings, service, loader, fetcher)
         app.state.settings = settings
