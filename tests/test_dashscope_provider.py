@@ -508,7 +508,9 @@ async def test_nebula_qwen_edit_contents_end_to_end(
         four = {**body, "contents": [{"role": "user", "parts": [parts[1]] * 4 + [parts[2]]}]}
         response = await api.client.post("/v1/images/generations", json=four, headers=headers)
         assert response.status_code == 400
-        assert "image count exceeds limit" in response.json()["msg"]
+        # Refused by the model's declared capabilities before anything is sent upstream.
+        assert "accepts at most 3" in response.json()["msg"]
+        assert len(dashscope.sent(SYNC)) == 1
 
         dashscope.faults = {"sync": ["inspection"]}
         response = await api.client.post("/v1/images/generations", json=body, headers=headers)
