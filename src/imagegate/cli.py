@@ -16,7 +16,7 @@ import httpx
 
 from imagegate import cli_accounts as accounts
 from imagegate import cli_common, logs, private
-from imagegate.cli_common import audited
+from imagegate.cli_common import audited, password_option
 from imagegate.config import Settings, load_models
 from imagegate.errors import ConfigError
 from imagegate.store import keys as key_store
@@ -203,14 +203,7 @@ def users() -> None:
 
 @users.command("create")
 @click.argument("username")
-@click.option(
-    "--password",
-    prompt=True,
-    hide_input=True,
-    confirmation_prompt=True,
-    help="Asked for when not given (or set IMAGEGATE_USER_PASSWORD).",
-    envvar="IMAGEGATE_USER_PASSWORD",
-)
+@password_option
 @click.option("--admin", is_flag=True, help="The user's tokens may use the admin API.")
 def users_create(username: str, password: str, admin: bool) -> None:
     """Create a user with a password (stored as an argon2 hash)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from imagegate.cli_common import audited, settings, with_session
+from imagegate.cli_common import audited, password_option, settings, with_session
 from imagegate.store import ledger
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
@@ -287,14 +287,7 @@ def keys_models(key_id: int, models: tuple[str, ...], all_models: bool) -> None:
 
 @click.command("password")
 @click.argument("username")
-@click.option(
-    "--password",
-    prompt=True,
-    hide_input=True,
-    confirmation_prompt=True,
-    help="Asked for when not given (or set IMAGEGATE_USER_PASSWORD).",
-    envvar="IMAGEGATE_USER_PASSWORD",
-)
+@password_option
 def users_password(username: str, password: str) -> None:
     """Set a user's password; the tokens it was issued before stop working."""
 

@@ -7,11 +7,23 @@ import getpass
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import click
+
 from imagegate.config import Settings
 from imagegate.store import audit
 from imagegate.store.db import AsyncSession, create_engine, session_factory, upgrade
 
 T = TypeVar("T")
+
+# A new password: prompted twice and hidden, or taken from the environment for scripts.
+password_option = click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    help="Asked for when not given (or set IMAGEGATE_USER_PASSWORD).",
+    envvar="IMAGEGATE_USER_PASSWORD",
+)
 
 
 def settings(**overrides: Any) -> Settings:
