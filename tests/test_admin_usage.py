@@ -181,3 +181,61 @@ def test_cli_usage_totals_csv_and_reconcile(
     assert "abandoned" not in after.output and "ledger consistent" in after.output
     balance = runner.invoke(main, ["keys", "list"])
     assert balance.exit_code == 0
+
+
+async def test_admin_times_are_utc_with_an_offset_in_every_answer(admin_api: Api) -> None:
+    """A POST answers with the row it wrote, a GET with the row it read back (naive from
+    SQLite): both give the same instant, in UTC with its offset."""
+    admin = {"Authorization": f"Bearer {await admin_api.key(admin=True)}"}
+    body = {"username": "tz-user", "password": "a long password"}
+    made = (await admin_api.client.post("/admin/users", json=body, headers=admin)).json()["data"]
+    key = await admin_api.client.post(
+        "/admin/keys", json={"name": "tz-key", "user": "tz-user"}, headers=admin
+    )
+    expiry = {"expires_at": "2999-01-01T09:00:00+09:00"}
+    limited = await admin_api.client.put(
+        f"/admin/keys/{key.json()['data']['id']}/limits", json=expiry, headers=admin
+    )
+    users = (await admin_api.client.get("/admin/users", headers=admin)).json()["data"]
+    keys = (await admin_api.client.get("/admin/keys", headers=admin)).json()["data"]
+    listed_user = next(u for u in users if u["username"] == "tz-user")
+    listed_key = next(k for k in keys if k["name"] == "tz-key")
+    written = [made["created_at"], key.json()["data"]["created_at"]]
+    written.append(limited.json()["data"]["expires_at"])
+    read = [listed_user["created_at"], listed_key["created_at"], listed_key["expires_at"]]
+    for text in [*written, *read]:
+        assert datetime.fromisoformat(text).utcoffset() == timedelta(0), text
+    assert written == read
+    assert read[2] == "2999-01-01T00:00:00+00:00"
+
+
+def test_cli_usage_filters_a_user_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str
+) -> None:
+    import asyncio
+
+    monkeypatch.setenv("IMAGEGATE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("IMAGEGATE_DATABASE_URL", db_url)
+    monkeypatch.setenv("IMAGEGATE_USER_PASSWORD", "a long password")
+    runner = CliRunner()
+    for name in ("ann", "bob"):
+        assert runner.invoke(main, ["users", "create", name]).exit_code == 0
+    secret = runner.invoke(main, ["keys", "create", "bobs", "--user", "bob"]).output.strip()
+
+    async def spend() -> None:
+        async for api in start_api(make_settings(tmp_path, db_url), MODELS):
+            auth = {"Authorization": f"Bearer {secret}"}
+            body = {"model": "fake-model", "prompt": "red"}
+            answer = await api.client.post("/v1/images/generations", json=body, headers=auth)
+            assert answer.status_code == 200, answer.text
+            await api.flush_usage()
+
+    asyncio.run(spend())
+    bobs = runner.invoke(main, ["usage", "list", "--user", "bob"])
+    assert bobs.exit_code == 0, bobs.output
+    assert [json.loads(line)["model"] for line in bobs.output.splitlines()] == ["fake-model"]
+    assert runner.invoke(main, ["usage", "list", "--user", "ann"]).output == ""
+    totals = runner.invoke(main, ["usage", "totals", "--user", "bob"])
+    assert json.loads(totals.output)["requests"] == 1
+    by_id = runner.invoke(main, ["usage", "list", "--user", "2"])  # bob's id is not a name
+    assert by_id.exit_code == 1 and "No user '2': see `imagegate users list`" in by_id.output

@@ -19,16 +19,26 @@ from imagegate.store.models import ApiKey, CreditLease, LedgerEntry, User, to_ut
 
 _FILTERS = [
     click.option("--key", "key_id", type=int, default=None, help="Only this key id."),
-    click.option("--user", "user_id", type=int, default=None, help="Only this user id."),
+    click.option(
+        "--user", "username", default=None, help="Only this user (a name, as in `users list`)."
+    ),
     click.option("--model", default=None, help="Only this model."),
     click.option("--since", type=click.DateTime(), default=None, help="From (UTC)."),
     click.option("--until", type=click.DateTime(), default=None, help="Before (UTC)."),
 ]
 
 
-def _where(filters: dict[str, Any]) -> usage_store.UsageFilter:
-    times = {name: to_utc(filters[name]) for name in ("since", "until")}
-    return usage_store.UsageFilter(**{**filters, **times})
+async def _where(session: AsyncSession, filters: dict[str, Any]) -> usage_store.UsageFilter:
+    """The filter the options ask for; a user is named as every `users` command names it."""
+    found = dict(filters)
+    username = found.pop("username")
+    if username is not None:
+        user = await user_store.find_user(session, username=username)
+        if user is None:
+            raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
+        found["user_id"] = user.id
+    times = {name: to_utc(found[name]) for name in ("since", "until")}
+    return usage_store.UsageFilter(**{**found, **times})
 
 
 def _filtered(command: Any) -> Any:
@@ -48,10 +58,9 @@ def usage() -> None:
 @click.option("--csv", "as_csv", is_flag=True, help="CSV instead of JSON lines.")
 def usage_list(limit: int, as_csv: bool, **filters: Any) -> None:
     """Usage rows, newest first."""
-    where = _where(filters)
 
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
-        return await usage_store.rows(session, where, limit)
+        return await usage_store.rows(session, await _where(session, filters), limit)
 
     found = with_session(settings(), work)
     if as_csv:
@@ -66,10 +75,9 @@ def usage_list(limit: int, as_csv: bool, **filters: Any) -> None:
 @click.option("--by", type=click.Choice(["model", "day"]), default="model", show_default=True)
 def usage_totals(by: str, **filters: Any) -> None:
     """Requests, images, credits and errors per model or per day."""
-    where = _where(filters)
 
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
-        return await usage_store.totals(session, where, by)
+        return await usage_store.totals(session, await _where(session, filters), by)
 
     for row in with_session(settings(), work):
         click.echo(json.dumps(row))

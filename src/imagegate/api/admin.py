@@ -53,7 +53,7 @@ def user_view(user: User) -> dict[str, Any]:
         "rpm": user.rpm,
         "ipm": user.ipm,
         "max_concurrency": user.max_concurrency,
-        "created_at": user.created_at.isoformat(),
+        "created_at": _utc_text(user.created_at),
         "disabled": user.disabled_at is not None,
     }
 
@@ -70,10 +70,17 @@ def key_view(key: ApiKey) -> dict[str, Any]:
         "rpm": key.rpm,
         "ipm": key.ipm,
         "max_concurrency": key.max_concurrency,
-        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
-        "created_at": key.created_at.isoformat(),
+        "expires_at": _utc_text(key.expires_at),
+        "created_at": _utc_text(key.created_at),
         "revoked": key.revoked_at is not None,
     }
+
+
+def _utc_text(moment: datetime | None) -> str | None:
+    """ISO 8601 with its UTC offset, whether the row came from a write (aware) or a read
+    (SQLite gives times back naive)."""
+    aware = to_utc(moment)
+    return aware.isoformat() if aware else None
 
 
 def ok(data: Any) -> Response:
