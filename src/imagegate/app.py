@@ -20,6 +20,7 @@ from imagegate import __version__, fastjson, logs, metrics, private
 from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
+from imagegate.api.dialects import DialectRouting
 from imagegate.api.errors import ErrorRenderers, describe_validation, install
 from imagegate.api.gemini import routes as gemini
 from imagegate.api.lab import routes as lab
@@ -138,6 +139,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         app.add_middleware(
             TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False
         )
+    app.add_middleware(DialectRouting)  # which dialect answers a shared /v1 path
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     nebula_errors = error_responses(NebulaError)
     app.include_router(nebula.router, responses=nebula_errors)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from imagegate.config import ChannelConfig, ModelConfig, Settings
+from imagegate.config import CLOUD_MODELS, ChannelConfig, ModelConfig, Settings
 from imagegate.errors import UnknownModel
 from imagegate.providers.registry import load_class
 from imagegate.providers.router import Backoff, Breaker, Channel, Router
@@ -34,9 +34,9 @@ class Catalog:
         except KeyError:
             known = ", ".join(sorted(self._configs)) or "none are configured"
             raise UnknownModel(
-                f"Unknown model {name!r}: available models are {known} "
-                "(GET /v1/models lists them).",
+                f"Unknown model {name!r}: {_how_to_enable(name)}available models are {known}",
                 param="model",
+                models_path="/v1/models",
             ) from None
 
     def check_all(self) -> None:
@@ -141,6 +141,18 @@ class Catalog:
             except Exception:
                 logger.exception("closing the providers of model %s failed", name)
         self._routers.clear()
+
+
+def _how_to_enable(name: str) -> str:
+    """For a cloud model imagegate knows but nobody enabled: the setting that enables it."""
+    for provider, (key_setting, names) in CLOUD_MODELS.items():
+        if name in names:
+            return (
+                f"this {provider} model is served once IMAGEGATE_{key_setting.upper()} is set "
+                "in the server's environment (then restart it), or when imagegate.yaml "
+                "declares it; "
+            )
+    return ""
 
 
 def _circuit(breaker: Breaker) -> str:

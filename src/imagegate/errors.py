@@ -40,8 +40,25 @@ class PermissionDenied(ImagegateError):
 
 
 class UnknownModel(ImagegateError):
+    """A model name that is not configured. With `models_path`, the message ends by naming the
+    model list; each dialect's renderer names its own list through `listed_at`."""
+
     status = 404
     kind = "not_found_error"
+
+    def __init__(
+        self, message: str, *, param: str | None = None, models_path: str | None = None
+    ) -> None:
+        listed = f"{message} (GET {models_path} lists them)." if models_path else message
+        super().__init__(listed, param=param)
+        self.reason = message
+        self.models_path = models_path
+
+    def listed_at(self, models_path: str) -> UnknownModel:
+        """The same error naming another model list (`/openai/v1/models`, `/v1beta/models`)."""
+        if self.models_path is None or self.models_path == models_path:
+            return self
+        return UnknownModel(self.reason, param=self.param, models_path=models_path)
 
 
 class NotFound(ImagegateError):

@@ -137,3 +137,21 @@ class Status(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: Status
+
+
+class Model(_Out):
+    """Gemini's Model resource, the part imagegate can state truthfully. Token limits and
+    sampling defaults are left out: imagegate bounds prompts in characters, not tokens, and
+    Google's proto3 JSON leaves unset fields out too, so clients read them as optional."""
+
+    name: str
+    base_model_id: str
+    version: str
+    display_name: str
+    description: str
+    supported_generation_methods: list[str]
+
+
+class ListModelsResponse(_Out):
+    models: list[Model]
+    next_page_token: str | None = None

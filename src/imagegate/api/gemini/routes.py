@@ -1,5 +1,7 @@
 """Gemini dialect routes: `POST /v1beta/models/{model}:generateContent` (and `/v1/...`, the
-google-genai SDK's default API version), plus `:streamGenerateContent` answering in one chunk.
+google-genai SDK's default API version), plus `:streamGenerateContent` answering in one chunk;
+`GET /v1beta/models` and `GET /v1beta/models/{model}` (and `/v1/models/{model}`) list the models.
+`GET /v1/models` is Nebula's list unless the request carries a Gemini key (api/dialects.py).
 
 The key comes from `x-goog-api-key`, `?key=` or `Authorization: Bearer`. Errors render as
 Google's `{"error": {"code", "message", "status"}}` with the same HTTP status.
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.responses import Response
@@ -18,11 +20,12 @@ from starlette.responses import Response
 from imagegate.api.deps import Loader, Service, bearer_token, request_id
 from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.errors import describe_validation
+from imagegate.api.gemini.models import page, to_model
 from imagegate.api.gemini.protocol import ErrorResponse, GenerateContentRequest, Status
 from imagegate.api.gemini.translate import response_modalities, to_image_request, to_response
 from imagegate.api.nebula.render import channel_header
 from imagegate.api.responses import JSON
-from imagegate.errors import AuthenticationFailed, ImagegateError
+from imagegate.errors import AuthenticationFailed, ImagegateError, UnknownModel
 from imagegate.service import Principal
 from imagegate.types import ImageRequest
 
@@ -42,6 +45,8 @@ _STATUS = {
 
 
 def render_error(error: ImagegateError) -> Response:
+    if isinstance(error, UnknownModel):
+        error = error.listed_at("/v1beta/models")
     status = _STATUS.get(error.status) or (
         "INTERNAL" if error.status >= 500 else "INVALID_ARGUMENT"
     )
@@ -144,7 +149,31 @@ async def stream_generate_content(
     )
 
 
+async def list_models(
+    principal: GeminiKey,
+    service: Service,
+    page_size: Annotated[int, Query(alias="pageSize", ge=0)] = 0,
+    page_token: Annotated[str, Query(alias="pageToken")] = "",
+) -> Response:
+    allowed = principal.allowed_models
+    configs = [m for m in service.catalog.models if allowed is None or m.name in allowed]
+    listed = page(configs, size=page_size, token=page_token)
+    return JSON(listed.model_dump(by_alias=True, exclude_none=True))
+
+
+async def get_model(model: str, principal: GeminiKey, service: Service) -> Response:
+    service.authorize_model(principal, model)
+    return JSON(to_model(service.catalog.config(model)).model_dump(by_alias=True))
+
+
+router.add_api_route("/v1beta/models", list_models, methods=["GET"], name="gemini.models.list")
 for _version in ("v1beta", "v1"):
+    router.add_api_route(
+        f"/{_version}/models/{{model:path}}",
+        get_model,
+        methods=["GET"],
+        name=f"gemini.{_version}.models.get",
+    )
     router.add_api_route(
         f"/{_version}/models/{{model:path}}:generateContent",
         generate_content,

@@ -65,6 +65,8 @@ def model_card(model: ModelConfig, *, created: int) -> Model:
 
 def render_error(error: ImagegateError) -> Response:
     """Any error on /openai/ paths, in OpenAI's shape and with the matching HTTP status."""
+    if isinstance(error, UnknownModel):
+        error = error.listed_at("/openai/v1/models")
     kind, code = _type_and_code(error)
     body = ErrorResponse(
         error=ErrorDetail(message=error.message, type=kind, param=error.param, code=code)
