@@ -172,6 +172,8 @@ def two_servers(tmp_path: Path, redis_url: str) -> Iterator[tuple[list[str], str
         **os.environ,
         "IMAGEGATE_DATA_DIR": str(tmp_path / "data"),
         "IMAGEGATE_REDIS_URL": redis_url,
+        # Every run's key is key:1: its own prefix keeps a run from counting an earlier one's.
+        "IMAGEGATE_REDIS_PREFIX": f"test:{secrets.token_hex(4)}:",
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("IMAGEGATE_DATABASE_URL", None)

@@ -96,9 +96,14 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             log_prompts=settings.log_prompts,
             usage_log=settings.usage_log,
             request_timeout_seconds=settings.request_timeout_seconds,
-            limiter=RedisLimiter(settings.redis_url) if settings.redis_url else MemoryLimiter(),
+            limiter=(
+                RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
+                if settings.redis_url
+                else MemoryLimiter()
+            ),
             logins=LoginThrottle.create(
                 settings.redis_url,
+                prefix=f"{settings.redis_prefix}login:",
                 max_failures=settings.login_max_failures,
                 window_seconds=settings.login_window_seconds,
             ),

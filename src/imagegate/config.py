@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     other process; the owner renews every third of it."""
     redis_url: str | None = None
     """Share rate-limit counters between processes (e.g. redis://127.0.0.1:6379/0)."""
+    redis_prefix: str = Field(default="imagegate:", min_length=1, max_length=100)
+    """Start of every Redis key imagegate writes: deployments that share one Redis database
+    count apart when each has its own."""
     # Users and the Lab v4 API.
     jwt_ttl_seconds: int = Field(default=7 * 24 * 3600, gt=0)
     """Lifetime of the tokens POST /prod-api/v3/auth/getToken issues."""

@@ -127,9 +127,14 @@ class LoginThrottle:
 
     @classmethod
     def create(
-        cls, redis_url: str | None, *, max_failures: int, window_seconds: float
+        cls,
+        redis_url: str | None,
+        *,
+        max_failures: int,
+        window_seconds: float,
+        prefix: str = "imagegate:login:",
     ) -> LoginThrottle:
-        counter = RedisLoginCounter(redis_url) if redis_url else MemoryLoginCounter()
+        counter = RedisLoginCounter(redis_url, prefix) if redis_url else MemoryLoginCounter()
         return cls(counter, max_failures=max_failures, window_seconds=window_seconds)
 
     async def attempt(self, username: str, address: str) -> None:
