@@ -13,20 +13,20 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import text
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import PlainTextResponse, Response
 
 from imagegate import __version__, fastjson, logs, metrics, private
 from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
+from imagegate.api.bodies import JsonBodies
 from imagegate.api.dialects import DialectRouting
 from imagegate.api.errors import ErrorRenderers, describe_validation, install
 from imagegate.api.gemini import routes as gemini
 from imagegate.api.lab import routes as lab
 from imagegate.api.lab.render import OK as LAB_OK
 from imagegate.api.lab.render import task_query_view
-from imagegate.api.middleware import RequestContext
+from imagegate.api.middleware import AllowedHosts, RequestContext
 from imagegate.api.nebula import routes as nebula
 from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.render import render_error, task_view
@@ -140,10 +140,9 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     renderers.register("/v1beta/", gemini.render_error)
     renderers.register("/v1/models/", gemini.render_error)  # Gemini SDKs also call /v1/models/M:...
     install(app, renderers)
-    if settings.allowed_hosts:  # inside RequestContext: its 400 still carries a request id
-        app.add_middleware(
-            TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False
-        )
+    app.add_middleware(JsonBodies)  # inside RequestContext: reads only bodies within the limit
+    if settings.allowed_hosts:  # inside DialectRouting: its 400 in the dialect that would answer
+        app.add_middleware(AllowedHosts, allowed=settings.allowed_hosts, renderers=renderers)
     app.add_middleware(DialectRouting)  # which dialect answers a shared /v1 path
     app.add_middleware(RequestContext, max_body_bytes=settings.max_body_bytes)
     nebula_errors = error_responses(NebulaError)

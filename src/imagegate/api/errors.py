@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from imagegate.api import bodies
 from imagegate.errors import (
     AuthenticationFailed,
     ImagegateError,
@@ -58,8 +59,10 @@ def describe_validation(errors: Sequence[Any]) -> InvalidRequest:
         )
     elif kind == "missing":
         message = f"Missing required parameter {field!r}."
-    elif kind in ("json_invalid", "model_attributes_type") or field == "body":
-        message = "The request body must be a JSON object (Content-Type: application/json)."
+    elif kind == "json_invalid":
+        return bodies.invalid_json(first)
+    elif field == "body":
+        return bodies.not_an_object(first.get("input"))
     else:
         message = f"Invalid parameter {field!r}: {first.get('msg', 'invalid value')}."
     return InvalidRequest(message, param=field)
@@ -129,7 +132,7 @@ def _from_form(detail: str) -> InvalidRequest:
 
 def _from_http(exc: StarletteHTTPException, request: Request) -> ImagegateError:
     if exc.status_code == 400:
-        return _from_form(str(exc.detail))
+        return bodies.unreadable(str(exc.detail), exc.__cause__) or _from_form(str(exc.detail))
     if exc.status_code == 404:
         return NotFound(f"No such endpoint: {request.method} {request.url.path}.")
     if exc.status_code == 405:

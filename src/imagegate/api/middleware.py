@@ -1,14 +1,17 @@
-"""ASGI middleware: request ids and the request body size limit."""
+"""ASGI middleware: request ids, the request body size limit and the allowed Host names."""
 
 from __future__ import annotations
 
 import os
 import re
 
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegate import logs, metrics
+from imagegate.api.errors import ErrorRenderers
+from imagegate.errors import InvalidRequest
 from imagegate.timing import RequestTiming, current
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -74,3 +77,45 @@ def _too_large(limit: int) -> str:
         f"Request body is larger than {limit // (1024 * 1024)} MB: send smaller or fewer "
         "images, or pass image URLs instead of inline data."
     )
+
+
+class AllowedHosts:
+    """Answers only the Host names in IMAGEGATE_ALLOWED_HOSTS (`name`, `*.domain` or `*`), as
+    Starlette's TrustedHostMiddleware does, but refuses the others in the dialect's error shape
+    and says which setting decides, instead of a bare text "Invalid host header"."""
+
+    def __init__(self, app: ASGIApp, *, allowed: list[str], renderers: ErrorRenderers) -> None:
+        self.app = app
+        self.allowed = allowed
+        self.renderers = renderers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or "*" in self.allowed:
+            await self.app(scope, receive, send)
+            return
+        host = Headers(scope=scope).get("host", "")
+        if self._allows(_hostname(host)):
+            await self.app(scope, receive, send)
+            return
+        shown = "".join(c if c.isprintable() else "?" for c in host[:100])
+        error = InvalidRequest(
+            f"Host {shown!r} is not served here: this server answers only the Host names in "
+            f"IMAGEGATE_ALLOWED_HOSTS ({', '.join(self.allowed)}). Use one of them in the URL, "
+            "or add this one to the setting.",
+            param="Host",
+        )
+        response = self.renderers.render(scope["path"], error)
+        await response(scope, receive, send)
+
+    def _allows(self, hostname: str) -> bool:
+        return any(
+            hostname == pattern or (pattern.startswith("*.") and hostname.endswith(pattern[1:]))
+            for pattern in self.allowed
+        )
+
+
+def _hostname(host: str) -> str:
+    """`name:port` or `[v6]:port` -> the name, lowercased (Host names are case-insensitive)."""
+    if host.startswith("["):
+        return host[: host.find("]") + 1].lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
