@@ -19,14 +19,14 @@ import pytest
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
-from openai import AuthenticationError, NotFoundError, OpenAI
+from openai import AsyncOpenAI, AuthenticationError, NotFoundError, OpenAI
 from PIL import Image
 
 from imagegate.app import create_app
 from imagegate.config import Settings
 from imagegate.store import keys as key_store
 from imagegate.store.db import create_engine, session_factory
-from tests.conftest import FAKE_MODELS, make_settings, png_bytes
+from tests.conftest import FAKE_MODELS, Api, make_settings, png_bytes
 from tests.loopback import LoopbackServer
 
 CLOUD_MODEL = "gemini-2.5-flash-image-preview"  # known to imagegate, enabled by a Gemini key
@@ -72,7 +72,9 @@ async def _keys(settings: Settings) -> tuple[str, str]:
 
 def _pixel(b64: str | None) -> tuple[int, ...]:
     assert b64
-    return Image.open(io.BytesIO(base64.b64decode(b64))).getpixel((0, 0))  # type: ignore[no-any-return]
+    pixel = Image.open(io.BytesIO(base64.b64decode(b64))).getpixel((0, 0))
+    assert isinstance(pixel, tuple)
+    return pixel
 
 
 # ---------------------------------------------------------------- google-genai
@@ -180,6 +182,23 @@ def test_openai_sdk_at_v1_gets_openai_errors_and_plain_http_the_nebula_envelope(
         headers={"Authorization": "Bearer sk-not-a-key"},
     )
     assert bad_key.status_code == 401 and bad_key.json()["data"] is None
+
+
+async def test_the_rule_holds_behind_a_path_prefix(api: Api) -> None:
+    """Mounted under /gw by a proxy (ASGI root_path), /gw/v1 is chosen like /v1."""
+    key = await api.key()
+    transport = httpx.ASGITransport(app=api.app, root_path="/gw")
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver/gw") as http:
+        client = AsyncOpenAI(
+            api_key=key, base_url="http://testserver/gw/v1", http_client=http, max_retries=0
+        )
+        made = await client.images.generate(model="fake-model", prompt="a red square")
+        listed = await http.get("/v1/models", params={"key": key})
+    assert made.data is not None and _pixel(made.data[0].b64_json) == (255, 0, 0)
+    assert [m["name"] for m in listed.json()["models"]] == [
+        "models/fake-model",
+        "models/fake-broken",
+    ]
 
 
 # ---------------------------------------------------------------- unknown models
