@@ -383,7 +383,7 @@ def test_uploads_are_verified(gw: Gateway) -> None:
             client.images.edit(model="fake-model", image=file(b"not an image"), prompt="x")
         with pytest.raises(APIStatusError) as too_large:
             client.images.edit(model="fake-model", image=file(big), prompt="x")
-    assert "Image[0] is not a recognizable image" in unreadable.value.message
+    assert "image[0] is not a recognizable image" in unreadable.value.message
     assert too_large.value.status_code == 413
 
 

@@ -61,6 +61,7 @@ from imagegate.store.usage import UsageWriter
 from imagegate.tasks.callbacks import CallbackSender
 from imagegate.tasks.execute import Prepare, TaskExecutor
 from imagegate.tasks.queue import InProcessQueue, QueueSettings
+from imagegate.watermark import Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             log_prompts=settings.log_prompts,
             usage_log=settings.usage_log,
             request_timeout_seconds=settings.request_timeout_seconds,
+            watermark=Watermark(
+                settings.watermark_text, settings.watermark_position, settings.watermark_opacity
+            ),
             limiter=(
                 RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
                 if settings.redis_url

@@ -25,7 +25,6 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imagegate import private
-from imagegate.bounds import MAX_STEPS
 from imagegate.errors import ConfigError, InvalidRequest
 from imagegate.types import Size
 
@@ -120,6 +119,14 @@ class Settings(BaseSettings):
     that username, and that client address, until the window ends (429 with Retry-After)."""
     lab_default_model: str = "imagegate-demo"
     """Model for Lab v4 submissions that name none (text2imageSubmit, volcImageBo)."""
+    # The mark imagegate draws when a request asks for `watermark: true` and the model cannot
+    # watermark its images itself (imagegate/watermark.py).
+    watermark_text: str = Field(default="AI generated", min_length=1, max_length=100)
+    watermark_position: Literal["bottom-right", "bottom-left", "top-right", "top-left"] = (
+        "bottom-right"
+    )
+    watermark_opacity: float = Field(default=0.6, gt=0, le=1)
+    """Of the dark box behind the text (the text is drawn a little more opaque)."""
     # Async tasks: in-process workers that claim tasks from the database under a lease.
     task_workers: int = Field(default=4, ge=0)
     """Concurrent tasks this process runs (0: accept tasks but leave them to other processes)."""
@@ -200,7 +207,7 @@ class ModelDefaultsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     size: str | None = None
-    steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)
+    steps: int | None = Field(default=None, gt=0, le=500)
     guidance_scale: float | None = Field(default=None, ge=0)
     strength: float | None = Field(default=None, gt=0, le=1)
 

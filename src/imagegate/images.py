@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import io
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -25,7 +26,7 @@ from PIL.WebPImagePlugin import WebPImageFile
 
 from imagegate.config import Settings
 from imagegate.decoding import DecodeBudget, charge_request
-from imagegate.errors import InvalidRequest, PayloadTooLarge, UnreadableImage
+from imagegate.errors import ImagegateError, InvalidRequest, PayloadTooLarge, UnreadableImage
 from imagegate.fetch import Fetcher
 from imagegate.memory import map_large_images
 from imagegate.types import InputImage
@@ -194,7 +195,22 @@ def _orientation(image: Image.Image) -> int:
 
 
 def _title(label: str) -> str:
+    """A label opening a sentence: "Image ...", but a field path stays as the client wrote it
+    (`contents[0].parts[1].image`, never `Contents[0]...`)."""
+    if re.search(r"[.\[]", label):
+        return label
     return label[:1].upper() + label[1:]
+
+
+@contextlib.contextmanager
+def _about(label: str) -> Iterator[None]:
+    """Errors about a request's image name it as their param (dialects rename it)."""
+    try:
+        yield
+    except ImagegateError as exc:
+        if exc.param is None:
+            exc.param = label
+        raise
 
 
 def decode_data_uri(uri: str, *, label: str = "image") -> tuple[bytes, str | None]:
@@ -271,7 +287,11 @@ class ImageLoader:
         map_large_images()  # decoded pixels go back to the kernel when dropped
 
     async def load(self, ref: str, *, label: str) -> InputImage:
-        """Load a data URI, an http(s) URL or raw base64."""
+        """Load a data URI, an http(s) URL or raw base64; errors name `label` as their param."""
+        with _about(label):
+            return await self._load(ref, label=label)
+
+    async def _load(self, ref: str, *, label: str) -> InputImage:
         ref = ref.strip()
         match = _SCHEME.match(ref)
         scheme = match[1].lower() if match else None
@@ -288,7 +308,8 @@ class ImageLoader:
 
     async def load_base64(self, data: str, mime: str | None, *, label: str) -> InputImage:
         """Load raw base64 (e.g. Gemini inline_data); the format comes from the bytes, not mime."""
-        return await self._verify_text(data, is_uri=False, label=label)
+        with _about(label):
+            return await self._verify_text(data, is_uri=False, label=label)
 
     async def verify(self, data: bytes, *, label: str) -> InputImage:
         """`verify_image` for a request's image: header first, then its pixels charged to the

@@ -34,7 +34,7 @@ from imagegate.errors import (
     RateLimited,
 )
 from imagegate.fastjson import Base64Text
-from imagegate.providers.base import Provider, check_capabilities
+from imagegate.providers.base import Provider, check_capabilities, fit_hints
 from imagegate.storage.base import Storage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store import keys as key_store
@@ -44,6 +44,7 @@ from imagegate.store.models import ApiKey, User
 from imagegate.store.usage import UsageWriter
 from imagegate.timing import current as current_timing
 from imagegate.types import GeneratedImage, GenerationResult, ImageRequest, ResponseFormat
+from imagegate.watermark import Watermark
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class ImageService:
         usage_log: bool = True,
         bounds: Bounds | None = None,
         request_timeout_seconds: float | None = None,
+        watermark: Watermark | None = None,
     ) -> None:
         self.sessions = sessions
         self.catalog = catalog
@@ -126,6 +128,8 @@ class ImageService:
         self.usage_log = usage_log
         self.bounds = bounds or Bounds()
         self.request_timeout_seconds = request_timeout_seconds
+        self.watermark = watermark or Watermark()
+        """imagegate's own mark, for `watermark: true` on a model that cannot watermark."""
         """The deadline of one provider call (IMAGEGATE_REQUEST_TIMEOUT_SECONDS); None: none."""
         self.key_cache_seconds = key_cache_seconds
         # digest -> (principal, expiry): saves a database round trip per request.
@@ -276,9 +280,12 @@ class ImageService:
             if self.log_prompts:
                 row["prompt"] = request.prompt
             provider = await self.catalog.provider(request.model)
+            request, stamp = fit_hints(provider.capabilities, request)
             # What the model cannot take is refused before prices or rate limits count it.
             check_capabilities(request.model, provider.capabilities, request)
             result, charge = await self._limited(principal, request, provider, request_id)
+            if stamp:
+                result = await self._stamped(result)
             row.update(images=len(result.images), charge=charge, channel=result.channel or None)
             return request, replace(result, charge=charge)
         except ImagegateError as exc:
@@ -345,6 +352,11 @@ class ImageService:
             # Only a concurrency slot is given back; per-minute counts stay counted.
             if any(s.limits.concurrency is not None for s in principal.limits):
                 await asyncio.shield(self.limiter.release(principal.limits))
+
+    async def _stamped(self, result: GenerationResult) -> GenerationResult:
+        """The result with imagegate's own mark on every image (off the event loop)."""
+        images = await asyncio.to_thread(lambda: tuple(map(self.watermark.apply, result.images)))
+        return replace(result, images=images)
 
     async def _within_deadline(self, provider: Provider, request: ImageRequest) -> GenerationResult:
         """provider.generate, stopped (cancelled: a local model stops at its next step) when

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -49,8 +50,7 @@ class ErrorRenderers:
 def describe_validation(errors: Sequence[Any]) -> InvalidRequest:
     """Pydantic errors -> one 400 naming the first bad field and what it needs."""
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "body"
+    field = field_path([p for p in first.get("loc", ()) if p != "body"]) or "body"
     kind = first.get("type", "")
     if kind == "extra_forbidden":
         message = (
@@ -66,6 +66,48 @@ def describe_validation(errors: Sequence[Any]) -> InvalidRequest:
     else:
         message = f"Invalid parameter {field!r}: {first.get('msg', 'invalid value')}."
     return InvalidRequest(message, param=field)
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """A field's path in the one style every error uses: `contents[0].parts[1].image`."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def renamed(error: ImagegateError, names: Mapping[str, str]) -> ImagegateError:
+    """`error` naming its field as the client sent it: `names` maps the internal (v1) path of a
+    field to the client's (`optimize_prompt_options` -> `batchImageGenerationDTO.optimizePrompt`).
+
+    Only the field the error is about is renamed, in `param` and where the message names it:
+    as a path (`image[0]`, `sequential_image_generation`), or, for a plain word like `size`,
+    quoted, before `=`, or after "parameter"/"Invalid" (so "a reference image" stays prose)."""
+    param = error.param
+    if not param:
+        return error
+    for internal in sorted(names, key=len, reverse=True):
+        if param == internal or param.startswith((internal + ".", internal + "[")):
+            error.param = names[internal] + param[len(internal) :]
+            error.message = _mentions(param).sub(error.param, error.message)
+            if param != internal:
+                error.message = _mentions(internal).sub(names[internal], error.message)
+            error.args = (error.message,)
+            break
+    return error
+
+
+def _mentions(name: str) -> re.Pattern[str]:
+    quoted = re.escape(name)
+    if re.search(r"[._\[]", name):
+        return re.compile(rf"(?<![\w.\[]){quoted}(?![\w\[])")
+    return re.compile(
+        rf"(?<=')({quoted})(?=['.\[])|(?<=[Pp]arameter ){quoted}\b|(?<=Invalid ){quoted}\b"
+        rf"|(?<![\w.]){quoted}(?==)"
+    )
 
 
 def install(app: FastAPI, renderers: ErrorRenderers) -> None:

@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Request
+from fastapi import APIRouter, Body, Depends, Request
 from starlette.responses import Response
 
-from imagegate.api.deps import CurrentKey, Service, SettingsDep, base_url
+from imagegate.api.deps import Service, SettingsDep, base_url, bearer_token, service_of
+from imagegate.api.errors import renamed
 from imagegate.api.lab import protocol
 from imagegate.api.lab.render import ok, render_images, task_query_view, task_submitted
-from imagegate.api.lab.translate import img2img_request, text2image_request, v1_body
+from imagegate.api.lab.translate import (
+    img2img_names,
+    img2img_request,
+    text2image_names,
+    text2image_request,
+    v1_body,
+)
 from imagegate.api.nebula.handle import handle
 from imagegate.api.tasks import TasksDep, prefers_async
+from imagegate.errors import AuthenticationFailed, ImagegateError
 from imagegate.service import ImageService, Principal
 
 router = APIRouter(prefix="/prod-api", tags=["lab"])
+
+
+async def _lab_principal(request: Request) -> Principal:
+    """A Lab caller: a token from getToken, as the Lab documentation says, or an API key."""
+    secret = bearer_token(request)
+    if not secret:
+        raise AuthenticationFailed(
+            "Missing token: send 'Authorization: Bearer <token>' with the token that "
+            "POST /prod-api/v3/auth/getToken returns for a username and password "
+            "(`imagegate users create`), or an API key: 'Authorization: Bearer sk-...' "
+            "(`imagegate keys create`)."
+        )
+    return await service_of(request).authenticate(secret)
+
+
+CurrentKey = Annotated[Principal, Depends(_lab_principal)]
 RawBody = Body(..., media_type="application/json")
 
 
@@ -35,10 +61,11 @@ async def img2img_submit(
     raw: dict[str, Any] = RawBody,
 ) -> Response:
     envelope, form = protocol.split_img2img(raw)
-    model = _model_of(form, envelope, settings.lab_default_model)
-    accepts = await _accepts(service, principal, model)
-    body = img2img_request(envelope, form, settings.lab_default_model, accepts)
-    return await _answer(request, principal, envelope, body, "lab.img2imgSubmit", None)
+    with client_names(img2img_names(form)):
+        model = _model_of(form, envelope, settings.lab_default_model)
+        accepts = await _accepts(service, principal, model)
+        body = img2img_request(envelope, form, settings.lab_default_model, accepts)
+        return await _answer(request, principal, envelope, body, "lab.img2imgSubmit", None)
 
 
 @router.post("/nebula/v4/api/text2imageSubmit")
@@ -49,8 +76,11 @@ async def text2image_submit(
     raw: dict[str, Any] = RawBody,
 ) -> Response:
     envelope, req, where = protocol.split_text2image(raw)
-    body = text2image_request(envelope, req, where, settings.lab_default_model)
-    return await _answer(request, principal, envelope, body, "lab.text2imageSubmit", req.req_key)
+    with client_names(text2image_names(req, where)):
+        body = text2image_request(envelope, req, where, settings.lab_default_model)
+        return await _answer(
+            request, principal, envelope, body, "lab.text2imageSubmit", req.req_key
+        )
 
 
 @router.get("/nebula/v4/api/imageTaskQuery/{task_id}")
@@ -82,6 +112,16 @@ async def _answer(
     if handled.task is not None:
         return task_submitted(handled.task)
     return render_images(handled.images, handled.channel)
+
+
+@contextmanager
+def client_names(names: Mapping[str, str]) -> Iterator[None]:
+    """Errors inside name fields as the Lab client sent them, not as the v1 request does."""
+    try:
+        yield
+    except ImagegateError as exc:
+        renamed(exc, names)
+        raise
 
 
 def _model_of(

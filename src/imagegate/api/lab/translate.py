@@ -1,12 +1,17 @@
 """Lab v4 bodies -> the v1 request they mean, so both APIs share one path to the providers.
 
 Choices where the Lab documentation is silent or odd (docs/api.md, "Lab v4"):
-- `temperature`, `watermark` and `style` are sent by every Lab client (the first two are
-  marked required). They reach the model when it accepts them; otherwise `temperature` and
-  `style` are ignored and `watermark: false` is dropped (no watermark is what such a model does
-  anyway), while `watermark: true` still gets the model's clear 400.
-- `optimizePrompt` ("standard", "fast", ... or "true"/"false") becomes Seedream's
+- `temperature` and `style` are sent by every Lab client (`temperature` is marked required):
+  they reach the model when it accepts them, and are ignored otherwise. `watermark`, `quality`,
+  `sequentialImageGeneration` and `optimizePrompt` go on as the v1 fields, whose "off" and
+  default values every model accepts and whose `watermark: true` every model honours
+  (providers/base.py fit_hints, docs/api.md).
+- `n`, `size`, `temperature` and `watermark`, marked required by the documentation, are
+  optional (**choice**): Nebula's own site sends none of them (volcImageBo), and each has a
+  plain default (1, the model's size, none, no mark).
+- `optimizePrompt` ("standard", "fast", ... or "true"/"false"/"" for on/off) becomes Seedream's
   `optimize_prompt_options.mode`; `promptOptions` is that object itself and wins.
+- `responseFormat: ""` is the default (url), like every other empty Lab string.
 - `score` (Lab credits) is accepted and ignored: prices come from the config.
 - text2imageSubmit's size is `size`, else `value`, else `width`x`height`; `return_url: false`
   asks for base64; `req_key` is the idempotency key of an async submission.
@@ -30,7 +35,21 @@ from imagegate.errors import InvalidRequest
 
 _PROMPT_MODES = ("standard", "fast", "creative", "precise")
 _OFF = ("", "false", "0", "no", "off", "none", "disabled")
+_ON = ("true", "1", "yes", "on")
 _B64 = ("b64_json", "b64", "base64")
+_DTO_NAMES = {
+    "model": "model",
+    "prompt": "prompt",
+    "n": "n",
+    "size": "size",
+    "temperature": "temperature",
+    "watermark": "watermark",
+    "quality": "quality",
+    "response_format": "responseFormat",
+    "sequential_image_generation": "sequentialImageGeneration",
+    "sequential_image_generation_options": "sequentialImageGenerationOptions",
+    "optimize_prompt_options": "optimizePrompt",
+}
 
 
 def img2img_request(
@@ -83,6 +102,31 @@ def text2image_request(
     )
 
 
+def img2img_names(form: BatchImageGeneration | VolcImage) -> dict[str, str]:
+    """v1 field path -> the name the client sent, in the form it used (for error messages)."""
+    if isinstance(form, VolcImage):
+        names = {"prompt": "prompt", "size": "size", "style": "style", "image": "image_urls"}
+        where = VOLC_IMAGE
+    else:
+        names = {**_DTO_NAMES, "image": "image"}
+        if form.prompt_options:
+            names["optimize_prompt_options"] = "promptOptions"
+        where = DTO
+    paths = {v1: f"{where}.{lab}" for v1, lab in names.items()}
+    if isinstance(form, BatchImageGeneration) and isinstance(form.image, str):
+        paths["image[0]"] = paths["image"]  # one image, sent as a string
+    return paths  # a list keeps its index: image[2] -> volcImageBo.image_urls[2]
+
+
+def text2image_names(req: Text2ImageReq, where: str) -> dict[str, str]:
+    size = next((n for n in ("size", "value") if getattr(req, n) is not None), "width")
+    return {
+        "prompt": f"{where}.prompt",
+        "size": f"{where}.{size}",
+        "response_format": f"{where}.return_url",
+    }
+
+
 def v1_body(body: dict[str, Any]) -> ImageGenerationRequest:
     return ImageGenerationRequest.model_validate(body)
 
@@ -94,8 +138,6 @@ def _fit(body: dict[str, Any], accepts: frozenset[str] | None) -> dict[str, Any]
         for name in ("temperature", "style"):
             if name not in accepts:
                 fitted.pop(name, None)
-        if "watermark" not in accepts and fitted.get("watermark") is False:
-            fitted.pop("watermark")
     return fitted
 
 
@@ -105,14 +147,23 @@ def _prompt_options(form: BatchImageGeneration) -> dict[str, Any] | None:
     value = form.optimize_prompt
     if value is None or value is False or str(value).strip().lower() in _OFF:
         return None
-    mode = str(value).strip().lower()
-    return {"mode": mode if mode in _PROMPT_MODES else "standard"}
+    mode = "standard" if value is True else str(value).strip().lower()
+    if mode in _ON:
+        mode = "standard"
+    if mode not in _PROMPT_MODES:
+        name = f"{DTO}.optimizePrompt"
+        raise InvalidRequest(
+            f"Invalid parameter {name!r}: use {', '.join(_PROMPT_MODES)}, or leave it empty "
+            "(or false) for no prompt optimization.",
+            param=name,
+        )
+    return {"mode": mode}
 
 
 def _response_format(value: str | None, name: str) -> str | None:
-    if value is None:
+    lowered = (value or "").strip().lower()
+    if not lowered:
         return None
-    lowered = value.strip().lower()
     if lowered == "url":
         return "url"
     if lowered in _B64:
