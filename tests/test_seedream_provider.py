@@ -493,3 +493,31 @@ async def test_nebula_contents_edit_and_errors_end_to_end(ark: FakeArk, tmp_path
         response = await api.client.post("/v1/images/generations", json=blocked, headers=headers)
         assert response.status_code == 400
         assert "InputTextSensitiveContentDetected" in response.json()["msg"]
+
+
+async def test_lab_seed_example_passes_watermark_and_defaults_to_seedream(
+    ark: FakeArk, tmp_path: Path
+) -> None:
+    """The Lab seed's full example on a model that marks its own images: `watermark: true`,
+    `sequentialImageGeneration: "disabled"` and `optimizePrompt` reach Seedream as they are,
+    `quality: ""` is no quality, and imagegate adds no mark of its own."""
+    from tests.test_lab_seed import IMG2IMG, seed_example
+
+    db = f"sqlite+aiosqlite:///{tmp_path / 'lab.db'}"
+    async for api in start_api(make_settings(tmp_path, db), nebula_models(ark)):
+        headers = {"Authorization": f"Bearer {await api.key()}"}
+        pictures = []
+        for watermark in (True, False):
+            body = seed_example(V4, data_uri(png_bytes(16, 16)))
+            body["batchImageGenerationDTO.size"] = "2K"
+            body["batchImageGenerationDTO.watermark"] = watermark
+            response = await api.client.post(IMG2IMG, json=body, headers=headers)
+            assert response.status_code == 200, response.text
+            url = response.json()["data"]["images"][0]["url"]
+            pictures.append((await api.client.get(url)).content)
+        marked, plain = ark.bodies[0], ark.bodies[1]
+        assert marked["watermark"] is True and plain["watermark"] is False
+        assert marked["sequential_image_generation"] == "disabled"
+        assert marked["optimize_prompt_options"] == {"mode": "standard"}
+        assert "quality" not in marked
+        assert pictures[0] == pictures[1]  # Seedream's own mark only (the fake draws none)
