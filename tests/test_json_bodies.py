@@ -66,7 +66,7 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
         tmp_path,
         f"sqlite+aiosqlite:///{tmp_path / 'bodies.db'}",
         lab_default_model="fake-model",
-        allowed_hosts=["testserver", "images.example.com"],
+        allowed_hosts=["testserver", "images.example.com", "*.internal"],
     )
     async for value in start_api(settings, FAKE_MODELS):
         admin = await value.key(admin=True)
@@ -179,8 +179,13 @@ async def test_a_host_outside_the_allowed_hosts_is_refused_in_the_dialects_shape
         said = message(dialect, await api.client.post(path, json=body, headers=headers), "Host")
         assert said.startswith("Host 'evil.example:8000' is not served here"), said
         assert "IMAGEGATE_ALLOWED_HOSTS" in said
-        honest = await api.client.post(path, json=body, headers={"Host": "Images.Example.com"})
-        succeeded(dialect, honest)
+        for host in ("Images.Example.com", "gateway.eu.internal:8000"):
+            succeeded(dialect, await api.client.post(path, json=body, headers={"Host": host}))
+    for host in ("internal", "evil.example.internal.evil", "[::1]:8000"):
+        refused = await api.client.post(
+            ENDPOINTS[0][1], json=ENDPOINTS[0][2], headers={"Host": host}
+        )
+        assert message("nebula", refused, "Host").startswith(f"Host {host!r} is not served here")
     # An OpenAI SDK calling /v1 gets OpenAI's shape, a Gemini key on /v1/models Gemini's.
     sdk = {"Host": "evil.example", "X-Stainless-Lang": "python"}
     message("openai", await api.client.post("/v1/images/generations", json={}, headers=sdk), "Host")

@@ -86,7 +86,7 @@ class AllowedHosts:
 
     def __init__(self, app: ASGIApp, *, allowed: list[str], renderers: ErrorRenderers) -> None:
         self.app = app
-        self.allowed = allowed
+        self.allowed = [pattern.lower() for pattern in allowed]
         self.renderers = renderers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,9 +99,9 @@ class AllowedHosts:
             return
         shown = "".join(c if c.isprintable() else "?" for c in host[:100])
         error = InvalidRequest(
-            f"Host {shown!r} is not served here: this server answers only the Host names in "
-            f"IMAGEGATE_ALLOWED_HOSTS ({', '.join(self.allowed)}). Use one of them in the URL, "
-            "or add this one to the setting.",
+            f"Host {shown!r} is not served here: this server answers only the Host names set "
+            "in IMAGEGATE_ALLOWED_HOSTS (not listed here). Use the server's public name in the "
+            "URL, or add this one to the setting.",
             param="Host",
         )
         response = self.renderers.render(scope["path"], error)
@@ -109,7 +109,7 @@ class AllowedHosts:
 
     def _allows(self, hostname: str) -> bool:
         return any(
-            hostname == pattern or (pattern.startswith("*.") and hostname.endswith(pattern[1:]))
+            hostname == pattern or (pattern.startswith("*") and hostname.endswith(pattern[1:]))
             for pattern in self.allowed
         )
 
