@@ -31,7 +31,7 @@ from imagegate.errors import ConfigError, InvalidRequest, ProviderError
 from imagegate.progress import reporting_to
 from imagegate.providers.base import Provider
 from imagegate.providers.diffusers import DiffusersProvider
-from imagegate.types import ImageRequest, InputImage, Size
+from imagegate.types import ImageRequest, InputImage, Part, Size, Turn
 from tests.tiny_pipeline import build_tiny_sd
 
 torch.set_num_threads(1)
@@ -204,9 +204,19 @@ async def test_ratio_and_configured_sizes(tiny_sd: Path) -> None:
     await provider.close()
 
 
-async def test_edit_starts_from_the_latest_image(provider: DiffusersProvider) -> None:
+async def test_edit_starts_from_the_latest_image_of_a_conversation(
+    provider: DiffusersProvider,
+) -> None:
     common = {"seed": 3, "num_inference_steps": 5, "strength": 0.4}
-    red = await provider.generate(request(images=(solid(BLUE), solid(RED, 80, 72)), **common))
+    blue_in, red_out = solid(BLUE), solid(RED, 80, 72)
+    conversation = (
+        Turn("user", (Part(text="lower"), Part(image=blue_in))),
+        Turn("model", (Part(image=red_out),)),
+        Turn("user", (Part(text="newer"),)),
+    )
+    red = await provider.generate(
+        request(conversation=conversation, images=(blue_in, red_out), **common)
+    )
     red_again = await provider.generate(request(images=(solid(RED, 80, 72),), **common))
     blue = await provider.generate(request(images=(solid(BLUE, 80, 72),), **common))
     text_only = await provider.generate(request(seed=3, num_inference_steps=5))

@@ -210,7 +210,7 @@ async def test_gpt_image_2_takes_any_size_within_its_limits(
         ({"output_format": "jpeg", "extras": {"output_compression": 101}}, "output_compression"),
         ({"output_format": "jpeg", "extras": {"background": "transparent"}}, "background"),
         ({"extras": {"input_fidelity": "high"}}, "input_fidelity"),
-        ({"extras": {"mask": png()}}, "mask"),
+        ({"mask": png()}, "mask"),
     ],
 )
 async def test_unsupported_values_are_refused_naming_param_and_model(
@@ -238,11 +238,16 @@ async def test_edit_sends_every_image_and_the_mask_as_multipart(
 ) -> None:
     images = (png(colour=(255, 0, 0)), jpeg(), png(48, 16))
     mask = png(colour=(0, 0, 0, 0))
-    extras = {"mask": mask, "input_fidelity": "high", "background": "transparent"}
+    extras = {"input_fidelity": "high", "background": "transparent"}
     async with openai(fake, tmp_path) as provider:
         result = await provider.generate(
             request(
-                "make it green", images=images, n=3, size=Size.parse("1024x1024"), extras=extras
+                "make it green",
+                images=images,
+                mask=mask,
+                n=3,
+                size=Size.parse("1024x1024"),
+                extras=extras,
             )
         )
     sent = fake.requests[0]
@@ -276,7 +281,7 @@ async def test_a_mask_must_be_a_png_the_size_of_the_first_image(
 ) -> None:
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(InvalidRequest, match=message) as info:
-            await provider.generate(request(images=(png(),), extras={"mask": mask}))
+            await provider.generate(request(images=(png(),), mask=mask))
     assert info.value.param == "mask" and fake.requests == []
 
 

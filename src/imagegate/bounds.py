@@ -17,6 +17,9 @@ from imagegate.types import ImageRequest
 MAX_MODEL_CHARS = 200
 """usage.model and tasks.model are String(200)."""
 MAX_SEED = 2**32 - 1
+MAX_STEPS = 10_000
+"""The most num_inference_steps any request, model default or model bound may name; each local
+model's own bound (diffusers `options.max_steps`, default 150) is the one that usually applies."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from imagegate import private
+from imagegate.bounds import MAX_STEPS
 from imagegate.errors import ConfigError, InvalidRequest
 from imagegate.types import Size
 
@@ -207,7 +208,7 @@ class ModelDefaultsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     size: str | None = None
-    steps: int | None = Field(default=None, gt=0, le=500)
+    steps: int | None = Field(default=None, gt=0, le=MAX_STEPS)
     guidance_scale: float | None = Field(default=None, ge=0)
     strength: float | None = Field(default=None, gt=0, le=1)
 

@@ -108,7 +108,8 @@ class Size:
 class ImageRequest:
     """One generation request, whatever dialect it arrived in.
 
-    `prompt` is the resolved instruction (the latest user text in a conversation);
+    `prompt` is the resolved instruction (the latest user text in a conversation; "" for an
+    OpenAI variation, which has none);
     `images` are the reference images in the order given (for a conversation: every image,
     oldest first, so the latest image is images[-1]).
     """
@@ -117,6 +118,9 @@ class ImageRequest:
     prompt: str
     conversation: tuple[Turn, ...] = ()
     images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    """Where to edit, OpenAI's way: a PNG the size of the first image whose fully transparent
+    (alpha 0) pixels are the ones to change; the rest of the image is kept."""
     n: int = 1
     size: Size | None = None
     quality: str | None = None

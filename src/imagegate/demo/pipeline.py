@@ -1,10 +1,17 @@
-"""DemoPipeline: text-to-image and image-to-image with the bundled pixel-space demo model.
+"""DemoPipeline: text-to-image, image-to-image and inpainting with the bundled demo model.
 
 Components: a pixel-space `UNet2DConditionModel` (RGB at the native resolution, e.g. 32x32), our
 `DemoTextEncoder` (which carries its own vocabulary, so there is no tokenizer component) and a
 diffusers scheduler. It follows StableDiffusionPipeline's conventions for classifier-free guidance,
 generators, `callback_on_step_end` and the `interrupt` flag. Schedulers keep step state: never
 share one pipeline across threads.
+
+Inpainting (`mask_image`, white = repaint, diffusers' convention) is RePaint-lite, as diffusers'
+StableDiffusionInpaintPipeline does with a plain UNet: after every denoising step the pixels
+outside the mask are replaced by the original image noised to the next step's level, so the
+model only draws inside the mask and matches what surrounds it. The pipeline works at its native
+resolution; callers wanting the untouched pixels exactly at another size composite the result
+with their original (the diffusers provider does).
 """
 
 from __future__ import annotations
@@ -79,19 +86,31 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         return states[:, :length].to(self.unet.dtype), mask[:, :length]
 
     def _init_pixels(self, image: Image.Image | list[Image.Image], batch: int) -> torch.Tensor:
+        """Init images as pixels in [-1, 1], (batch, 3, native, native)."""
+        return self._native(image, batch, "RGB", "init images") / 127.5 - 1.0
+
+    def _repaint(self, mask: Image.Image | list[Image.Image], batch: int) -> torch.Tensor:
+        """Masks as repaint weights in [0, 1] (1: white, draw anew), (batch, 1, native, native)."""
+        return self._native(mask, batch, "L", "masks") / 255.0
+
+    def _native(
+        self, image: Image.Image | list[Image.Image], batch: int, mode: str, what: str
+    ) -> torch.Tensor:
+        """One or `batch` images as a float tensor at the native size (middle square)."""
         images = image if isinstance(image, list) else [image]
         if len(images) not in (1, batch):
             raise ValueError(
-                f"Got {len(images)} init images for {batch} outputs: pass one image "
+                f"Got {len(images)} {what} for {batch} outputs: pass one image "
                 "or one per output image."
             )
         arrays = [
             np.asarray(
-                _square(im).resize((self.native_size,) * 2, Image.Resampling.BOX), dtype=np.float32
-            )
+                _square(im, mode).resize((self.native_size,) * 2, Image.Resampling.BOX),
+                dtype=np.float32,
+            ).reshape(self.native_size, self.native_size, -1)
             for im in images
         ]
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
         return pixels.expand(batch, -1, -1, -1) if len(images) == 1 else pixels
 
     def _timesteps(self, steps: int, strength: float, img2img: bool) -> torch.Tensor:
@@ -123,13 +142,17 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         height: int | None = None,
         width: int | None = None,
         image: Image.Image | list[Image.Image] | None = None,
+        mask_image: Image.Image | list[Image.Image] | None = None,
         strength: float = DEMO_EDIT_STRENGTH,
         callback_on_step_end: StepCallback | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple[Any]:
-        """Generate images; height/width default to 512 and may be any multiple of 8 to 1024."""
+        """Generate images; height/width default to 512 and may be any multiple of 8 to 1024.
+
+        With `image`, edit it (`strength`: how far from it); with `mask_image` too, redraw only
+        where the mask is white (see the module docstring)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         height, width = _check_size(height, width)
@@ -143,6 +166,8 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
                 f"callback_on_step_end_tensor_inputs may only name "
                 f"{self._callback_tensor_inputs}, got {sorted(unknown)}."
             )
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: the mask says where to change it.")
         self._guidance_scale = guidance_scale
         self._interrupt = False
 
@@ -151,16 +176,24 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         self._num_timesteps = len(timesteps)
         shape = (batch, 3, self.native_size, self.native_size)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        init = repaint = None
         if image is None:
             latents = noise * self.scheduler.init_noise_sigma
         else:
             init = self._init_pixels(image, batch).to(self.device, self.unet.dtype)
             latents = self.scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
+        if mask_image is not None:
+            repaint = self._repaint(mask_image, batch).to(self.device, self.unet.dtype)
 
         for i, t in enumerate(timesteps):
             if self.interrupt:
                 break
             latents = self._step(latents, t, prompt_embeds, mask)
+            if init is not None and repaint is not None:
+                # RePaint-lite: outside the mask, the original at the next step's noise level.
+                later = timesteps[i + 1 : i + 2].repeat(batch)
+                known = self.scheduler.add_noise(init, noise, later) if len(later) else init
+                latents = repaint * latents + (1 - repaint) * known
             if callback_on_step_end is not None:
                 local = {"latents": latents, "prompt_embeds": prompt_embeds}
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs})
@@ -261,9 +294,9 @@ def _check_size(height: int | None, width: int | None) -> tuple[int, int]:
     return height, width
 
 
-def _square(image: Image.Image) -> Image.Image:
-    """The middle square of an init image (the demo model only knows square scenes)."""
-    image = image.convert("RGB")
+def _square(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """The middle square of an init image or mask (the demo model only knows square scenes)."""
+    image = image.convert(mode)
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side))

@@ -8,7 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from imagegate.errors import InvalidRequest
-from imagegate.types import GenerationResult, ImageRequest
+from imagegate.types import GenerationResult, ImageRequest, InputImage
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,8 +20,16 @@ class Capabilities:
     multi_turn: bool = False
     max_n: int = 1
     max_input_images: int = 0
+    max_images_per_turn: int | None = None
+    """Most reference images one user turn (or a request without turns) may carry; None: as
+    many as max_input_images. A model that edits one image at a time says 1: a conversation
+    may still hold earlier images (the latest one is edited), but no image sent beside
+    another is ever dropped."""
+    variations: bool = False
+    """Makes variations of one image without a prompt (OpenAI's /images/variations)."""
     accepts: frozenset[str] = field(default_factory=frozenset)
-    """Optional ImageRequest fields this provider honours (e.g. "seed", "negative_prompt")."""
+    """Optional ImageRequest fields this provider honours (e.g. "seed", "negative_prompt",
+    "mask")."""
 
 
 class ProviderOptions(BaseModel):
@@ -62,6 +70,7 @@ _FIELD_PRESENT: dict[str, Any] = {
     "output_format": lambda r: r.output_format is not None,
     "size": lambda r: r.size is not None,
     "sequential_image_generation": lambda r: r.sequential is not None,
+    "mask": lambda r: r.mask is not None,
 }
 
 
@@ -96,8 +105,15 @@ def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) ->
             f"{caps.max_input_images}.",
             param="image",
         )
+    _check_images_per_turn(model, caps, request)
     if not request.images and not caps.text_to_image:
         raise InvalidRequest(f"Model {model} needs a reference image.", param="image")
+    if not request.prompt and not caps.variations:
+        raise InvalidRequest(
+            f"Model {model} makes no variations without a prompt: use /images/edits with a "
+            "prompt saying what to change, or a model that makes variations (GET /models).",
+            param="prompt",
+        )
     if len([t for t in request.conversation if t.role == "model"]) and not caps.multi_turn:
         raise InvalidRequest(
             f"Model {model} does not support multi-turn conversations.", param="contents"
@@ -114,6 +130,45 @@ def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) ->
             f"Parameter {unknown[0]} is not supported by model {model}: "
             "remove it from the request.",
             param=unknown[0],
+        )
+    if request.mask is not None:
+        check_mask(model, request.mask, request.images)
+
+
+def _check_images_per_turn(model: str, caps: Capabilities, request: ImageRequest) -> None:
+    """Images sent together are used together or refused, never silently dropped."""
+    most = caps.max_images_per_turn
+    if most is None or not request.images:
+        return
+    turns = [t.parts for t in request.conversation if t.role == "user"]
+    counts = [sum(p.image is not None for p in parts) for parts in turns] or [len(request.images)]
+    if max(counts) > most:
+        takes = "one reference image; send one" if most == 1 else f"{most} reference images"
+        raise InvalidRequest(
+            f"Model {model} takes {takes} (this request sent {max(counts)} together). To use "
+            "several images at once, choose a model that combines them.",
+            param="image",
+        )
+
+
+def check_mask(model: str, mask: InputImage, images: tuple[InputImage, ...]) -> None:
+    """OpenAI's mask rules: a PNG (with alpha) the size of the first image it applies to."""
+    if not images:
+        raise InvalidRequest(
+            f"A mask needs an image to apply to (model {model}): send the image too.",
+            param="mask",
+        )
+    if mask.mime != "image/png":
+        raise InvalidRequest(
+            f"The mask must be a PNG with an alpha channel (model {model}); got {mask.mime}.",
+            param="mask",
+        )
+    first = images[0]
+    if (mask.width, mask.height) != (first.width, first.height):
+        raise InvalidRequest(
+            f"The mask is {mask.width}x{mask.height} but the first image is "
+            f"{first.width}x{first.height}: they must be the same size (model {model}).",
+            param="mask",
         )
 
 

@@ -1,4 +1,4 @@
-"""Local models through Hugging Face diffusers: text-to-image and image-to-image.
+"""Local models through Hugging Face diffusers: text-to-image, image-to-image and inpainting.
 
 torch and diffusers are imported by this module and diffusers_batch.py (one batched pipeline
 call) only; the registry imports it the first time a model with `provider: diffusers` is
@@ -21,10 +21,16 @@ from typing import Any, Literal, TypeVar
 
 import diffusers
 import torch
-from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    DiffusionPipeline,
+)
 from diffusers.utils import deprecation_utils
 from pydantic import Field, ValidationError, model_validator
 
+from imagegate.bounds import MAX_STEPS
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, ImagegateError, ProviderError
 from imagegate.progress import current_reporter
@@ -43,6 +49,8 @@ T = TypeVar("T")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Newer diffusers renamed from_pretrained's `torch_dtype` to `dtype` and warn on the old name.
 _DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+# from_pretrained draws a progress bar straight onto stderr; our log line after it says the same.
+diffusers.utils.logging.disable_progress_bar()
 _ACCEPTS = frozenset(
     {
         "seed",
@@ -52,6 +60,7 @@ _ACCEPTS = frozenset(
         "strength",
         "size",
         "output_format",
+        "mask",
     }
 )
 _DEFAULT_STEPS = 30
@@ -84,7 +93,7 @@ class DiffusersOptions(ProviderOptions):
     """How long the oldest queued request waits for compatible ones; 0: no waiting."""
     max_batch: int = Field(default=8, ge=1, le=256)
     """Most images in one pipeline call; a request with more n still runs, alone."""
-    max_steps: int = Field(default=150, ge=1, le=10_000)
+    max_steps: int = Field(default=150, ge=1, le=MAX_STEPS)
     """Most num_inference_steps one request may ask for (400 above): time grows with steps."""
     max_pixels: int = Field(default=4 * 1024 * 1024, ge=64)
     """Most pixels one request may ask for, width x height x n (400 above): four 1024x1024."""
@@ -101,6 +110,8 @@ class _Loaded:
     pipe: Any
     edit_pipe: Any | None
     """The image-to-image pipeline sharing pipe's weights; None when there is none."""
+    inpaint_pipe: Any | None
+    """The inpainting pipeline sharing pipe's weights; None when there is none."""
     native_side: int
     default_steps: int
 
@@ -141,6 +152,9 @@ class DiffusersProvider:
             multi_turn=True,
             max_n=self.options.max_n,
             max_input_images=16,
+            # One image is edited: earlier turns' images are history, never two at once.
+            max_images_per_turn=1,
+            variations=True,  # image-to-image with an empty prompt
             accepts=_ACCEPTS,
         )
         self._runner: PipelineRunner[_Work, Images] = PipelineRunner(
@@ -191,6 +205,7 @@ class DiffusersProvider:
             native_side=loaded.native_side,
             default_steps=loaded.default_steps,
             can_edit=loaded.edit_pipe is not None,
+            can_inpaint=loaded.inpaint_pipe is not None,
             output_format=output_format,
         )
         started = time.perf_counter()
@@ -257,7 +272,8 @@ class DiffusersProvider:
         )
         return _Loaded(
             pipe=pipe,
-            edit_pipe=self._edit_pipeline(pipe),
+            edit_pipe=self._variant(pipe, AutoPipelineForImage2Image, "image", "strength"),
+            inpaint_pipe=self._variant(pipe, AutoPipelineForInpainting, "image", "mask_image"),
             native_side=self._native_side(pipe),
             default_steps=_default_steps(pipe),
         )
@@ -298,22 +314,25 @@ class DiffusersProvider:
         wanted = {"safety_checker": None, "requires_safety_checker": False}
         return {key: value for key, value in wanted.items() if key in params}
 
-    def _edit_pipeline(self, pipe: Any) -> Any | None:
-        if accepts(pipe, "image", "strength"):
+    def _variant(self, pipe: Any, auto: Any, *needs: str) -> Any | None:
+        """The pipeline for edits (or masked edits): `pipe` itself when its call takes `needs`,
+        else diffusers' counterpart of its class (`auto`), else None (such requests get 400)."""
+        if accepts(pipe, *needs):
             return pipe
         try:
             # from_pipe shares the loaded components: no second copy of the weights.
-            edit = AutoPipelineForImage2Image.from_pipe(pipe)
+            variant = auto.from_pipe(pipe)
         except Exception as exc:
             logger.info(
-                "model %s: %s has no image-to-image variant (%s); edits are refused",
+                "model %s: %s has no %s variant (%s); such requests are refused",
                 self.name,
                 type(pipe).__name__,
+                auto.__name__,
                 exc,
             )
             return None
-        _quiet(edit)
-        return edit
+        _quiet(variant)
+        return variant
 
     def _native_side(self, pipe: Any) -> int:
         """The side the model was trained at (e.g. 512 for SD 1.5), within the allowed sides."""
@@ -343,8 +362,8 @@ class DiffusersProvider:
     def _execute(self, batch: Batch[_Work]) -> list[Images]:
         """Run one batch (runner thread) on the pipeline its kind needs."""
         loaded, jobs = batch.jobs[0].loaded, [work.job for work in batch.jobs]
-        pipe = loaded.pipe if jobs[0].init_image is None else loaded.edit_pipe
-        return run_batch(pipe, jobs, batch)
+        pipes = {"text": loaded.pipe, "edit": loaded.edit_pipe, "inpaint": loaded.inpaint_pipe}
+        return run_batch(pipes[jobs[0].kind], jobs, batch)
 
 
 def _parse_options(name: str, options: dict[str, Any]) -> DiffusersOptions:

@@ -1,7 +1,12 @@
 """One batch of planned diffusers jobs as one pipeline call, and each job's images back.
 
 Runs in the pipeline's runner thread. The jobs of a batch share everything but prompts, seeds,
-reference images and output formats (`Job.batch_key`), so the call takes flat per-image lists.
+reference images, masks and output formats (`Job.batch_key`), so the call takes flat per-image
+lists.
+
+Masked edits: OpenAI's mask (alpha 0: redraw) becomes diffusers' `mask_image` (white: redraw), and
+each result is composited over its init image outside the mask, so the pixels a client asked to
+keep are kept exactly (a VAE round trip or the demo model's upscaling would blur them).
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ def run_batch(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> list[Images]:
         output = pipe(**kwargs)
     if batch.progress < 1.0:  # a pipeline without step callbacks reports only the end
         batch.report(1.0)
-    return _split(output.images, jobs, batch)
+    images = output.images
+    if "mask_image" in kwargs:
+        _check_count(images, jobs)
+        inputs = zip(images, kwargs["image"], kwargs["mask_image"], strict=True)
+        images = [_keep_outside(*each) for each in inputs]
+    return _split(images, jobs, batch)
 
 
 def _call_kwargs(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> dict[str, Any]:
@@ -53,6 +63,8 @@ def _call_kwargs(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> dict[str, A
         kwargs["guidance_scale"] = head.guidance_scale
     if head.init_image is not None:
         kwargs.update(image=_init_images(jobs), strength=head.strength)
+    if head.mask is not None:
+        kwargs["mask_image"] = _masks(jobs)
     if accepts(pipe, "callback_on_step_end"):
         kwargs["callback_on_step_end"] = _step_callback(head.steps, batch)
     return kwargs
@@ -80,11 +92,35 @@ def _init_images(jobs: Sequence[Job]) -> list[Image.Image]:
     return images
 
 
-def _split(images: Sequence[Image.Image], jobs: Sequence[Job], batch: Batch[J]) -> list[Images]:
-    """Each job's images, encoded, in its seed order; nothing for jobs no longer awaited."""
+def _masks(jobs: Sequence[Job]) -> list[Image.Image]:
+    """One repaint mask per output image: white where the job's mask is fully transparent."""
+    masks = []
+    for job in jobs:
+        assert job.mask is not None
+        with Image.open(io.BytesIO(job.mask.data)) as opened:
+            alpha = opened.convert("RGBA").getchannel("A")
+        white = alpha.point(lambda a: 255 if a == 0 else 0)
+        masks += [white.resize((job.width, job.height), Image.Resampling.NEAREST)] * len(job.seeds)
+    return masks
+
+
+def _keep_outside(made: Image.Image, init: Image.Image, repaint: Image.Image) -> Image.Image:
+    """`made` inside the mask, `init` outside it."""
+    if made.size != init.size:
+        init = init.resize(made.size, Image.Resampling.LANCZOS)
+        repaint = repaint.resize(made.size, Image.Resampling.NEAREST)
+    return Image.composite(made.convert("RGB"), init, repaint)
+
+
+def _check_count(images: Sequence[Image.Image], jobs: Sequence[Job]) -> None:
     wanted = sum(len(job.seeds) for job in jobs)
     if len(images) != wanted:
         raise RuntimeError(f"the pipeline returned {len(images)} images instead of {wanted}")
+
+
+def _split(images: Sequence[Image.Image], jobs: Sequence[Job], batch: Batch[J]) -> list[Images]:
+    """Each job's images, encoded, in its seed order; nothing for jobs no longer awaited."""
+    _check_count(images, jobs)
     rest = iter(images)
     results: list[Images] = []
     for job, ticket in zip(jobs, batch.tickets, strict=True):

@@ -6,10 +6,13 @@ before a job is queued, so a bad request fails fast without waiting for the pipe
 
 from __future__ import annotations
 
+import io
 import secrets
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+from PIL import Image
 
 from imagegate.config import ModelDefaultsConfig
 from imagegate.errors import InvalidRequest
@@ -27,6 +30,8 @@ FORMATS = {
     "webp": ("WEBP", "image/webp"),
 }
 DEFAULT_STRENGTH = 0.6
+MASKED_STRENGTH = 1.0
+"""A masked edit without a strength redraws the masked area from noise, as OpenAI's edits do."""
 _MAX_SEED = 2**63 - 1
 
 
@@ -44,13 +49,20 @@ class Job:
     init_image: InputImage | None
     seeds: tuple[int, ...]
     output_format: str
+    mask: InputImage | None = None
+    """OpenAI's mask (alpha 0: redraw) for init_image; None: edit the whole image."""
+
+    @property
+    def kind(self) -> Literal["text", "edit", "inpaint"]:
+        if self.init_image is None:
+            return "text"
+        return "edit" if self.mask is None else "inpaint"
 
     @property
     def batch_key(self) -> Hashable:
         """Jobs with equal keys can run as one pipeline call: they differ only in prompts,
-        negative prompts, seeds, n, init images and output format."""
-        edit = self.init_image is not None
-        return (edit, self.width, self.height, self.steps, self.guidance_scale, self.strength)
+        negative prompts, seeds, n, init images, masks and output format."""
+        return (self.kind, self.width, self.height, self.steps, self.guidance_scale, self.strength)
 
 
 class Planner:
@@ -76,9 +88,12 @@ class Planner:
         native_side: int,
         default_steps: int,
         can_edit: bool,
+        can_inpaint: bool,
         output_format: str,
     ) -> Job:
         init = request.latest_image
+        if request.mask is not None:
+            self._check_mask(request.mask, can_inpaint)
         width, height = self._size(request, native_side, init)
         steps = _first(request.num_inference_steps, self.defaults.steps, default_steps)
         if steps < 1:
@@ -119,7 +134,24 @@ class Planner:
             guidance_scale=guidance if guidance is not None else self.defaults.guidance_scale,
             seeds=tuple(seed + i for i in range(request.n)),
             output_format=output_format,
+            mask=request.mask,
         )
+
+    def _check_mask(self, mask: InputImage, can_inpaint: bool) -> None:
+        if not can_inpaint:
+            raise InvalidRequest(
+                f"Model {self.name} cannot edit within a mask: its pipeline has no inpainting "
+                "variant. Send the edit without a mask (the whole image is edited).",
+                param="mask",
+            )
+        with Image.open(io.BytesIO(mask.data)) as opened:  # the header only
+            has_alpha = "A" in opened.getbands() or "transparency" in opened.info
+        if not has_alpha:
+            raise InvalidRequest(
+                f"The mask has no alpha channel (model {self.name}): its fully transparent "
+                "(alpha 0) pixels mark where to edit. Send a PNG with transparency.",
+                param="mask",
+            )
 
     def _check_pixels(self, width: int, height: int, n: int) -> None:
         bound = self.options.max_pixels
@@ -138,7 +170,10 @@ class Planner:
                 "image-to-image variant. Send a text prompt only.",
                 param="image",
             )
-        strength = _first(request.strength, self.defaults.strength, DEFAULT_STRENGTH)
+        if request.mask is not None:
+            strength = _first(request.strength, MASKED_STRENGTH)
+        else:
+            strength = _first(request.strength, self.defaults.strength, DEFAULT_STRENGTH)
         if not 0 < strength <= 1 or int(steps * strength) < 1:
             raise InvalidRequest(
                 f"Invalid strength {strength} with {steps} steps: strength must be in (0, 1] and "

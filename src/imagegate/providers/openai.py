@@ -2,9 +2,10 @@
 
 Text-to-image is `POST /images/generations`; a request with reference images is
 `POST /images/edits` as multipart, one `image[]` part per image and `mask` when the request
-carries one (`ImageRequest.extras["mask"]`, an InputImage). Every option is checked against
-the model family's allowed values before anything is sent, so a bad value is our 400 naming
-the parameter and the model, not an upstream round trip. docs/providers/openai.md has the rules.
+carries one (`ImageRequest.mask`, checked by base.check_capabilities). Every option is checked
+against the model family's allowed values before anything is sent, so a bad value is our 400
+naming the parameter and the model, not an upstream round trip. docs/providers/openai.md has
+the rules.
 """
 
 from __future__ import annotations
@@ -145,7 +146,6 @@ class OpenAIProvider(CloudProvider):
                 param="background",
             )
         self._check_edit_only(model, request)
-        check_mask(model, request)
 
     def _check_size(self, model: str, size: Size | None) -> None:
         if size is None:
@@ -231,8 +231,8 @@ class OpenAIProvider(CloudProvider):
             (self.image_field, (_filename(f"image-{i}", image), image.data, image.mime))
             for i, image in enumerate(request.images)
         ]
-        mask = request.extras.get("mask")
-        if isinstance(mask, InputImage):
+        mask = request.mask
+        if mask is not None:
             files.append(("mask", (_filename("mask", mask), mask.data, mask.mime)))
         return files
 
@@ -304,31 +304,6 @@ def _check_compression(model: str, request: ImageRequest) -> None:
             f"Parameter output_compression applies to jpeg and webp output (model {model}): "
             "set output_format to jpeg or webp, or remove it.",
             param="output_compression",
-        )
-
-
-def check_mask(model: str, request: ImageRequest) -> None:
-    mask = request.extras.get("mask")
-    if mask is None:
-        return
-    if not isinstance(mask, InputImage):
-        raise InvalidRequest(f"Invalid mask for model {model}: send an image.", param="mask")
-    if not request.images:
-        raise InvalidRequest(
-            f"A mask needs an image to apply to (model {model}): send the image too.",
-            param="mask",
-        )
-    if mask.mime != "image/png":
-        raise InvalidRequest(
-            f"The mask must be a PNG with an alpha channel (model {model}); got {mask.mime}.",
-            param="mask",
-        )
-    first = request.images[0]
-    if (mask.width, mask.height) != (first.width, first.height):
-        raise InvalidRequest(
-            f"The mask is {mask.width}x{mask.height} but the first image is "
-            f"{first.width}x{first.height}: they must be the same size (model {model}).",
-            param="mask",
         )
 
 

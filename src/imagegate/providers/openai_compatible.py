@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr, field_validator
 from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, InvalidRequest
 from imagegate.providers.base import Capabilities, ProviderOptions
-from imagegate.providers.openai import OpenAIProvider, check_mask
+from imagegate.providers.openai import OpenAIProvider
 from imagegate.types import ImageRequest, SizeKind
 
 DEFAULT_ACCEPTS = frozenset(
@@ -122,7 +122,6 @@ class OpenAICompatibleProvider(OpenAIProvider):
                 "WIDTHxHEIGHT pixels, like 1024x1024.",
                 param="size",
             )
-        check_mask(request.model, request)
 
     def fields(self, request: ImageRequest) -> dict[str, Any]:
         accepts = self.compat.accepts
@@ -140,7 +139,7 @@ class OpenAICompatibleProvider(OpenAIProvider):
                 fields["sequential_image_generation_options"] = {"max_images": request.max_images}
         # check_capabilities has refused any extra not in `accepts` already.
         for name, value in request.extras.items():
-            if name != "mask" and value is not None:
+            if value is not None:
                 fields[name] = value
         if self.compat.response_format is not None:
             fields["response_format"] = self.compat.response_format

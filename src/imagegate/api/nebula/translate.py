@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from imagegate.api.nebula.protocol import Content, ContentPart, ImageGenerationRequest
-from imagegate.bounds import MAX_SEED, Bounds, short
+from imagegate.bounds import MAX_SEED, MAX_STEPS, Bounds, short
 from imagegate.errors import InvalidRequest
 from imagegate.images import ImageLoader
 from imagegate.types import ImageRequest, InputImage, Part, Role, Size, Turn
@@ -51,7 +51,9 @@ async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) ->
         quality=body.quality,
         seed=_seed(fields.get("seed")),
         negative_prompt=_negative_prompt(fields.get("negative_prompt")),
-        num_inference_steps=_in_range("num_inference_steps", body.num_inference_steps, 1, 500),
+        num_inference_steps=_in_range(
+            "num_inference_steps", body.num_inference_steps, 1, MAX_STEPS
+        ),
         guidance_scale=_in_range("guidance_scale", body.guidance_scale, 0, 100),
         strength=_strength(body.strength),
         watermark=_watermark(fields.get("watermark")),

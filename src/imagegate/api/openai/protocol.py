@@ -51,6 +51,18 @@ class ImageEditForm(_ImageOptions):
     input_fidelity: str | None = None
 
 
+class ImageVariationForm(_Wire):
+    """The text fields of POST /images/variations (multipart); one `image` file beside them.
+
+    `model` is required: OpenAI defaults it to dall-e-2, which imagegate may not serve."""
+
+    model: str = Field(max_length=MAX_MODEL_CHARS)
+    n: int | None = None
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    user: str | None = None
+
+
 class ImageReference(_Wire):
     """OpenAI's ImageInputReferenceParam: an image by URL or data URL (or an OpenAI file id)."""
 

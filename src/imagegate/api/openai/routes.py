@@ -22,7 +22,9 @@ from imagegate.api.openai.translate import (
     from_edit_form,
     from_edit_json,
     from_generate,
+    from_variation,
     read_form,
+    read_variation_form,
 )
 from imagegate.errors import InvalidRequest
 from imagegate.service import ImageService, Principal
@@ -72,6 +74,26 @@ async def edits(
         "Send /images/edits as multipart/form-data (image files) or as application/json "
         f"(images[].image_url), not {media_type or 'a body without Content-Type'}."
     )
+
+
+@router.post("/images/variations")
+async def variations(
+    request: Request, principal: CurrentKey, service: Service, loader: Loader
+) -> Response:
+    """Multipart: one `image` file, `model`, `n`, `size`, `response_format`, `user`."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise InvalidRequest(
+            "Send /images/variations as multipart/form-data with one image file as 'image', "
+            f"not {media_type or 'a body without Content-Type'}."
+        )
+    async with request.form(max_files=2) as form:
+        body, upload = await read_variation_form(form)
+
+    async def prepare() -> ImageRequest:
+        return await from_variation(body, upload, loader)
+
+    return await _run(service, principal, request, body.model, prepare, "variations")
 
 
 @router.get("/models")

@@ -4,13 +4,17 @@
 unset, so a model without that parameter still serves a request that leaves it to the model.
 `user` and `safety_identifier` identify the caller to OpenAI; here the API key does that, so
 they are accepted and not forwarded. Streaming is refused: every response is one body.
+
+A mask becomes `ImageRequest.mask`; models that cannot use one refuse it by name. A variation is
+an edit of its one image with no prompt (""): models that make variations say so in their
+capabilities, the others refuse it with a 400 saying why.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -21,6 +25,7 @@ from imagegate.api.openai.protocol import (
     ImageEditRequest,
     ImageGenerateRequest,
     ImageReference,
+    ImageVariationForm,
 )
 from imagegate.bounds import short
 from imagegate.errors import InvalidRequest
@@ -31,6 +36,7 @@ MAX_IMAGES = 16
 DEFAULT_RESPONSE_FORMAT: ResponseFormat = "b64_json"
 _AUTO = "auto"
 _INDEXED_IMAGE = re.compile(r"^image\[\d+\]$")
+FormT = TypeVar("FormT", ImageEditForm, ImageVariationForm)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +71,39 @@ async def read_form(form: FormData) -> tuple[ImageEditForm, list[Upload], Upload
             raise InvalidRequest(f"Parameter {name} must be a text field, not a file.", param=name)
         else:
             fields[name] = value
+    return _validate_form(ImageEditForm, fields), uploads, mask
+
+
+async def read_variation_form(form: FormData) -> tuple[ImageVariationForm, Upload]:
+    """Split a multipart variation into its text fields and its one `image` file."""
+    fields: dict[str, str] = {}
+    uploads: list[Upload] = []
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            if name != "image":
+                raise InvalidRequest(
+                    f"Unexpected file {name}: a variation takes one image file, as 'image'.",
+                    param=name,
+                )
+            uploads.append(Upload("image", await value.read()))
+        else:
+            fields[name] = value
+    if "image" in fields:
+        raise InvalidRequest("Parameter image must be a file upload.", param="image")
+    body = _validate_form(ImageVariationForm, fields)
+    if len(uploads) != 1:
+        raise InvalidRequest(
+            f"A variation takes exactly one image file, as 'image'; got {len(uploads)}.",
+            param="image",
+        )
+    return body, uploads[0]
+
+
+def _validate_form(model: type[FormT], fields: dict[str, str]) -> FormT:
     try:
-        body = ImageEditForm.model_validate(fields, strict=False)  # form fields are all text
+        return model.model_validate(fields, strict=False)  # form fields are all text
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
-    return body, uploads, mask
 
 
 def from_generate(body: ImageGenerateRequest) -> ImageRequest:
@@ -88,8 +122,8 @@ async def from_edit_json(body: ImageEditRequest, loader: ImageLoader) -> ImageRe
     mask = None
     if body.mask is not None:
         mask = await loader.load(_reference(body.mask, "mask"), label="mask.image_url")
-    extras = _extras(body, input_fidelity=body.input_fidelity, mask=mask)
-    return _request(body, images=images, extras=extras)
+    extras = _extras(body, input_fidelity=body.input_fidelity)
+    return _request(body, images=images, mask=mask, extras=extras)
 
 
 async def from_edit_form(
@@ -104,8 +138,22 @@ async def from_edit_form(
         )
     images = tuple([await loader.verify(u.data, label=u.label) for u in uploads])
     verified_mask = await loader.verify(mask.data, label=mask.label) if mask is not None else None
-    extras = _extras(body, input_fidelity=body.input_fidelity, mask=verified_mask)
-    return _request(body, images=images, extras=extras)
+    extras = _extras(body, input_fidelity=body.input_fidelity)
+    return _request(body, images=images, mask=verified_mask, extras=extras)
+
+
+async def from_variation(
+    body: ImageVariationForm, upload: Upload, loader: ImageLoader
+) -> ImageRequest:
+    image = await loader.verify(upload.data, label=upload.label)
+    return ImageRequest(
+        model=body.model,
+        prompt="",
+        images=(image,),
+        n=_n(body.n),
+        size=_size(body.size),
+        response_format=body.response_format or DEFAULT_RESPONSE_FORMAT,
+    )
 
 
 def _request(
@@ -113,6 +161,7 @@ def _request(
     *,
     images: tuple[InputImage, ...],
     extras: dict[str, Any],
+    mask: InputImage | None = None,
 ) -> ImageRequest:
     _check_unsupported(body)
     prompt = body.prompt.strip()
@@ -122,8 +171,9 @@ def _request(
         model=body.model,
         prompt=prompt,
         images=images,
+        mask=mask,
         n=_n(body.n),
-        size=None if body.size in (None, "", _AUTO) else Size.parse(body.size),
+        size=_size(body.size),
         quality=None if body.quality in (None, _AUTO) else body.quality,
         output_format=body.output_format,
         response_format=body.response_format or DEFAULT_RESPONSE_FORMAT,
@@ -164,6 +214,12 @@ def _n(value: int | None) -> int:
             f"Invalid n={short(value)}: n is the number of images, an integer >= 1.", param="n"
         )
     return value
+
+
+def _size(value: str | None) -> Size | None:
+    if value is None or value in ("", _AUTO):
+        return None
+    return Size.parse(value)
 
 
 def _check_count(count: int) -> None:
