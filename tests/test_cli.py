@@ -92,3 +92,21 @@ def test_serve_refuses_a_bad_config_before_binding(runner: CliRunner, tmp_path: 
     bad.write_text("models:\n  - name: m1\n    provider: no-such-provider\n")
     result = runner.invoke(main, ["serve", "--config", str(bad), "--port", "1"])
     assert result.exit_code != 0 and "Unknown provider 'no-such-provider'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["-o", "x.png", "--format", "jpeg"], "--format jpeg but 'x.png' ends in .png"),
+        (["-o", "x.gif"], "'x.gif' names no image format: end it in .png, .jpg or .webp"),
+        (["-o", "x"], "'x' names no image format"),
+    ],
+)
+def test_generate_refuses_an_output_format_it_cannot_tell(
+    runner: CliRunner, args: list[str], said: str
+) -> None:
+    """Refused before any request (the server named here does not exist): the files the
+    extension promises are the files written (the server's answers: tests/test_clients.py)."""
+    common = ["generate", "x", "--model", "m", "--key", "sk-x", "--server", "http://127.0.0.1:9"]
+    refused = runner.invoke(main, [*common, *args])
+    assert refused.exit_code == 2 and said in refused.output, refused.output

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
-import httpx
 
 from imagegate import cli_accounts as accounts
+from imagegate import cli_client as client
 from imagegate import cli_common, logs, private
 from imagegate.cli_common import audited, password_option
 from imagegate.config import Settings, load_models
@@ -276,26 +274,6 @@ def models(config_file: Path | None) -> None:
         click.echo(f"{model.name}\t{model.provider}\t{model.description}")
 
 
-@main.command()
-@click.option("--server", default="http://127.0.0.1:8000", show_default=True)
-@click.option("--key", envvar="IMAGEGATE_KEY", required=True, help="An admin key.")
-def reload(server: str, key: str) -> None:
-    """Make a running server re-read its model config (POST /admin/models/reload)."""
-    try:
-        response = httpx.post(
-            f"{server.rstrip('/')}/admin/models/reload",
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=60,
-        )
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"Cannot reach {server}: {exc}") from exc
-    if response.status_code != 200:
-        raise click.ClickException(_error_text(response.json()))
-    changes = response.json()["data"]
-    for kind in ("added", "removed", "changed"):
-        click.echo(f"{kind}: {', '.join(changes[kind]) or '-'}")
-
-
 @main.group()
 def db() -> None:
     """Database maintenance."""
@@ -309,97 +287,9 @@ def db_upgrade() -> None:
     click.echo("database is up to date")
 
 
-@main.command()
-@click.argument("prompt")
-@click.option("--model", required=True, help="Model name (see `imagegate models`).")
-@click.option(
-    "--image",
-    "images",
-    multiple=True,
-    type=click.Path(exists=True, path_type=Path),
-    help="Reference image (repeatable).",
-)
-@click.option("-n", "n", type=int, default=1, show_default=True)
-@click.option("--size", default=None, help="e.g. 512x512, 16:9 or 1K.")
-@click.option("--seed", type=int, default=None)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(path_type=Path),
-    default=Path("out.png"),
-    show_default=True,
-    help="Output file; with -n > 1, name-1.png, name-2.png, ...",
-)
-@click.option("--server", default="http://127.0.0.1:8000", show_default=True)
-@click.option(
-    "--key", envvar="IMAGEGATE_API_KEY", required=True, help="API key (or set IMAGEGATE_API_KEY)."
-)
-@click.option("--timeout", type=float, default=600.0, show_default=True)
-def generate(
-    prompt: str,
-    model: str,
-    images: tuple[Path, ...],
-    n: int,
-    size: str | None,
-    seed: int | None,
-    output: Path,
-    server: str,
-    key: str,
-    timeout: float,
-) -> None:
-    """Generate images through a running server and save them."""
-    body: dict[str, Any] = {"model": model, "prompt": prompt, "n": n, "response_format": "b64_json"}
-    if size:
-        body["size"] = size
-    if seed is not None:
-        body["seed"] = seed
-    if images:
-        body["images"] = [_data_uri(p) for p in images]
-    try:
-        response = httpx.post(
-            f"{server.rstrip('/')}/v1/images/generations",
-            json=body,
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=timeout,
-        )
-    except httpx.HTTPError as exc:
-        raise click.ClickException(f"Cannot reach {server}: {exc}") from exc
-    payload = response.json()
-    if response.status_code != 200:
-        raise click.ClickException(f"{response.status_code}: {_error_text(payload)}")
-    items = payload["data"]["data"] if "code" in payload else payload["data"]
-    for path, item in zip(_output_paths(output, len(items)), items, strict=True):
-        path.write_bytes(base64.b64decode(item["b64_json"]))
-        click.echo(str(path))
-
-
-def _data_uri(path: Path) -> str:
-    mime = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}.get(
-        path.suffix.lower(), "image/png"
-    )
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-def _error_text(payload: Any) -> str:
-    if isinstance(payload, dict):
-        if "msg" in payload:
-            return str(payload["msg"])
-        if isinstance(payload.get("error"), dict):
-            return str(payload["error"].get("message"))
-    return str(payload)
-
-
-def _output_paths(output: Path, count: int) -> list[Path]:
-    if count == 1:
-        return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(1, count + 1)]
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 main.add_command(accounts.usage)
+main.add_command(client.generate)
+main.add_command(client.reload)
 keys.add_command(accounts.keys_limit)
 keys.add_command(accounts.keys_balance)
 keys.add_command(accounts.keys_models)
@@ -407,3 +297,6 @@ users.add_command(accounts.users_balance)
 users.add_command(accounts.users_limit)
 users.add_command(accounts.users_password)
 users.add_command(accounts.users_revoke_tokens)
+
+if __name__ == "__main__":
+    sys.exit(main())
