@@ -25,5 +25,12 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
-test: lint
+# The OpenAI Node SDK for tests/test_clients.py, when npm is here (that test skips without node).
+NODE_TESTS := tests/node
+NODE_SDK := $(if $(shell command -v npm 2>/dev/null),$(NODE_TESTS)/node_modules/.package-lock.json)
+
+$(NODE_TESTS)/node_modules/.package-lock.json: $(NODE_TESTS)/package-lock.json
+	npm ci --prefix $(NODE_TESTS) --no-audit --no-fund --loglevel=error
+
+test: lint $(NODE_SDK)
 	$(BIN)/pytest -q

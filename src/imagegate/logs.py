@@ -36,6 +36,16 @@ _SECRETS = re.compile(
 )
 _LIBRARIES = ("httpx", "httpcore", "hpack", "aiohttp", "aiosqlite", "asyncpg", "sqlalchemy")
 """Loggers that write request URLs, headers or SQL parameters at INFO or DEBUG."""
+_NOISE = {
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back",
+    "diffusers.pipelines.pipeline_utils": "because `accelerate` was not found",
+    "diffusers.models.modeling_utils": "because `accelerate` was not found",
+}
+"""Warnings dropped, by logger, that would fill a user's first screen with advice to install
+what imagegate does not need: importing diffusers makes transformers say three times that its
+image processors fall back to PIL without torchvision (the demo model uses none of them, and
+the PIL ones work), and loading a model without `accelerate` says it loads without
+low_cpu_mem_usage (it loads the same, a little slower)."""
 
 
 def scrub(text: str) -> str:
@@ -63,6 +73,15 @@ def _scrubbing(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.
 
     factory.scrubs = True  # type: ignore[attr-defined]
     return factory
+
+
+class _Dropping(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 class _Context(logging.Filter):
@@ -107,6 +126,10 @@ def configure(fmt: str = "text", level: str = "info", *, libraries: bool = False
         logging.setLogRecordFactory(_scrubbing(logging.getLogRecordFactory()))
     for name in _LIBRARIES:
         logging.getLogger(name).setLevel(logging.NOTSET if libraries else logging.WARNING)
+    for name, text in _NOISE.items():
+        noisy = logging.getLogger(name)
+        if not any(isinstance(f, _Dropping) for f in noisy.filters):
+            noisy.addFilter(_Dropping(text))
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []
