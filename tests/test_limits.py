@@ -231,3 +231,35 @@ def test_two_server_processes_share_one_limit(two_servers: tuple[list[str], str]
         if response.status_code == 429:
             assert int(response.headers["retry-after"]) >= 1
     assert statuses.count(200) == 5 and statuses.count(429) == 3, statuses
+
+
+async def test_deployments_with_their_own_redis_prefix_count_apart(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Two deployments share one Redis database, and each has a key:1 allowed one request a
+    minute: with their own IMAGEGATE_REDIS_PREFIX neither spends the other's minute; with the
+    same prefix they count together."""
+    from sqlalchemy import update
+
+    from imagegate.store.models import ApiKey
+
+    prefix = f"test:{secrets.token_hex(4)}:"
+
+    async def one_request(name: str, redis_prefix: str) -> int:
+        db = f"sqlite+aiosqlite:///{tmp_path / f'{name}.db'}"
+        settings = make_settings(
+            tmp_path / name, db, redis_url=redis_url, redis_prefix=redis_prefix
+        )
+        async for api in start_api(settings, FAKE_MODELS):
+            key = await api.key()
+            async with api.app.state.service.sessions.begin() as session:
+                await session.execute(update(ApiKey).values(rpm=1))
+            body = {"model": "fake-model", "prompt": "x"}
+            headers = {"Authorization": f"Bearer {key}"}
+            answer = await api.client.post("/v1/images/generations", json=body, headers=headers)
+            return answer.status_code
+        raise AssertionError("the app did not start")
+
+    assert await one_request("first", f"{prefix}a:") == 200
+    assert await one_request("second", f"{prefix}b:") == 200  # its own minute
+    assert await one_request("third", f"{prefix}a:") == 429  # the first one's minute
