@@ -284,7 +284,7 @@ async def test_loader_refuses_other_references(ref: str, loader: ImageLoader) ->
 
 
 async def test_loader_names_the_image_in_errors(loader: ImageLoader) -> None:
-    with pytest.raises(UnreadableImage, match=r"^Content\[1\]\.image is not a recognizable"):
+    with pytest.raises(UnreadableImage, match=r"^content\[1\]\.image is not a recognizable"):
         await loader.load(
             base64.b64encode(b"hello world, not an image").decode(), label="content[1].image"
         )
