@@ -17,6 +17,8 @@ from imagegate.config import ModelConfig, PricingConfig
 from imagegate.store.db import create_engine, session_factory
 from imagegate.store.models import Task, Usage
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
+from tests.test_limits import key_with
+from tests.test_tasks import usage_rows as stored_usage_rows
 
 MODELS = [
     *FAKE_MODELS,
@@ -46,28 +48,9 @@ async def post(api: Api, path: str, body: dict[str, Any], key: str) -> Any:
     )
 
 
-async def key_with(api: Api, **limits: Any) -> str:
-    key = await api.key()
-    principal = await api.app.state.service.authenticate(key)
-    admin = await api.key(admin=True)
-    response = await api.client.put(
-        f"/admin/keys/{principal.key_id}/limits",
-        json=limits,
-        headers={"Authorization": f"Bearer {admin}"},
-    )
-    assert response.status_code == 200, response.text
-    api.app.state.service.forget_key(principal.key_id)
-    return key
-
-
 async def usage_rows(api: Api) -> list[Usage]:
     await api.flush_usage()
-    engine = create_engine(api.settings.resolved_database_url)
-    try:
-        async with session_factory(engine)() as session:
-            return list(await session.scalars(select(Usage).order_by(Usage.id)))
-    finally:
-        await engine.dispose()
+    return await stored_usage_rows(api)
 
 
 async def task_count(api: Api) -> int:
