@@ -5,13 +5,9 @@ process refunds a lease whose owner stopped renewing it (the process died), exac
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sqlite3
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
@@ -24,7 +20,8 @@ from imagegate.store import ledger
 from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import CreditLease, LedgerEntry
 from tests.conftest import FAKE_MODELS, make_settings, start_api
-from tests.servers import cli, server_env, serving
+from tests.servers import cli, serving
+from tests.test_leases import key_balance, kill_with_an_open_lease, priced_server_env
 from tests.test_quotas import PER_IMAGE, read
 
 START = 1000 * PER_IMAGE
@@ -176,28 +173,12 @@ async def test_an_owner_whose_lease_was_reclaimed_pays_what_it_spent(db_url: str
 
 
 def test_a_killed_servers_lease_comes_back_by_itself(tmp_path: Path) -> None:
-    env = server_env(
-        tmp_path,
-        "models:\n  - name: priced\n    provider: tests.fakes:FakeProvider\n"
-        "    pricing:\n      per_image: 0.001\n",
-    )
+    env = priced_server_env(tmp_path)
     env["IMAGEGATE_CREDIT_LEASE_TIMEOUT_SECONDS"] = "1"
-    key = cli(env, "keys", "create", "crash").strip().splitlines()[-1]
-    cli(env, "keys", "balance", "1", str(START))
-    with serving(env) as (url, server):
-        for _ in range(3):
-            response = httpx.post(
-                f"{url}/v1/images/generations",
-                json={"model": "priced", "prompt": "x", "response_format": "b64_json"},
-                headers={"Authorization": f"Bearer {key}"},
-                timeout=30,
-            )
-            assert response.status_code == 200, response.text
-        os.kill(server.pid, signal.SIGKILL)
+    kill_with_an_open_lease(env, START)
 
     def balance() -> int:
-        with sqlite3.connect(tmp_path / "data" / "imagegate.db") as connection:
-            return int(connection.execute("SELECT balance FROM api_keys").fetchone()[0])
+        return key_balance(tmp_path)
 
     assert balance() < START - 3 * PER_IMAGE  # the lease is still out
     assert "open reservation lease." in cli(env, "usage", "reconcile")

@@ -106,14 +106,18 @@ async def test_an_idle_lease_is_handed_back(tmp_path: Path, db_url: str) -> None
             await asyncio.sleep(0.1)
 
 
-def test_a_lease_left_by_a_killed_process_is_refunded_by_reconcile(tmp_path: Path) -> None:
-    env = server_env(
+def priced_server_env(tmp_path: Path) -> dict[str, str]:
+    return server_env(
         tmp_path,
         "models:\n  - name: priced\n    provider: tests.fakes:FakeProvider\n"
         "    pricing:\n      per_image: 0.001\n",
     )
+
+
+def kill_with_an_open_lease(env: dict[str, str], start: int) -> None:
+    """Three priced images served from a credit lease, then SIGKILL: the lease stays open."""
     key = cli(env, "keys", "create", "crash").strip().splitlines()[-1]
-    cli(env, "keys", "balance", "1", str(1000 * PER_IMAGE))
+    cli(env, "keys", "balance", "1", str(start))
     with serving(env) as (url, server):
         for _ in range(3):
             response = httpx.post(
@@ -125,9 +129,18 @@ def test_a_lease_left_by_a_killed_process_is_refunded_by_reconcile(tmp_path: Pat
             assert response.status_code == 200, response.text
         os.kill(server.pid, signal.SIGKILL)
 
+
+def key_balance(tmp_path: Path) -> int:
+    with sqlite3.connect(tmp_path / "data" / "imagegate.db") as connection:
+        return int(connection.execute("SELECT balance FROM api_keys").fetchone()[0])
+
+
+def test_a_lease_left_by_a_killed_process_is_refunded_by_reconcile(tmp_path: Path) -> None:
+    env = priced_server_env(tmp_path)
+    kill_with_an_open_lease(env, 1000 * PER_IMAGE)
+
     def balance() -> int:
-        with sqlite3.connect(tmp_path / "data" / "imagegate.db") as connection:
-            return int(connection.execute("SELECT balance FROM api_keys").fetchone()[0])
+        return key_balance(tmp_path)
 
     assert balance() < 1000 * PER_IMAGE - 3 * PER_IMAGE  # the lease is still out
     found = cli(env, "usage", "reconcile", "--older-than", "0")
