@@ -33,7 +33,7 @@ from PIL import Image
 
 from imagegate.cli import main
 from imagegate.config import DEMO_WEIGHTS
-from tests.servers import ROOT
+from tests.servers import ROOT, stop
 from tests.test_server_e2e import _free_port, _wait_ready
 
 pytest.importorskip("diffusers")
@@ -100,12 +100,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         _wait_ready(url, process)
         yield Gateway(url, made.output.strip(), env, root, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def _size(data: bytes, fmt: str = "PNG") -> tuple[int, int]:

@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from tests.servers import stop
 from tests.test_server_e2e import _free_port, _wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,12 +213,7 @@ def test_the_documents_shell_examples_run_as_pasted(tmp_path: Path) -> None:
             timeout=300,
         )
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
     if done.returncode != 0:
         failed = steps[int((tmp_path / ".readme" / "step").read_text())]
         pytest.fail(
