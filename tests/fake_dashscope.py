@@ -16,25 +16,22 @@ import io
 import itertools
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from PIL import Image
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from tests.fake_seedream import (
     CutResponse,
+    LoopbackFake,
     Received,
     decode_data_uri,
     json_response,
     solid_image,
 )
-from tests.loopback import LoopbackServer
 
 KEY = "dashscope-test-key"
 SCALE = 16
@@ -58,11 +55,9 @@ class Task:
 
 
 @dataclass
-class FakeDashScope:
+class FakeDashScope(LoopbackFake):
     """The fake's state; tests script `faults`, `outcomes`, `polls_needed`, `sync_text`."""
 
-    requests: list[Received] = field(default_factory=list)
-    violations: list[str] = field(default_factory=list)
     faults: dict[str, list[str]] = field(default_factory=dict)
     """Per route ("submit", "poll", "sync", "file"), consumed one per request."""
     outcomes: list[str] = field(default_factory=list)
@@ -73,33 +68,21 @@ class FakeDashScope:
     slow_seconds: float = 1.0
     tasks: dict[str, Task] = field(default_factory=dict)
     files: dict[str, bytes] = field(default_factory=dict)
-    server: LoopbackServer | None = None
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.violations.clear()
+        super().reset()
         self.faults.clear()
         self.outcomes.clear()
         self.polls_needed, self.sync_text = 2, None
 
-    @contextmanager
-    def running(self) -> Iterator[FakeDashScope]:
-        app = Starlette(
-            routes=[
-                Route(SUBMIT, self.submit, methods=["POST"]),
-                Route("/api/v1/tasks/{task_id}", self.poll, methods=["GET"]),
-                Route(SYNC, self.sync, methods=["POST"]),
-                Route("/files/{name}", self.file, methods=["GET"]),
-            ]
-        )
-        self.server = LoopbackServer(app)
-        with self.server.running():
-            yield self
-
-    def url(self, path: str = "") -> str:
-        assert self.server is not None
-        return self.server.url + path
+    def routes(self) -> list[Route]:
+        return [
+            Route(SUBMIT, self.submit, methods=["POST"]),
+            Route("/api/v1/tasks/{task_id}", self.poll, methods=["GET"]),
+            Route(SYNC, self.sync, methods=["POST"]),
+            Route("/files/{name}", self.file, methods=["GET"]),
+        ]
 
     def sent(self, path: str) -> list[Any]:
         return [r.body for r in self.requests if r.path == path]
@@ -119,14 +102,7 @@ class FakeDashScope:
         return Response(self.files[request.path_params["name"]], media_type="image/png")
 
     async def _receive(self, request: Request, route: str) -> tuple[Any, Response | None]:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            body = None
-        self.requests.append(
-            Received(request.method, request.url.path, dict(request.headers), body)
-        )
+        body = await self.record(request)
         if request.headers.get("authorization") != f"Bearer {KEY}":
             return body, _error(401, "InvalidApiKey", "Invalid API-key provided.")
         queue = self.faults.get(route) or []

@@ -47,6 +47,14 @@ EDIT_TYPES: dict[str, Any] = get_type_hints(ImageEditParamsNonStreaming)
 FILE_FIELDS = frozenset({"image", "image[]", "mask", "markup"})
 STANDARD_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024", "auto"})
 GPT_QUALITIES = frozenset({"low", "medium", "high", "auto"})
+USAGE: dict[str, Any] = {
+    "input_tokens": 50,
+    "input_tokens_details": {"text_tokens": 40, "image_tokens": 10},
+    "output_tokens": 4160,
+    "output_tokens_details": {"image_tokens": 4160, "text_tokens": 0},
+    "total_tokens": 4210,
+}
+"""What every generation answers as its usage (gpt-image's shape)."""
 _MAGIC = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"RIFF": "image/webp"}
 _FORMATS = {
     "png": ("PNG", "image/png"),
@@ -362,14 +370,7 @@ class FakeOpenAI:
             else:
                 item["b64_json"] = base64.b64encode(buffer.getvalue()).decode()
             data.append(item)
-        usage = {
-            "input_tokens": 50,
-            "input_tokens_details": {"text_tokens": 40, "image_tokens": 10},
-            "output_tokens": 4160,
-            "output_tokens_details": {"image_tokens": 4160, "text_tokens": 0},
-            "total_tokens": 4210,
-        }
-        answer = {"created": int(time.time()), "data": data, "usage": usage}
+        answer = {"created": int(time.time()), "data": data, "usage": USAGE}
         self.answers.append(answer)
         return answer
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from PIL import Image
@@ -62,6 +62,45 @@ class Received:
     body: Any
 
 
+@dataclass
+class LoopbackFake:
+    """What the fake upstreams share: their loopback server, its URL, what they received."""
+
+    requests: list[Received] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    """Requests the real upstream would refuse (tests assert there are none)."""
+    server: LoopbackServer | None = None
+
+    def routes(self) -> list[Route]:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.violations.clear()
+
+    async def record(self, request: Request) -> Any:
+        """Keep the request; its JSON body, or None when it has none that parses."""
+        raw = await request.body()
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        self.requests.append(
+            Received(request.method, request.url.path, dict(request.headers), body)
+        )
+        return body
+
+    @contextmanager
+    def running(self) -> Iterator[Self]:
+        self.server = LoopbackServer(Starlette(routes=self.routes()))
+        with self.server.running():
+            yield self
+
+    def url(self, path: str = "") -> str:
+        assert self.server is not None
+        return self.server.url + path
+
+
 def solid_image(size: tuple[int, int], prompt: str, fmt: str = "JPEG") -> bytes:
     colour = next((rgb for w, rgb in COLOURS.items() if w in prompt.lower()), (128, 128, 128))
     buffer = io.BytesIO()
@@ -88,11 +127,9 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 @dataclass
-class FakeArk:
+class FakeArk(LoopbackFake):
     """The fake's state; tests script `faults`, `item_errors`, `group_size`, `force_url`."""
 
-    requests: list[Received] = field(default_factory=list)
-    violations: list[str] = field(default_factory=list)
     faults: list[str] = field(default_factory=list)
     """Consumed one per generation request: 429, 500, slow, truncated, cut, html,
     input_sensitive, error_in_200."""
@@ -101,31 +138,19 @@ class FakeArk:
     force_url: bool = False
     slow_seconds: float = 1.0
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
-    server: LoopbackServer | None = None
     _ids: Iterator[int] = field(default_factory=itertools.count)
 
     def reset(self) -> None:
-        self.requests.clear()
-        self.violations.clear()
+        super().reset()
         self.faults.clear()
         self.item_errors.clear()
         self.group_size, self.force_url = None, False
 
-    @contextmanager
-    def running(self) -> Iterator[FakeArk]:
-        app = Starlette(
-            routes=[
-                Route("/api/v3/images/generations", self.generations, methods=["POST"]),
-                Route("/files/{name}", self.file, methods=["GET"]),
-            ]
-        )
-        self.server = LoopbackServer(app)
-        with self.server.running():
-            yield self
-
-    def url(self, path: str = "") -> str:
-        assert self.server is not None
-        return self.server.url + path
+    def routes(self) -> list[Route]:
+        return [
+            Route("/api/v3/images/generations", self.generations, methods=["POST"]),
+            Route("/files/{name}", self.file, methods=["GET"]),
+        ]
 
     @property
     def bodies(self) -> list[dict[str, Any]]:
@@ -136,12 +161,7 @@ class FakeArk:
         return Response(data, media_type=mime)
 
     async def generations(self, request: Request) -> Response:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            body = None
-        self.requests.append(Received("POST", request.url.path, dict(request.headers), body))
+        body = await self.record(request)
         if request.headers.get("authorization") != f"Bearer {KEY}":
             return _error(401, "AuthenticationError", "The API key in the request is invalid.")
         if self.faults:

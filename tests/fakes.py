@@ -9,15 +9,31 @@ from __future__ import annotations
 import asyncio
 import io
 import random
-from typing import Any
 
 from PIL import Image
 
-from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ProviderError
 from imagegate.progress import current_reporter
-from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
-from imagegate.types import GeneratedImage, GenerationResult, ImageRequest
+from imagegate.providers.base import (
+    Capabilities,
+    Provider,
+    ProviderContext,
+    ProviderOptions,
+    check_capabilities,
+    check_mask,
+)
+from imagegate.types import GeneratedImage, GenerationResult, ResolvedRequest
+
+
+async def checked(provider: Provider, request: ResolvedRequest) -> GenerationResult:
+    """Call `provider` (or a Router) as the service does: the capability check first (the
+    mask's once the images are loaded), then generate. Provider tests that call a provider
+    directly use it to see the refusals a request through the app would get."""
+    check_capabilities(request.model, provider.capabilities, request)  # type: ignore[arg-type]
+    if request.mask is not None:
+        check_mask(request.model, request.mask, request.images)
+    return await provider.generate(request)
+
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
@@ -37,18 +53,10 @@ class FakeProvider:
         accepts=frozenset({"seed", "size", "negative_prompt"}),
     )
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        options: dict[str, Any],
-        defaults: ModelDefaultsConfig,
-        settings: Settings,
-        channel: ChannelConfig | None = None,
-    ) -> None:
-        self.name = name
-        self.options = FakeOptions.model_validate(options)
-        self.defaults = defaults
+    def __init__(self, context: ProviderContext) -> None:
+        self.name = context.name
+        self.options = FakeOptions.model_validate(context.options)
+        self.defaults = context.defaults
 
     async def start(self) -> None:
         return None
@@ -56,8 +64,7 @@ class FakeProvider:
     async def close(self) -> None:
         return None
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
-        check_capabilities(self.name, self.capabilities, request)
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         if self.options.fail_with:
             raise ProviderError(self.options.fail_with)
         await self._wait(self.options.delay_seconds)
@@ -75,7 +82,9 @@ class FakeProvider:
             if reporter is not None:
                 reporter((step + 1) / 10)
 
-    def _image(self, request: ImageRequest, width: int, height: int, seed: int) -> GeneratedImage:
+    def _image(
+        self, request: ResolvedRequest, width: int, height: int, seed: int
+    ) -> GeneratedImage:
         colour = next(
             (rgb for word, rgb in COLOURS.items() if word in request.prompt.lower()),
             (seed % 256, 128, 128),
@@ -102,7 +111,7 @@ CALLS: dict[str, int] = {}
 class FlakyProvider(FakeProvider):
     """A FakeProvider whose calls follow a script, to exercise retries, failover and breakers."""
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         CALLS[self.name] = CALLS.get(self.name, 0) + 1
         script = SCRIPTS.get(self.name) or ["ok"]
         outcome = script.pop(0) if len(script) > 1 else script[0]
@@ -117,3 +126,16 @@ class FlakyProvider(FakeProvider):
         if outcome == "slow":
             await asyncio.sleep(5)
         return await super().generate(request)
+
+
+class ManyImagesProvider(FakeProvider):
+    """The fake, taking up to 16 reference images: for tests of requests that send many."""
+
+    capabilities = Capabilities(
+        text_to_image=True,
+        image_edit=True,
+        multi_turn=True,
+        max_n=4,
+        max_input_images=16,
+        accepts=frozenset({"seed", "size", "negative_prompt"}),
+    )

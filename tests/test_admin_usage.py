@@ -35,7 +35,7 @@ async def admin_api(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
 async def _spend(api: Api) -> tuple[str, dict[str, str], int]:
     key = await api.key()
     admin = {"Authorization": f"Bearer {await api.key(admin=True)}"}
-    key_id = (await api.app.state.service.authenticate(key)).key_id
+    key_id = (await api.app.state.auth.authenticate(key)).key_id
     for body in (
         {"model": "priced", "prompt": "red", "n": 2, "size": "32x32"},
         {"model": "fake-model", "prompt": "blue"},

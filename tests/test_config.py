@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from imagegate.config import DEMO_MODEL_NAME, Settings, load_config_file, load_models
-from imagegate.errors import ConfigError, InvalidRequest
+from imagegate.errors import ConfigError, InvalidRequest, UnknownModel
 from imagegate.types import Size, SizeKind
 
 GOOD = """\
@@ -111,14 +112,47 @@ def test_cloud_models_are_enabled_by_their_key(
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "imagegate.yaml"
     path.write_text("models:\n  - name: gemini-2.5-flash-image\n    provider: fake\n")
-    settings = Settings(data_dir=tmp_path, config_file=path, gemini_api_key=SecretStr("g-key"))
+    settings = Settings(
+        data_dir=tmp_path,
+        config_file=path,
+        provider_env={"IMAGEGATE_GEMINI_API_KEY": "g-key"},
+    )
     models = {m.name: m for m in load_models(settings)}
     assert models["gemini-2.5-flash-image"].providers == ["fake"]  # the file wins
     assert models["gemini-3-pro-image-preview"].providers == ["gemini"]
     assert not any(m.startswith("gpt-image") for m in models)
+    # By default the variables come from the process environment, as they always did.
+    for name in [n for n in os.environ if n.startswith("IMAGEGATE_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("IMAGEGATE_OPENAI_API_KEY", "o-key")
     names = [m.name for m in load_models(Settings(data_dir=tmp_path, config_file=path))]
     assert "gpt-image-1" in names and "gemini-3-pro-image-preview" not in names
+
+
+def test_a_plugin_declares_its_own_key_and_models(tmp_path: Path) -> None:
+    """A provider registered from outside imagegate enables its models by its own variable,
+    and gets its key and base URL through its context; nothing in Settings names it."""
+    from imagegate.catalog import Catalog
+    from imagegate.providers import registry
+
+    registry.register("keyed", "tests.test_config:KeyedProvider")
+    registry.register("broken", "tests.no_such_module:Provider")  # skipped, not fatal
+    try:
+        env = {"IMAGEGATE_KEYED_API_KEY": "k-env", "IMAGEGATE_KEYED_BASE_URL": "http://keyed/"}
+        settings = Settings(data_dir=tmp_path, provider_env=env)
+        models = [m for m in load_models(settings) if m.providers == ["keyed"]]
+        assert [m.name for m in models] == ["keyed-1"]
+        assert models[0].description == "keyed (enabled by IMAGEGATE_KEYED_API_KEY)"
+        router = Catalog(models, settings).resolve("keyed-1").router
+        [provider] = [c.provider for c in router.channels]
+        assert isinstance(provider, KeyedProvider)
+        assert provider.api_key == "k-env" and provider.base_url == "http://keyed"
+        assert provider.upstream_model == "keyed-1"
+        with pytest.raises(UnknownModel, match="served once IMAGEGATE_KEYED_API_KEY is set"):
+            Catalog([], Settings(data_dir=tmp_path, provider_env={})).config("keyed-1")
+    finally:
+        registry.unregister("keyed")
+        registry.unregister("broken")
 
 
 def test_a_missing_cloud_key_names_the_variable(tmp_path: Path) -> None:
@@ -131,9 +165,9 @@ def test_a_missing_cloud_key_names_the_variable(tmp_path: Path) -> None:
         model = ModelConfig(name="m", channels=[ChannelConfig(name="main", provider="keyed")])
         with pytest.raises(
             ConfigError,
-            match="No API key for channel main: set IMAGEGATE_GEMINI_API_KEY or add api_key",
+            match="No API key for channel main: set IMAGEGATE_KEYED_API_KEY or add api_key",
         ):
-            Catalog([model], Settings(data_dir=tmp_path)).check_all()
+            Catalog([model], Settings(data_dir=tmp_path, provider_env={})).check_all()
         keyed = ModelConfig(
             name="m",
             channels=[
@@ -142,7 +176,7 @@ def test_a_missing_cloud_key_names_the_variable(tmp_path: Path) -> None:
                 )
             ],
         )
-        Catalog([keyed], Settings(data_dir=tmp_path)).check_all()
+        Catalog([keyed], Settings(data_dir=tmp_path, provider_env={})).check_all()
     finally:
         registry.unregister("keyed")
 
@@ -152,7 +186,9 @@ from imagegate.providers.http import CloudProvider  # noqa: E402
 
 
 class KeyedProvider(CloudProvider):
-    provider = "gemini"
-    key_setting = "gemini_api_key"
+    provider = "keyed"
+    key_variable = "IMAGEGATE_KEYED_API_KEY"
+    base_url_variable = "IMAGEGATE_KEYED_BASE_URL"
+    known_models = ("keyed-1",)
     default_base_url = "http://127.0.0.1:9"
     capabilities = Capabilities()

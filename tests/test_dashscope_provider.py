@@ -25,10 +25,11 @@ from imagegate.errors import (
 )
 from imagegate.images import verify_image
 from imagegate.providers.router import Router
-from imagegate.types import ImageRequest, InputImage, Size
+from imagegate.types import FailedImage, ImageRequest, InputImage, Size, Usage
 from tests.conftest import data_uri, make_settings, png_bytes, start_api
 from tests.fake_dashscope import KEY, SCALE, SUBMIT, SYNC, FakeDashScope
 from tests.fake_seedream import decode_data_uri
+from tests.fakes import checked
 
 # One event loop for the module, so that the providers built once serve every test.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -121,7 +122,7 @@ def req(model: str = PLUS, prompt: str = "a red lantern", **kw: Any) -> ImageReq
 
 async def refused(router: Router, request: ImageRequest) -> ImagegateError:
     with pytest.raises(ImagegateError) as info:
-        await router.generate(request)
+        await checked(router, request)
     return info.value
 
 
@@ -139,7 +140,7 @@ async def test_qwen_image_submits_a_task_polls_and_downloads(
         seed=42,
         extras={"prompt_extend": True},
     )
-    result = await (await build()).generate(request)
+    result = await checked(await build(), request)
     [submitted] = [r for r in dashscope.requests if r.path == SUBMIT]
     assert submitted.headers["x-dashscope-async"] == "enable"
     assert submitted.headers["authorization"] == f"Bearer {KEY}"
@@ -160,7 +161,7 @@ async def test_qwen_image_submits_a_task_polls_and_downloads(
     assert image.mime == "image/png" and (image.width, image.height) == (83, 83)
     assert Image.open(io.BytesIO(image.data)).getpixel((0, 0)) == (255, 0, 0)
     assert image.revised_prompt == "a red lantern, vivid"  # the task's actual_prompt
-    assert result.usage == {"image_count": 1}
+    assert result.usage == Usage(upstream={"image_count": 1})
 
 
 @pytest.mark.parametrize(
@@ -178,7 +179,7 @@ async def test_qwen_image_submits_a_task_polls_and_downloads(
 async def test_the_five_sizes_with_x_star_or_ratio(
     dashscope: FakeDashScope, build: Build, size: str, sent: str
 ) -> None:
-    await (await build()).generate(req(size=size))
+    await checked(await build(), req(size=size))
     assert dashscope.submits[0]["parameters"]["size"] == sent
 
 
@@ -194,11 +195,11 @@ async def test_other_sizes_are_refused_listing_the_five(
 
 
 async def test_n_fans_out_one_task_per_image(dashscope: FakeDashScope, build: Build) -> None:
-    result = await (await build()).generate(req(n=3, seed=10))
+    result = await checked(await build(), req(n=3, seed=10))
     assert len(result.images) == 3 and len(dashscope.submits) == 3
     assert sorted(s["parameters"]["seed"] for s in dashscope.submits) == [10, 11, 12]
     assert all(s["parameters"]["n"] == 1 for s in dashscope.submits)
-    assert result.usage == {"image_count": 3}
+    assert result.usage == Usage(upstream={"image_count": 3})
 
 
 @pytest.mark.parametrize(
@@ -235,10 +236,10 @@ async def test_a_blocked_task_is_a_400(dashscope: FakeDashScope, build: Build) -
 
 async def test_partial_results_keep_the_images_made(dashscope: FakeDashScope, build: Build) -> None:
     dashscope.outcomes = ["partial"]
-    result = await (await build()).generate(req())
+    result = await checked(await build(), req())
     assert len(result.images) == 1
-    [failure] = result.usage["failed_images"]
-    assert failure == {"index": 1, "code": "DataInspectionFailed", "message": "output flagged"}
+    [failure] = result.usage.failed_images
+    assert failure == FailedImage("DataInspectionFailed", "output flagged", index=1)
 
 
 async def test_a_task_past_its_deadline_is_not_resubmitted(
@@ -255,7 +256,7 @@ async def test_a_task_past_its_deadline_is_not_resubmitted(
 async def test_poll_hiccups_are_polled_through(dashscope: FakeDashScope, build: Build) -> None:
     dashscope.faults = {"poll": ["500", "429", "truncated", "html", "cut"]}
     dashscope.polls_needed = 1
-    result = await (await build()).generate(req())
+    result = await checked(await build(), req())
     assert len(result.images) == 1
     assert len(dashscope.submits) == 1 and len(dashscope.polls) == 6
 
@@ -264,7 +265,7 @@ async def test_result_downloads_are_retried_without_resubmitting(
     dashscope: FakeDashScope, build: Build
 ) -> None:
     dashscope.faults = {"file": ["500", "cut"]}
-    result = await (await build(max_retries=2)).generate(req())
+    result = await checked(await build(max_retries=2), req())
     assert len(result.images) == 1 and len(dashscope.submits) == 1
     dashscope.faults = {"file": ["500", "500", "500"]}
     error = await refused(await build(), req())
@@ -293,7 +294,7 @@ async def test_transient_submit_faults_are_retried(
     dashscope: FakeDashScope, build: Build, fault: str
 ) -> None:
     dashscope.faults, dashscope.slow_seconds = {"submit": [fault]}, 0.8
-    result = await (await build(max_retries=1, timeout=0.3)).generate(req())
+    result = await checked(await build(max_retries=1, timeout=0.3), req())
     assert len(result.images) == 1 and len(dashscope.submits) == 2
 
 
@@ -324,7 +325,7 @@ async def test_edit_plus_sends_images_first_and_keeps_every_image(
         seed=12345,
         extras={"prompt_extend": False},
     )
-    result = await (await build(EDIT_PLUS)).generate(request)
+    result = await checked(await build(EDIT_PLUS), request)
     [sent] = [r for r in dashscope.requests if r.path == SYNC]
     assert "x-dashscope-async" not in sent.headers
     content = sent.body["input"]["messages"][0]["content"]
@@ -340,14 +341,14 @@ async def test_edit_plus_sends_images_first_and_keeps_every_image(
     assert len(result.images) == 2  # both from the one choice's content
     assert all((i.width, i.height) == (8, 8) for i in result.images)  # like the last input
     assert result.images[0].revised_prompt == "The girl now wears the black dress."
-    assert result.usage == {"image_count": 2}
+    assert result.usage == Usage(upstream={"image_count": 2})
 
 
 @pytest.mark.parametrize(("size", "sent"), [("1024x1536", "1024*1536"), ("512*2048", "512*2048")])
 async def test_edit_plus_sizes(
     dashscope: FakeDashScope, build: Build, size: str, sent: str
 ) -> None:
-    result = await (await build(EDIT_PLUS)).generate(req(EDIT_PLUS, images=(ref(),), size=size))
+    result = await checked(await build(EDIT_PLUS), req(EDIT_PLUS, images=(ref(),), size=size))
     assert dashscope.sent(SYNC)[0]["parameters"]["size"] == sent
     width, height = (int(v) // SCALE for v in sent.split("*"))
     assert (result.images[0].width, result.images[0].height) == (width, height)
@@ -356,8 +357,8 @@ async def test_edit_plus_sizes(
 @pytest.mark.parametrize(
     ("model", "kw", "param", "needle"),
     [
-        (EDIT_PLUS, {}, "image", "edits 1 to 3 images and got none"),
-        (EDIT_PLUS, {"images": (ref(),) * 4}, "image", "image count exceeds limit"),
+        (EDIT_PLUS, {}, "image", "needs a reference image"),
+        (EDIT_PLUS, {"images": (ref(),) * 4}, "image", "accepts at most 3"),
         (EDIT_PLUS, {"images": (ref(),), "size": "4096x4096"}, "size", "each side from 512"),
         (EDIT_PLUS, {"images": (ref(),), "n": 7}, "n", "1 to 6"),
         (EDIT_PLUS, {"images": (ref(),), "seed": 2**31}, "seed", "0 to 2147483647"),
@@ -385,7 +386,7 @@ async def test_refusals_name_the_parameter_and_the_model(
 
 
 async def test_plain_edit_makes_one_image_per_call(dashscope: FakeDashScope, build: Build) -> None:
-    result = await (await build(EDIT)).generate(req(EDIT, images=(ref(),), n=2, seed=1))
+    result = await checked(await build(EDIT), req(EDIT, images=(ref(),), n=2, seed=1))
     assert len(result.images) == 2
     sent = dashscope.sent(SYNC)
     assert len(sent) == 2 and all("n" not in s["parameters"] for s in sent)
@@ -393,7 +394,7 @@ async def test_plain_edit_makes_one_image_per_call(dashscope: FakeDashScope, bui
 
 
 async def test_qwen_image_max_is_sync_text_only(dashscope: FakeDashScope, build: Build) -> None:
-    result = await (await build(MAX)).generate(req(MAX, size="928x1664"))
+    result = await checked(await build(MAX), req(MAX, size="928x1664"))
     [sent] = dashscope.sent(SYNC)
     assert sent["input"]["messages"][0]["content"] == [{"text": "a red lantern"}]
     assert sent["parameters"] == {"size": "928*1664"}
@@ -423,11 +424,15 @@ async def test_unknown_models_need_the_family_option(
 async def test_models_are_enabled_by_the_dashscope_key(
     dashscope: FakeDashScope, tmp_path: Path
 ) -> None:
-    env = settings(tmp_path, dashscope_api_key=SecretStr(KEY), dashscope_base_url=dashscope.url())
+    variables = {
+        "IMAGEGATE_DASHSCOPE_API_KEY": KEY,
+        "IMAGEGATE_DASHSCOPE_BASE_URL": dashscope.url(),
+    }
+    env = settings(tmp_path, provider_env=variables)
     catalog = Catalog(cloud_models(env), env)
     try:
         router = await catalog.provider(EDIT_PLUS)
-        result = await router.generate(req(EDIT_PLUS, images=(ref(),)))
+        result = await checked(router, req(EDIT_PLUS, images=(ref(),)))
     finally:
         await catalog.close()
     assert result.channel == "dashscope-env" and len(result.images) == 1

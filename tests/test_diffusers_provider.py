@@ -26,12 +26,14 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from imagegate.config import ModelDefaultsConfig, Settings
+from imagegate.catalog import provider_context
+from imagegate.config import ModelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, InvalidRequest, ProviderError
 from imagegate.progress import reporting_to
 from imagegate.providers.base import Provider
 from imagegate.providers.diffusers import DiffusersProvider
 from imagegate.types import ImageRequest, InputImage, Part, Size, Turn
+from tests.fakes import checked
 from tests.tiny_pipeline import build_tiny_sd
 
 torch.set_num_threads(1)
@@ -113,12 +115,15 @@ def recording() -> Iterator[type[RecordingPipeline]]:
 def make_provider(
     path: Path | str, defaults: ModelDefaultsConfig | None = None, **options: Any
 ) -> DiffusersProvider:
-    return DiffusersProvider(
+    model = ModelConfig(
         name="tiny",
+        provider="diffusers",
         options={"path": str(path), "local_files_only": True, **options},
         defaults=defaults or ModelDefaultsConfig(steps=2),
-        settings=Settings(),
     )
+    [channel] = model.resolved_channels()
+    settings = Settings(provider_env={})
+    return DiffusersProvider(provider_context(settings, model, channel, DiffusersProvider))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -162,7 +167,7 @@ async def until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
 
 async def test_text_to_image_returns_n_pngs_of_the_native_size(provider: DiffusersProvider) -> None:
     assert isinstance(provider, Provider)
-    result = await provider.generate(request(n=3, seed=7))
+    result = await checked(provider, request(n=3, seed=7))
     assert [image.seed for image in result.images] == [7, 8, 9]
     for image in result.images:
         assert image.mime == "image/png"
@@ -170,36 +175,36 @@ async def test_text_to_image_returns_n_pngs_of_the_native_size(provider: Diffuse
         assert (image.width, image.height) == (64, 64)
         with Image.open(io.BytesIO(image.data)) as decoded:
             assert decoded.size == (64, 64)
-    assert result.usage["images"] == 3
-    assert result.usage["num_inference_steps"] == 2
+    assert result.usage.upstream["images"] == 3
+    assert result.usage.upstream["num_inference_steps"] == 2
 
 
 async def test_same_seed_gives_the_same_pixels(provider: DiffusersProvider) -> None:
-    first = await provider.generate(request(seed=42))
-    again = await provider.generate(request(seed=42))
-    other = await provider.generate(request(seed=43))
+    first = await checked(provider, request(seed=42))
+    again = await checked(provider, request(seed=42))
+    other = await checked(provider, request(seed=43))
     assert first.images[0].data == again.images[0].data
     assert first.images[0].data != other.images[0].data
     # Each image of a batch reproduces from the seed it reports.
-    batch = await provider.generate(request(n=2, seed=42))
+    batch = await checked(provider, request(n=2, seed=42))
     assert mean_abs_diff(batch.images[0].data, first.images[0].data) < 1
     assert mean_abs_diff(batch.images[1].data, other.images[0].data) < 1
 
 
 async def test_random_seed_is_reported_and_reproduces(provider: DiffusersProvider) -> None:
-    result = await provider.generate(request())
+    result = await checked(provider, request())
     seed = result.images[0].seed
     assert seed is not None and 0 <= seed < 2**31
-    again = await provider.generate(request(seed=seed))
+    again = await checked(provider, request(seed=seed))
     assert again.images[0].data == result.images[0].data
 
 
 async def test_ratio_and_configured_sizes(tiny_sd: Path) -> None:
     provider = make_provider(tiny_sd)
-    ratio = await provider.generate(request(size=Size.parse("16:9")))
+    ratio = await checked(provider, request(size=Size.parse("16:9")))
     assert (ratio.images[0].width, ratio.images[0].height) == (88, 48)
     provider.defaults = ModelDefaultsConfig(steps=2, size="48x80")
-    configured = await provider.generate(request())
+    configured = await checked(provider, request())
     assert (configured.images[0].width, configured.images[0].height) == (48, 80)
     await provider.close()
 
@@ -214,12 +219,12 @@ async def test_edit_starts_from_the_latest_image_of_a_conversation(
         Turn("model", (Part(image=red_out),)),
         Turn("user", (Part(text="newer"),)),
     )
-    red = await provider.generate(
-        request(conversation=conversation, images=(blue_in, red_out), **common)
+    red = await checked(
+        provider, request(conversation=conversation, images=(blue_in, red_out), **common)
     )
-    red_again = await provider.generate(request(images=(solid(RED, 80, 72),), **common))
-    blue = await provider.generate(request(images=(solid(BLUE, 80, 72),), **common))
-    text_only = await provider.generate(request(seed=3, num_inference_steps=5))
+    red_again = await checked(provider, request(images=(solid(RED, 80, 72),), **common))
+    blue = await checked(provider, request(images=(solid(BLUE, 80, 72),), **common))
+    text_only = await checked(provider, request(seed=3, num_inference_steps=5))
     assert (red.images[0].width, red.images[0].height) == (80, 72)
     assert red.images[0].data == red_again.images[0].data
     assert mean_abs_diff(red.images[0].data, blue.images[0].data) > 1
@@ -229,13 +234,14 @@ async def test_edit_starts_from_the_latest_image_of_a_conversation(
 async def test_pipeline_class_that_edits_is_called_with_the_resized_image(tiny_sd: Path) -> None:
     EditingPipeline.received.clear()
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:EditingPipeline")
-    result = await provider.generate(
+    result = await checked(
+        provider,
         request(
             images=(solid(RED, 96, 80),),
             size=Size.parse("64x64"),
             num_inference_steps=4,
             strength=0.5,
-        )
+        ),
     )
     await provider.close()
     assert (result.images[0].width, result.images[0].height) == (64, 64)
@@ -247,11 +253,11 @@ async def test_pipeline_class_that_edits_is_called_with_the_resized_image(tiny_s
 async def test_strength_defaults_and_limits(tiny_sd: Path) -> None:
     provider = make_provider(tiny_sd, defaults=ModelDefaultsConfig(steps=2, strength=0.2))
     with pytest.raises(InvalidRequest, match=r"strength x num_inference_steps") as info:
-        await provider.generate(request(images=(solid(RED),)))
+        await checked(provider, request(images=(solid(RED),)))
     assert info.value.param == "strength"
     with pytest.raises(InvalidRequest, match="only to image edits"):
-        await provider.generate(request(strength=0.5))
-    result = await provider.generate(request(images=(solid(RED),), num_inference_steps=5))
+        await checked(provider, request(strength=0.5))
+    result = await checked(provider, request(images=(solid(RED),), num_inference_steps=5))
     assert len(result.images) == 1
     await provider.close()
 
@@ -267,7 +273,7 @@ async def test_strength_defaults_and_limits(tiny_sd: Path) -> None:
 )
 async def test_bad_sizes_are_refused(provider: DiffusersProvider, size: str, label: str) -> None:
     with pytest.raises(InvalidRequest) as info:
-        await provider.generate(request(size=Size.parse(size)))
+        await checked(provider, request(size=Size.parse(size)))
     assert info.value.status == 400
     assert info.value.param == "size"
     assert info.value.message == (
@@ -279,13 +285,13 @@ async def test_bad_sizes_are_refused(provider: DiffusersProvider, size: str, lab
 async def test_sides_follow_the_configured_limits(tiny_sd: Path) -> None:
     provider = make_provider(tiny_sd, min_side=64, max_side=128)
     with pytest.raises(InvalidRequest, match="between 64 and 128") as info:
-        await provider.generate(request(size=Size.parse("32x64")))
+        await checked(provider, request(size=Size.parse("32x64")))
     assert info.value.param == "size"
     with pytest.raises(InvalidRequest, match="Reference image 40x200 is too small") as info:
-        await provider.generate(request(images=(solid(RED, 40, 200),)))
+        await checked(provider, request(images=(solid(RED, 40, 200),)))
     assert info.value.param == "image"
     # An edit without a size keeps the reference image's shape, scaled down to max_side.
-    result = await provider.generate(request(images=(solid(RED, 260, 130),), strength=0.5))
+    result = await checked(provider, request(images=(solid(RED, 260, 130),), strength=0.5))
     assert (result.images[0].width, result.images[0].height) == (128, 64)
     await provider.close()
 
@@ -294,7 +300,7 @@ async def test_too_many_images_is_refused(tiny_sd: Path) -> None:
     provider = make_provider(tiny_sd, max_n=2)
     assert provider.capabilities.max_n == 2
     with pytest.raises(InvalidRequest, match="n=3") as info:
-        await provider.generate(request(n=3))
+        await checked(provider, request(n=3))
     assert (info.value.status, info.value.param) == (400, "n")
     await provider.close()
 
@@ -311,7 +317,7 @@ async def test_unsupported_parameters_are_refused(
     provider: DiffusersProvider, fields: dict[str, Any], param: str
 ) -> None:
     with pytest.raises(InvalidRequest, match=param) as info:
-        await provider.generate(request(**fields))
+        await checked(provider, request(**fields))
     assert (info.value.status, info.value.param) == (400, param)
 
 
@@ -326,7 +332,7 @@ async def test_unsupported_parameters_are_refused(
 async def test_output_formats(
     provider: DiffusersProvider, fmt: str, mime: str, pil_format: str
 ) -> None:
-    result = await provider.generate(request(output_format=fmt, seed=1))
+    result = await checked(provider, request(output_format=fmt, seed=1))
     image = result.images[0]
     assert image.mime == mime
     with Image.open(io.BytesIO(image.data)) as decoded:
@@ -338,7 +344,7 @@ async def test_without_batching_concurrent_jobs_run_one_at_a_time(
 ) -> None:
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline", max_batch=1)
     recording.delay = 0.02
-    results = await asyncio.gather(*(provider.generate(request(seed=i)) for i in range(4)))
+    results = await asyncio.gather(*(checked(provider, request(seed=i)) for i in range(4)))
     await provider.close()
     assert [r.images[0].seed for r in results] == [0, 1, 2, 3]
     assert recording.calls == 4
@@ -352,7 +358,7 @@ async def test_first_requests_load_the_pipeline_once(
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
     recording.delay = 0.1
     await asyncio.gather(
-        provider.start(), provider.generate(request()), provider.generate(request())
+        provider.start(), checked(provider, request()), checked(provider, request())
     )
     await provider.close()
     assert recording.loads == 1
@@ -363,10 +369,10 @@ async def test_a_cancelled_first_request_does_not_load_twice(
 ) -> None:
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
     recording.delay = 0.2
-    first = asyncio.create_task(provider.generate(request()))
+    first = asyncio.create_task(checked(provider, request()))
     await asyncio.sleep(0.05)
     first.cancel()
-    await provider.generate(request())
+    await checked(provider, request())
     await provider.close()
     assert first.cancelled()
     assert recording.loads == 1
@@ -380,7 +386,7 @@ async def test_a_failed_load_is_retried(tmp_path: Path, tiny_sd: Path) -> None:
         await provider.start()
     folder.rmdir()
     folder.symlink_to(tiny_sd)
-    assert len((await provider.generate(request())).images) == 1
+    assert len((await checked(provider, request())).images) == 1
     await provider.close()
 
 
@@ -399,7 +405,7 @@ async def test_event_loop_stays_responsive_during_a_generation(
             ticks += 1
 
     ticker = asyncio.create_task(tick())
-    await provider.generate(request())
+    await checked(provider, request())
     ticker.cancel()
     await provider.close()
     assert ticks >= 5
@@ -410,7 +416,7 @@ async def test_pipeline_without_image_to_image_refuses_edits(
 ) -> None:
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
     with pytest.raises(InvalidRequest, match="cannot edit images") as info:
-        await provider.generate(request(images=(solid(RED),)))
+        await checked(provider, request(images=(solid(RED),)))
     assert info.value.param == "image"
     await provider.close()
 
@@ -421,8 +427,8 @@ async def test_pipeline_failure_fails_every_job_of_the_batch(
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
     recording.fail = "out of memory"
     outcomes = await asyncio.gather(
-        provider.generate(request(seed=1)),
-        provider.generate(request(seed=2)),
+        checked(provider, request(seed=1)),
+        checked(provider, request(seed=2)),
         return_exceptions=True,
     )
     assert recording.calls == 1
@@ -431,10 +437,10 @@ async def test_pipeline_failure_fails_every_job_of_the_batch(
         assert outcome.status == 502
         assert "RuntimeError: out of memory" in outcome.message
     recording.fail = None
-    assert len((await provider.generate(request())).images) == 1
+    assert len((await checked(provider, request())).images) == 1
     await provider.close()
     with pytest.raises(ProviderError, match="Model tiny is shut down"):
-        await provider.generate(request())
+        await checked(provider, request())
 
 
 # -- batching ----------------------------------------------------------------------------------
@@ -453,7 +459,7 @@ async def test_concurrent_jobs_run_as_one_batch_and_keep_their_own_images(
         request("wider", seed=9, negative_prompt="newer"),
         request("newer", seed=5, n=3, output_format="jpeg"),
     ]
-    batched = await asyncio.gather(*(batching.generate(r) for r in requests))
+    batched = await asyncio.gather(*(checked(batching, r) for r in requests))
     await batching.close()
     assert recording.prompts == [["lower"] * 2 + ["wider"] + ["newer"] * 3]
     assert recording.max_active == 1
@@ -464,7 +470,7 @@ async def test_concurrent_jobs_run_as_one_batch_and_keep_their_own_images(
     # it alone). CPU float sums may round differently for another batch size, so pixels may
     # differ by a step or two; a mixed-up seed or prompt differs by far more.
     for req, result in zip(requests[:2], batched[:2], strict=True):
-        alone = await provider.generate(req)
+        alone = await checked(provider, req)
         for a, b in zip(alone.images, result.images, strict=True):
             assert max_abs_diff(a.data, b.data) <= 2
     assert max_abs_diff(batched[0].images[0].data, batched[2].images[0].data) > 10
@@ -476,11 +482,11 @@ async def test_edits_batch_with_each_jobs_own_image(
     batching = make_provider(tiny_sd, batch_window_ms=300)
     common = {"seed": 3, "num_inference_steps": 5, "strength": 0.5}
     requests = [request(images=(solid(colour),), **common) for colour in (RED, BLUE, RED)]
-    batched = await asyncio.gather(*(batching.generate(r) for r in requests))
+    batched = await asyncio.gather(*(checked(batching, r) for r in requests))
     assert batching.batches == 1
     await batching.close()
-    red = await provider.generate(requests[0])
-    blue = await provider.generate(requests[1])
+    red = await checked(provider, requests[0])
+    blue = await checked(provider, requests[1])
     assert max_abs_diff(batched[0].images[0].data, red.images[0].data) <= 2
     assert max_abs_diff(batched[1].images[0].data, blue.images[0].data) <= 2
     assert max_abs_diff(batched[2].images[0].data, red.images[0].data) <= 2
@@ -494,11 +500,11 @@ async def test_incompatible_jobs_wait_for_their_own_batch_in_arrival_order(
     )
     await provider.start()
     await asyncio.gather(
-        provider.generate(request("low", num_inference_steps=2)),
-        provider.generate(request("lower", num_inference_steps=3)),
-        provider.generate(request("lowest", num_inference_steps=2)),
-        provider.generate(request("newer", num_inference_steps=2, size=Size.parse("48x48"))),
-        provider.generate(request("wider", num_inference_steps=3)),
+        checked(provider, request("low", num_inference_steps=2)),
+        checked(provider, request("lower", num_inference_steps=3)),
+        checked(provider, request("lowest", num_inference_steps=2)),
+        checked(provider, request("newer", num_inference_steps=2, size=Size.parse("48x48"))),
+        checked(provider, request("wider", num_inference_steps=3)),
     )
     await provider.close()
     assert recording.prompts == [["low", "lowest"], ["lower", "wider"], ["newer"]]
@@ -512,10 +518,10 @@ async def test_max_batch_caps_the_images_of_one_call(
     )
     await provider.start()
     results = await asyncio.gather(
-        provider.generate(request("low", n=2)),
-        provider.generate(request("lower", n=2)),
-        provider.generate(request("lowest", n=1)),
-        provider.generate(request("newer", n=4)),
+        checked(provider, request("low", n=2)),
+        checked(provider, request("lower", n=2)),
+        checked(provider, request("lowest", n=1)),
+        checked(provider, request("newer", n=4)),
     )
     await provider.close()
     # First fit in arrival order; a job larger than max_batch still runs, alone.
@@ -529,16 +535,16 @@ async def test_a_cancelled_queued_job_never_runs(
     provider = make_provider(tiny_sd, pipeline_class=f"{__name__}:RecordingPipeline")
     await provider.start()
     recording.delay = 0.3
-    running = asyncio.create_task(provider.generate(request("low")))
+    running = asyncio.create_task(checked(provider, request("low")))
     await until(lambda: recording.active == 1)
-    queued = asyncio.create_task(provider.generate(request("lower")))
+    queued = asyncio.create_task(checked(provider, request("lower")))
     await asyncio.sleep(0.02)
     queued.cancel()
     recording.delay = 0.0
     assert len((await running).images) == 1
     with pytest.raises(asyncio.CancelledError):
         await queued
-    assert len((await provider.generate(request("wider"))).images) == 1
+    assert len((await checked(provider, request("wider"))).images) == 1
     await provider.close()
     assert recording.prompts == [["low"], ["wider"]]
 
@@ -551,8 +557,8 @@ async def test_cancelling_one_job_of_a_running_batch_spares_the_others(
     )
     await batching.start()
     recording.delay = 0.3
-    keep = asyncio.create_task(batching.generate(request(seed=11)))
-    drop = asyncio.create_task(batching.generate(request(seed=12)))
+    keep = asyncio.create_task(checked(batching, request(seed=11)))
+    drop = asyncio.create_task(checked(batching, request(seed=12)))
     await until(lambda: recording.active == 1)
     drop.cancel()
     result = await keep
@@ -561,7 +567,7 @@ async def test_cancelling_one_job_of_a_running_batch_spares_the_others(
     await batching.close()
     assert recording.prompts == [["lower newer"] * 2]
     assert recording.interrupted == [False]
-    alone = await provider.generate(request(seed=11))
+    alone = await checked(provider, request(seed=11))
     assert max_abs_diff(result.images[0].data, alone.images[0].data) <= 2
 
 
@@ -572,7 +578,7 @@ async def test_a_batch_whose_every_job_is_cancelled_stops_early(
     await provider.start()
     recording.delay = 0.3
     tasks = [
-        asyncio.create_task(provider.generate(request(seed=i, num_inference_steps=20)))
+        asyncio.create_task(checked(provider, request(seed=i, num_inference_steps=20)))
         for i in range(2)
     ]
     await until(lambda: recording.active == 1)
@@ -581,7 +587,7 @@ async def test_a_batch_whose_every_job_is_cancelled_stops_early(
     await asyncio.gather(*tasks, return_exceptions=True)
     await until(lambda: len(recording.interrupted) == 1)
     recording.delay = 0.0
-    assert len((await provider.generate(request())).images) == 1
+    assert len((await checked(provider, request())).images) == 1
     await provider.close()
     assert recording.interrupted == [True, False]
 
@@ -592,14 +598,14 @@ async def test_progress_is_reported_to_each_job_of_a_batch(tiny_sd: Path) -> Non
 
     async def generate(label: str, seed: int) -> None:
         with reporting_to(seen[label].append):
-            await provider.generate(request(seed=seed, num_inference_steps=4))
+            await checked(provider, request(seed=seed, num_inference_steps=4))
 
     def broken(progress: float) -> None:
         raise RuntimeError("a broken reporter must not fail the batch")
 
     async def generate_broken() -> None:
         with reporting_to(broken):
-            await provider.generate(request(seed=3, num_inference_steps=4))
+            await checked(provider, request(seed=3, num_inference_steps=4))
 
     await asyncio.gather(generate("a", 1), generate("b", 2), generate_broken())
     assert provider.batches == 1
@@ -618,7 +624,7 @@ async def test_missing_folder_names_the_path(tmp_path: Path) -> None:
 async def test_unknown_hub_id_offline_says_how_to_fix(tmp_path: Path) -> None:
     provider = make_provider("nobody/no-such-model")
     with pytest.raises(ProviderError, match=r"'nobody/no-such-model'.*Hugging Face hub id"):
-        await provider.generate(request())
+        await checked(provider, request())
     await provider.close()
 
 

@@ -69,14 +69,14 @@ async def fuzz(tmp_path: Path) -> AsyncIterator[Fuzz]:
     config = make_settings(tmp_path, db, lab_default_model="fake-model", task_workers=0)
     async for api in start_api(config, MODELS):
         key = await api.key()
-        principal = await api.app.state.service.authenticate(key)
+        principal = await api.app.state.auth.authenticate(key)
         admin = {"Authorization": f"Bearer {await api.key(admin=True)}"}
         for path, body in (("limits", {"ipm": 10**6}), ("balance", {"balance": 10**9})):
             response = await api.client.put(
                 f"/admin/keys/{principal.key_id}/{path}", json=body, headers=admin
             )
             assert response.status_code == 200, response.text
-        api.app.state.service.forget_key(principal.key_id)
+        api.app.state.auth.forget_key(principal.key_id)
         yield Fuzz(api, key)
 
 

@@ -17,9 +17,10 @@ from imagegate.config import ChannelConfig, ModelConfig, Settings, load_models
 from imagegate.errors import ContentBlocked, InvalidRequest, ProviderError, ProviderTimeout
 from imagegate.images import verify_image
 from imagegate.providers.router import Router
-from imagegate.types import ImageRequest, InputImage, Part, Size, Turn
+from imagegate.types import ImageRequest, InputImage, Part, Size, Turn, Usage
 from tests.conftest import make_settings, png_bytes, start_api
 from tests.fake_gemini import API_KEY, FakeGemini, running_fake, signature
+from tests.fakes import checked
 
 MODEL = "nano-banana"
 UPSTREAM = "gemini-3-pro-image-preview"
@@ -57,6 +58,7 @@ def _settings(tmp_path: Path, **overrides: object) -> Settings:
         "retry_max_delay_seconds": 0.01,
         "fetch_allow_networks": ["127.0.0.1/32"],
         "breaker_failures": 100,
+        "provider_env": {},
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -114,7 +116,7 @@ def _image(colour: tuple[int, int, int] = (0, 255, 0), side: int = 24) -> InputI
 async def test_text_to_image_maps_the_request_and_reads_text_signature_and_usage(
     fake: FakeGemini, nano: Router
 ) -> None:
-    result = await nano.generate(_request("a red fox"))
+    result = await checked(nano, _request("a red fox"))
     [call] = fake.received
     assert call.model == UPSTREAM and call.headers["x-goog-api-key"] == API_KEY
     assert call.body["contents"] == [{"role": "user", "parts": [{"text": "a red fox"}]}]
@@ -125,13 +127,13 @@ async def test_text_to_image_maps_the_request_and_reads_text_signature_and_usage
     assert image.revised_prompt == "Here is your image (1 turns)."
     assert result.text == image.revised_prompt
     assert image.thought_signature == signature("image-1")
-    assert result.usage == {"input_tokens": 10, "output_tokens": 1290, "total_tokens": 1300}
+    assert result.usage == Usage(input_tokens=10, output_tokens=1290, total_tokens=1300)
     assert result.channel == "g-main"
 
 
 async def test_pixel_sizes_map_through_nebulas_table(fake: FakeGemini, nano: Router) -> None:
     for size, ratio in PIXEL_TABLE.items():
-        result = await nano.generate(_request(size=size))
+        result = await checked(nano, _request(size=size))
         assert fake.received[-1].image_config == {"aspectRatio": ratio}, size
         w, h = (int(x) for x in ratio.split(":"))
         image = result.images[0]
@@ -140,14 +142,14 @@ async def test_pixel_sizes_map_through_nebulas_table(fake: FakeGemini, nano: Rou
 
 async def test_ratio_strings_pass_through(fake: FakeGemini, nano: Router) -> None:
     for ratio in ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9"):
-        await nano.generate(_request(size=ratio))
+        await checked(nano, _request(size=ratio))
         assert fake.received[-1].image_config == {"aspectRatio": ratio}
 
 
 async def test_unsupported_ratios_are_nebulas_400(fake: FakeGemini, nano: Router) -> None:
     for size in ("2:1", "7:3", "16:10", "512x512", "1000x1000", "1024x1023"):
         with pytest.raises(InvalidRequest) as caught:
-            await nano.generate(_request(size=size))
+            await checked(nano, _request(size=size))
         message = caught.value.message
         assert message.startswith("Invalid parameter: Unsupported aspect ratio"), message
         assert f"'{size}' for model {MODEL}" in message
@@ -155,7 +157,7 @@ async def test_unsupported_ratios_are_nebulas_400(fake: FakeGemini, nano: Router
         assert "1792x1024" in message
         assert caught.value.status == 400 and caught.value.param == "size"
     assert fake.received == []
-    await nano.generate(_request(size=" 1024x1024 "))  # blanks around a table size are fine
+    await checked(nano, _request(size=" 1024x1024 "))  # blanks around a table size are fine
     assert fake.received[0].image_config == {"aspectRatio": "1:1"}
 
 
@@ -174,7 +176,7 @@ async def test_tiers_image_size_and_quality_set_image_size(fake: FakeGemini, nan
         ({"quality": "high", "extras": {"image_size": "4K"}}, {"imageSize": "4K"}),
     ]
     for fields, expected in cases:
-        result = await nano.generate(_request(**fields))
+        result = await checked(nano, _request(**fields))
         assert fake.received[-1].image_config == expected, fields
     assert (result.images[0].width, result.images[0].height) == (256, 256)  # the fake's 4K
 
@@ -188,7 +190,7 @@ async def test_bad_tiers_are_refused(fake: FakeGemini, nano: Router) -> None:
     ]
     for fields, message in cases:
         with pytest.raises(InvalidRequest) as caught:
-            await nano.generate(_request(**fields))
+            await checked(nano, _request(**fields))
         assert message in caught.value.message and caught.value.status == 400
     assert fake.received == []
 
@@ -197,39 +199,39 @@ async def test_channel_options_narrow_tiers_and_ratios(fake: FakeGemini, make: M
     options = {"image_sizes": ["1K"], "aspect_ratios": ["1:1", "16:9"]}
     router = await make(_channel(fake, options=options)).provider(MODEL)
     with pytest.raises(InvalidRequest, match=r"Unsupported image size 2K .* use 1K"):
-        await router.generate(_request(size="2K"))
+        await checked(router, _request(size="2K"))
     with pytest.raises(
         InvalidRequest, match=r"Unsupported aspect ratio '1536x1024'.* ratios 1:1, 16:9,"
     ):
-        await router.generate(_request(size="1536x1024"))
-    await router.generate(_request(size="1792x1024"))
+        await checked(router, _request(size="1536x1024"))
+    await checked(router, _request(size="1792x1024"))
     assert fake.received[-1].image_config == {"aspectRatio": "16:9"}
 
 
 async def test_n_fans_out_concurrent_calls_with_consecutive_seeds(
     fake: FakeGemini, nano: Router
 ) -> None:
-    result = await nano.generate(_request(n=3, seed=7))
+    result = await checked(nano, _request(n=3, seed=7))
     assert len(fake.received) == 3 and len(result.images) == 3
     assert sorted(r.generation_config["seed"] for r in fake.received) == [7, 8, 9]
     assert sorted(i.seed or 0 for i in result.images) == [7, 8, 9]
-    assert result.usage["total_tokens"] == 3 * 1300
+    assert result.usage.total_tokens == 3 * 1300
     fake.reset()
-    await nano.generate(_request(n=2))
+    await checked(nano, _request(n=2))
     assert len(fake.received) == 2 and all("seed" not in r.generation_config for r in fake.received)
     with pytest.raises(InvalidRequest, match="n=5: model nano-banana makes 1 to 4"):
-        await nano.generate(_request(n=5))
+        await checked(nano, _request(n=5))
 
 
 async def test_a_failed_call_fails_the_whole_fan_out(fake: FakeGemini, nano: Router) -> None:
     fake.script(UPSTREAM, "ok", "blocked", "ok")
     with pytest.raises(ContentBlocked):
-        await nano.generate(_request(n=3))
+        await checked(nano, _request(n=3))
 
 
 async def test_edit_sends_the_prompt_then_the_images(fake: FakeGemini, nano: Router) -> None:
     first, second = _image((0, 255, 0)), _image((0, 0, 255), side=32)
-    await nano.generate(_request("put the cat on the sofa", images=(first, second)))
+    await checked(nano, _request("put the cat on the sofa", images=(first, second)))
     # A call cancelled by the previous test's fan-out may still land on the shared fake now,
     # so pick this test's request by its text rather than by position.
     [received] = [r for r in fake.received if "put the cat" in str(r.body)]
@@ -258,7 +260,7 @@ async def test_multi_turn_sends_the_history_with_thought_signatures(
         Turn("user", (Part(text="now make it blue"),)),
     )
     request = _request("now make it blue", conversation=conversation, images=(earlier, produced))
-    result = await nano.generate(request)
+    result = await checked(nano, request)
     call = fake.received[0]
     assert [c.role for c in call.contents] == ["user", "model", "user"]
     model_parts = call.body["contents"][1]["parts"]
@@ -273,7 +275,7 @@ async def test_multi_turn_sends_the_history_with_thought_signatures(
 async def test_a_conversation_of_images_takes_the_prompt(fake: FakeGemini, nano: Router) -> None:
     image = _image()
     conversation = (Turn("user", (Part(image=image),)),)
-    await nano.generate(_request("make it green", conversation=conversation, images=(image,)))
+    await checked(nano, _request("make it green", conversation=conversation, images=(image,)))
     parts = fake.received[0].body["contents"][0]["parts"]
     assert parts[-1] == {"text": "make it green"} and "inline_data" in parts[0]
 
@@ -287,7 +289,7 @@ async def test_extras_reach_the_upstream(fake: FakeGemini, nano: Router) -> None
         "system_instruction": "Draw in watercolour.",
         "person_generation": "allow_adult",
     }
-    await nano.generate(_request(seed=42, extras=extras))
+    await checked(nano, _request(seed=42, extras=extras))
     call = fake.received[0]
     assert call.generation_config == {
         "responseModalities": ["IMAGE"],
@@ -298,14 +300,14 @@ async def test_extras_reach_the_upstream(fake: FakeGemini, nano: Router) -> None
         "seed": 42,
     }
     assert call.body["systemInstruction"] == {"parts": [{"text": "Draw in watercolour."}]}
-    await nano.generate(_request(extras={"response_modalities": ["TEXT", "IMAGE"]}))
+    await checked(nano, _request(extras={"response_modalities": ["TEXT", "IMAGE"]}))
     assert fake.received[-1].generation_config["responseModalities"] == ["TEXT", "IMAGE"]
 
 
 async def test_output_format_and_mime_type_are_honoured(nano: Router) -> None:
-    result = await nano.generate(_request(extras={"mime_type": "image/jpeg"}))
+    result = await checked(nano, _request(extras={"mime_type": "image/jpeg"}))
     assert result.images[0].mime == "image/jpeg" and result.images[0].data[:2] == b"\xff\xd8"
-    result = await nano.generate(_request(output_format="webp"))
+    result = await checked(nano, _request(output_format="webp"))
     assert result.images[0].mime == "image/webp"
     assert Image.open(io.BytesIO(result.images[0].data)).format == "WEBP"
 
@@ -328,7 +330,7 @@ async def test_unsupported_parameters_are_refused_by_name(fake: FakeGemini, nano
     ]
     for fields, param in cases:
         with pytest.raises(InvalidRequest) as caught:
-            await nano.generate(_request(**fields))
+            await checked(nano, _request(**fields))
         assert caught.value.param == param and caught.value.status == 400, fields
         if param in ("negative_prompt", "style"):
             assert f"{param} is not supported by model {MODEL}" in caught.value.message
@@ -340,13 +342,13 @@ async def test_unsupported_parameters_are_refused_by_name(fake: FakeGemini, nano
 
 async def test_thought_parts_are_not_output(fake: FakeGemini, nano: Router) -> None:
     fake.script(UPSTREAM, "thought")
-    result = await nano.generate(_request())
+    result = await checked(nano, _request())
     assert len(result.images) == 1 and "Thinking" not in result.text
 
 
 async def test_an_image_only_answer_has_no_text(fake: FakeGemini, nano: Router) -> None:
     fake.script(UPSTREAM, "image")
-    result = await nano.generate(_request())
+    result = await checked(nano, _request())
     assert result.text == "" and result.images[0].thought_signature is None
 
 
@@ -365,7 +367,7 @@ async def test_upstream_failures_become_clear_errors(fake: FakeGemini, nano: Rou
         fake.reset()
         fake.script(UPSTREAM, outcome)
         with pytest.raises(error) as caught:
-            await nano.generate(_request())
+            await checked(nano, _request())
         assert type(caught.value) is error and caught.value.status == status, outcome
         assert message in caught.value.message, (outcome, caught.value.message)
         assert caught.value.retryable is (outcome in ("html", "truncated", "500", "429"))
@@ -377,7 +379,7 @@ async def test_a_slow_upstream_times_out(fake: FakeGemini, make: Make) -> None:
     fake.slow_seconds = 1.0
     router = await make(_channel(fake, timeout=0.2)).provider(MODEL)
     with pytest.raises(ProviderTimeout) as caught:
-        await router.generate(_request())
+        await checked(router, _request())
     assert caught.value.status == 504 and caught.value.retryable
 
 
@@ -387,7 +389,7 @@ async def test_a_slow_upstream_times_out(fake: FakeGemini, make: Make) -> None:
 async def test_429_with_retry_after_zero_is_retried(fake: FakeGemini, make: Make) -> None:
     fake.script(UPSTREAM, "429", "503", "ok")
     router = await make(_channel(fake, max_retries=2)).provider(MODEL)
-    result = await router.generate(_request())
+    result = await checked(router, _request())
     assert len(result.images) == 1 and len(fake.received) == 3
 
 
@@ -396,7 +398,7 @@ async def test_a_failing_channel_fails_over_to_a_healthy_one(fake: FakeGemini, m
     broken = _channel(fake, name="g-broken", upstream_model="broken-upstream", priority=1)
     healthy = _channel(fake, name="g-healthy", max_retries=1)
     result = await make(broken, healthy).provider(MODEL)
-    answer = await result.generate(_request())
+    answer = await checked(result, _request())
     assert answer.channel == "g-healthy"
     assert len(fake.calls("broken-upstream")) == 1 and len(fake.calls(UPSTREAM)) == 1
 
@@ -404,10 +406,10 @@ async def test_a_failing_channel_fails_over_to_a_healthy_one(fake: FakeGemini, m
 async def test_a_rejected_key_fails_over(fake: FakeGemini, make: Make) -> None:
     bad = _channel(fake, name="g-bad-key", api_key=SecretStr("wrong"), priority=1)
     router = await make(bad, _channel(fake)).provider(MODEL)
-    assert (await router.generate(_request())).channel == "g-main"
+    assert (await checked(router, _request())).channel == "g-main"
     alone = await make(_channel(fake, api_key=SecretStr("wrong"))).provider(MODEL)
     with pytest.raises(ProviderError, match="API key not valid") as caught:
-        await alone.generate(_request())
+        await checked(alone, _request())
     assert caught.value.failover and caught.value.status == 502
 
 
@@ -415,13 +417,14 @@ async def test_models_are_enabled_by_the_gemini_key(
     fake: FakeGemini, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    settings = _settings(tmp_path, gemini_api_key=SecretStr(API_KEY), gemini_base_url=fake.url)
+    env = {"IMAGEGATE_GEMINI_API_KEY": API_KEY, "IMAGEGATE_GEMINI_BASE_URL": fake.url}
+    settings = _settings(tmp_path, provider_env=env)
     models = [m for m in load_models(settings) if m.providers == ["gemini"]]
     assert "gemini-2.5-flash-image" in [m.name for m in models]
     catalog = Catalog(models, settings)
     try:
         router = await catalog.provider("gemini-2.5-flash-image")
-        result = await router.generate(ImageRequest(model="gemini-2.5-flash-image", prompt="x"))
+        result = await checked(router, ImageRequest(model="gemini-2.5-flash-image", prompt="x"))
     finally:
         await catalog.close()
     assert result.channel == "gemini-env" and fake.received[0].model == "gemini-2.5-flash-image"

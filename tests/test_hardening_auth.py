@@ -264,7 +264,7 @@ async def test_argon2_runs_off_the_event_loop(api: Api) -> None:
 async def test_an_admin_cannot_revoke_expire_or_limit_its_own_key(api: Api) -> None:
     secret = await api.key(admin=True)
     admin = {"Authorization": f"Bearer {secret}"}
-    own = (await api.app.state.service.authenticate(secret)).key_id
+    own = (await api.app.state.auth.authenticate(secret)).key_id
     refused = await api.client.delete(f"/admin/keys/{own}", headers=admin)
     assert refused.status_code == 409 and "the key you are using" in refused.json()["msg"]
     for body in (
@@ -278,7 +278,7 @@ async def test_an_admin_cannot_revoke_expire_or_limit_its_own_key(api: Api) -> N
     # Lifting limits from its own key is no lockout; another admin key may be limited.
     lifted = await api.client.put(f"/admin/keys/{own}/limits", json={"rpm": None}, headers=admin)
     assert lifted.status_code == 200
-    other = (await api.app.state.service.authenticate(await api.key(admin=True))).key_id
+    other = (await api.app.state.auth.authenticate(await api.key(admin=True))).key_id
     expired = await api.client.put(
         f"/admin/keys/{other}/limits", json={"expires_at": "2020-01-01T00:00:00Z"}, headers=admin
     )
@@ -303,7 +303,7 @@ async def test_an_admin_cannot_disable_the_user_it_acts_as(api: Api) -> None:
 
 async def test_two_admins_removing_each_other_leave_one(api: Api) -> None:
     secrets = [await api.key(admin=True) for _ in range(2)]
-    service = api.app.state.service
+    service = api.app.state.auth
     ids = [(await service.authenticate(s)).key_id for s in secrets]  # both now cached
     answers = await asyncio.gather(
         *(

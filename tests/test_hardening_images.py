@@ -23,7 +23,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from imagegate.config import Settings
+from imagegate.config import ModelConfig, Settings
 from imagegate.decoding import DecodeBudget, counting_pixels
 from imagegate.errors import InvalidRequest, UnreadableImage
 from imagegate.fetch import Fetcher
@@ -54,10 +54,14 @@ def striped_png(side: int, noisy_rows: int) -> bytes:
     return buffer.getvalue()
 
 
+MODELS = [*FAKE_MODELS, ModelConfig(name="many-images", provider="tests.fakes:ManyImagesProvider")]
+"""The attack sends 16 images: a model that takes them, so the request budget is what refuses."""
+
+
 @asynccontextmanager
 async def app(tmp_path: Path, **settings: object) -> AsyncIterator[tuple[Api, dict[str, str]]]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
-    async for api in start_api(make_settings(tmp_path, url, **settings), FAKE_MODELS):
+    async for api in start_api(make_settings(tmp_path, url, **settings), MODELS):
         yield api, {"Authorization": f"Bearer {await api.key()}"}
 
 
@@ -92,7 +96,7 @@ async def test_the_attack_is_refused_by_the_request_budget_without_stalling_the_
     """16 x 39.6 MP in a 2.8 MB body: refused once the headers pass 80 MP (default), and the
     two images decoded before that are decoded off the event loop."""
     uri = data_uri(flat_png())
-    body = {"model": "fake-model", "prompt": "x", "image": [uri] * 16}
+    body = {"model": "many-images", "prompt": "x", "image": [uri] * 16}
     async with app(tmp_path) as (api, headers), loop_gaps() as gaps:
         started = time.perf_counter()
         answer = await api.client.post("/v1/images/generations", json=body, headers=headers)
@@ -167,7 +171,8 @@ def _post(url: str, key: str, body: dict[str, object], answers: list[httpx.Respo
 
 
 def test_healthz_answers_while_a_server_decodes_the_attack(tmp_path: Path) -> None:
-    env = server_env(tmp_path, "models:\n  - name: fake\n    provider: tests.fakes:FakeProvider\n")
+    models = "models:\n  - name: fake\n    provider: tests.fakes:ManyImagesProvider\n"
+    env = server_env(tmp_path, models)
     key = cli(env, "keys", "create", "attacker").strip().splitlines()[-1]
     uri = data_uri(flat_png())
     warm = {"model": "fake", "prompt": "x", "image": [data_uri(png_bytes())]}

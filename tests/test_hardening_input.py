@@ -95,7 +95,7 @@ async def test_out_of_range_values_leave_other_callers_usage_rows(
     good = await post(api, V1, {"model": "fake-model", "prompt": "red"}, good_key)
     assert good.status_code == 200, good.text
     rows = await usage_rows(api)
-    good_id = (await api.app.state.service.authenticate(good_key)).key_id
+    good_id = (await api.app.state.auth.authenticate(good_key)).key_id
     assert [(r.key_id, r.status) for r in rows if r.key_id == good_id] == [(good_id, 200)]
     for row in rows:  # what is stored of the refused request fits its columns
         assert row.n_requested is None or 1 <= row.n_requested <= 16

@@ -21,6 +21,7 @@ import httpx
 import pytest
 import torch
 
+from imagegate.catalog import provider_context
 from imagegate.config import ModelConfig, ModelDefaultsConfig, PricingConfig, Settings
 from imagegate.providers.diffusers import DiffusersProvider
 from imagegate.store import ledger
@@ -89,7 +90,7 @@ async def hasty(tmp_path: Path, tiny_sd: Path, steps: type[StepPipeline]) -> Asy
 async def priced_key(api: Api) -> tuple[str, int]:
     """A key with BALANCE credits, and its id."""
     key = await api.key()
-    key_id = (await api.app.state.service.authenticate(key)).key_id
+    key_id = (await api.app.state.auth.authenticate(key)).key_id
     admin = await api.key(admin=True)
     response = await api.client.put(
         f"/admin/keys/{key_id}/balance",
@@ -185,12 +186,9 @@ async def test_batches_fill_in_turn_order_too(tiny_sd: Path, steps: type[StepPip
     """With batching on, the next batch takes each waiting owner's first request before any
     owner's second: the other key's request rides in it instead of waiting for the flood."""
     config = tiny_model(tiny_sd, max_batch=4)
-    provider = DiffusersProvider(
-        name="tiny",
-        options=config.options,
-        defaults=config.defaults,
-        settings=Settings(),
-    )
+    [channel] = config.resolved_channels()
+    context = provider_context(Settings(provider_env={}), config, channel, DiffusersProvider)
+    provider = DiffusersProvider(context)
     await provider.start()
     steps.hold = threading.Event()
 

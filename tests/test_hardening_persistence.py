@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from imagegate import logs
 from imagegate.logs import _Context
+from imagegate.records import UsageRecord
 from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import ApiKey, Task, Usage
 from imagegate.store.tasks import NewTask, create_task
@@ -53,6 +54,11 @@ def good_row(request_id: str, **extra: Any) -> dict[str, Any]:
     }
     row.update(extra)
     return row
+
+
+def good_record(request_id: str, **extra: Any) -> UsageRecord:
+    """`good_row` as the service hands it to the usage writer."""
+    return UsageRecord(**{"key_id": None, "user_id": None, **good_row(request_id, **extra)})
 
 
 class Records(logging.Handler):
@@ -97,11 +103,11 @@ async def test_one_bad_usage_row_does_not_cost_the_good_ones(
     engine: AsyncEngine, logged: Records
 ) -> None:
     writer = UsageWriter(engine, interval=0.01)
-    writer.record(**good_row("good-1"))
-    writer.record(**good_row("bad-int", n_requested=BIG, charge=BIG))
-    writer.record(**good_row("good-2"))
-    writer.record(**good_row("bad-text", model="m" * 300, size="9" * 100))
-    writer.record(**good_row("good-3"))
+    writer.record(good_record("good-1"))
+    writer.record(good_record("bad-int", n_requested=BIG, charge=BIG))
+    writer.record(good_record("good-2"))
+    writer.record(good_record("bad-text", model="m" * 300, size="9" * 100))
+    writer.record(good_record("good-3"))
     await writer.close()
     stored = await usage_by_request(engine)
     assert {"good-1", "good-2", "good-3"} <= set(stored)
@@ -119,9 +125,9 @@ async def test_a_row_that_cannot_be_made_valid_is_dropped_alone(
 ) -> None:
     writer = UsageWriter(engine, interval=0.01)
     for index in range(300):
-        writer.record(**good_row(f"good-{index}"))
+        writer.record(good_record(f"good-{index}"))
         if index in (7, 150):  # no such key: the foreign key refuses it, whatever its size
-            writer.record(**good_row(f"orphan-{index}", key_id=999_999))
+            writer.record(good_record(f"orphan-{index}", key_id=999_999))
     await writer.close()
     stored = await usage_by_request(engine)
     assert set(stored) == {f"good-{index}" for index in range(300)}
@@ -133,8 +139,8 @@ async def test_rows_wait_out_a_short_database_outage(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'not-yet' / 'usage.db'}"
     engine = create_async_engine(url)  # its folder does not exist yet: it cannot open
     writer = UsageWriter(engine, interval=0.01, retry_seconds=(0.5, 0.5))
-    writer.record(**good_row("during-the-outage-1"))
-    writer.record(**good_row("during-the-outage-2"))
+    writer.record(good_record("during-the-outage-1"))
+    writer.record(good_record("during-the-outage-2"))
     await asyncio.sleep(0.2)  # the first attempt has failed
     await upgrade(url)  # the database is back
     await writer.close()
@@ -185,7 +191,7 @@ async def test_an_invalid_async_request_fails_once_with_the_synchronous_answer(
 async def queue_directly(api: Api, key: str, body: dict[str, Any]) -> str:
     """A task row as if submission had let `body` through (an older server, a looser check):
     what the worker makes of it is what is tested."""
-    principal = await api.app.state.service.authenticate(key)
+    principal = await api.app.state.auth.authenticate(key)
     new = NewTask(
         owner=principal.owner,
         key_id=principal.key_id,
@@ -196,7 +202,7 @@ async def queue_directly(api: Api, key: str, body: dict[str, Any]) -> str:
         request=body,
         base_url="http://testserver/",
     )
-    async with api.app.state.service.sessions() as session:
+    async with api.app.state.sessions() as session:
         task, _ = await create_task(session, new)
     api.app.state.tasks.queue.submitted(task.id)
     return task.id
@@ -296,7 +302,7 @@ async def test_finish_stores_an_oversized_usage_row_clamped(tasks_api: Api) -> N
     await tasks_api.app.state.tasks.queue.close()  # this test is the only worker
     key = await tasks_api.key()
     task_id = await queue_directly(tasks_api, key, {"model": "fake-model", "prompt": "x"})
-    async with tasks_api.app.state.service.sessions() as session:
+    async with tasks_api.app.state.sessions() as session:
         claimed = await task_store.claim_next(session, "me", 30)
         assert claimed is not None and claimed.id == task_id
         usage = good_row(task_id, n_requested=BIG, size="9" * 60, error_class="E" * 100)
@@ -323,7 +329,7 @@ async def test_the_usage_writer_does_not_log_as_the_request_that_started_it(
     writer = UsageWriter(unreachable, interval=0.01, retry_seconds=(0.01,))
     token = logs.request_id.set("req-first")  # as in a request: the writer starts here
     try:
-        writer.record(**good_row("req-first"))
+        writer.record(good_record("req-first"))
     finally:
         logs.request_id.reset(token)
     await writer.close()
@@ -362,8 +368,8 @@ async def test_an_error_around_the_generation_fails_the_task_once(
     )
     async for api in start_api(settings, FAKE_MODELS):
         key = await api.key()
-        principal = await api.app.state.service.authenticate(key)
-        async with api.app.state.service.sessions() as session:
+        principal = await api.app.state.auth.authenticate(key)
+        async with api.app.state.sessions() as session:
             await session.execute(
                 update(ApiKey).where(ApiKey.id == principal.key_id).values(max_concurrency=1)
             )
@@ -437,8 +443,8 @@ async def test_a_slot_that_cannot_be_given_back_keeps_the_images(
     )
     async for api in start_api(settings, TASK_MODELS):
         key = await api.key()
-        principal = await api.app.state.service.authenticate(key)
-        async with api.app.state.service.sessions() as session:
+        principal = await api.app.state.auth.authenticate(key)
+        async with api.app.state.sessions() as session:
             await session.execute(
                 update(ApiKey).where(ApiKey.id == principal.key_id).values(max_concurrency=1)
             )

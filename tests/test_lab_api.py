@@ -276,7 +276,7 @@ async def test_tokens_are_checked(lab: Api) -> None:
     bearer = await token(lab)
     header, payload, signature = bearer.split()[1].split(".")
     forged = f"Bearer {header}.{payload}.{signature[:-2]}xx"
-    expired_settings = lab.app.state.service.tokens
+    expired_settings = lab.app.state.auth.tokens
     stale = expired_settings.issue(1, "alice", 0).split(".")
     body = {"req": {"prompt": "red"}}
     for auth in (forged, "Bearer a.b.c", f"Bearer {'.'.join(stale[:2])}.x"):

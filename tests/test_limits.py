@@ -35,7 +35,7 @@ async def limited(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
 
 async def key_with(api: Api, **limits: Any) -> str:
     key = await api.key()
-    principal = await api.app.state.service.authenticate(key)
+    principal = await api.app.state.auth.authenticate(key)
     admin = await api.key(admin=True)
     response = await api.client.put(
         f"/admin/keys/{principal.key_id}/limits",
@@ -43,7 +43,7 @@ async def key_with(api: Api, **limits: Any) -> str:
         headers={"Authorization": f"Bearer {admin}"},
     )
     assert response.status_code == 200, response.text
-    api.app.state.service.forget_key(principal.key_id)
+    api.app.state.auth.forget_key(principal.key_id)
     return key
 
 
@@ -85,7 +85,7 @@ async def test_more_images_than_a_minute_allows_is_refused_for_good(limited: Api
 
 async def test_setting_one_limit_keeps_the_others(limited: Api) -> None:
     key = await key_with(limited, allowed_models=["fake-model"], rpm=100)
-    principal = await limited.app.state.service.authenticate(key)
+    principal = await limited.app.state.auth.authenticate(key)
     admin = {"Authorization": f"Bearer {await limited.key(admin=True)}"}
     response = await limited.client.put(
         f"/admin/keys/{principal.key_id}/limits", json={"ipm": 50}, headers=admin
@@ -124,7 +124,7 @@ async def test_expired_keys_and_model_lists(limited: Api) -> None:
     assert (await generate(limited, key)).status_code == 200
     assert (await generate(limited, key, "slow")).status_code == 403
     await asyncio.sleep(1.2)
-    limited.app.state.service._keys.clear()  # as the 5 s key cache would, later
+    limited.app.state.auth._keys.clear()  # as the 5 s key cache would, later
     expired = await generate(limited, key)
     assert expired.status_code == 401 and "expired" in expired.json()["msg"]
 
@@ -252,7 +252,7 @@ async def test_deployments_with_their_own_redis_prefix_count_apart(
         )
         async for api in start_api(settings, FAKE_MODELS):
             key = await api.key()
-            async with api.app.state.service.sessions.begin() as session:
+            async with api.app.state.sessions.begin() as session:
                 await session.execute(update(ApiKey).values(rpm=1))
             body = {"model": "fake-model", "prompt": "x"}
             headers = {"Authorization": f"Bearer {key}"}

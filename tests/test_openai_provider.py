@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr
 
-from imagegate.catalog import Catalog
-from imagegate.config import ChannelConfig, ModelConfig, ModelDefaultsConfig, Settings
+from imagegate.catalog import Catalog, provider_context
+from imagegate.config import ChannelConfig, ModelConfig, Settings
 from imagegate.errors import (
     ConfigError,
     ContentBlocked,
@@ -30,6 +30,7 @@ from imagegate.providers.openai_compatible import OpenAICompatibleProvider
 from imagegate.types import ImageRequest, InputImage, Size
 from tests.conftest import make_settings, start_api
 from tests.fake_openai import FakeOpenAI
+from tests.fakes import checked
 
 KEY = "sk-upstream"
 
@@ -53,8 +54,7 @@ def settings_for(tmp_path: Path, *, allow_loopback: bool = True, **overrides: An
     values: dict[str, Any] = {
         "data_dir": tmp_path,
         "fetch_allow_networks": ["127.0.0.1/32"] if allow_loopback else [],
-        "openai_api_key": None,
-        "openai_base_url": None,
+        "provider_env": {},
         **overrides,
     }
     return Settings(**values)
@@ -81,13 +81,9 @@ async def openai(
         base_url=fake.base_url,
         timeout=channel_timeout,
     )
-    provider = cls(
-        name="main",
-        options=options or {},
-        defaults=ModelDefaultsConfig(),
-        settings=settings or settings_for(tmp_path),
-        channel=channel,
-    )
+    channel = channel.model_copy(update={"options": options or {}})
+    config = ModelConfig(name="main", channels=[channel])
+    provider = cls(provider_context(settings or settings_for(tmp_path), config, channel, cls))
     try:
         yield provider
     finally:
@@ -119,14 +115,15 @@ async def test_generation_forwards_every_field_and_maps_the_answer(
 ) -> None:
     extras = {"background": "opaque", "output_compression": 80, "moderation": "low"}
     async with openai(fake, tmp_path) as provider:
-        result = await provider.generate(
+        result = await checked(
+            provider,
             request(
                 n=2,
                 size=Size.parse("1536x1024"),
                 quality="high",
                 output_format="webp",
                 extras=extras,
-            )
+            ),
         )
     sent = fake.requests[0]
     assert sent.path == "/v1/images/generations"
@@ -146,13 +143,13 @@ async def test_generation_forwards_every_field_and_maps_the_answer(
     image = result.images[0]
     assert (image.mime, image.width, image.height) == ("image/webp", 96, 64)
     assert image.revised_prompt == "revised: a red square"
-    assert result.usage["total_tokens"] == 4210
-    assert result.usage["input_tokens_details"] == {"text_tokens": 40, "image_tokens": 10}
+    assert result.usage.total_tokens == 4210
+    assert result.usage.details["input_tokens_details"] == {"text_tokens": 40, "image_tokens": 10}
 
 
 async def test_unset_options_are_not_sent(fake: FakeOpenAI, tmp_path: Path) -> None:
     async with openai(fake, tmp_path) as provider:
-        result = await provider.generate(request())
+        result = await checked(provider, request())
     assert fake.requests[0].json == {"model": "gpt-image-1", "prompt": "a red square", "n": 1}
     decoded = Image.open(io.BytesIO(result.images[0].data))
     assert decoded.getpixel((0, 0)) == (255, 0, 0)
@@ -161,7 +158,7 @@ async def test_unset_options_are_not_sent(fake: FakeOpenAI, tmp_path: Path) -> N
 async def test_organization_and_project_headers(fake: FakeOpenAI, tmp_path: Path) -> None:
     options = {"organization": "org-1", "project": "proj-1"}
     async with openai(fake, tmp_path, options=options) as provider:
-        await provider.generate(request())
+        await checked(provider, request())
     headers = fake.requests[0].headers
     assert headers["openai-organization"] == "org-1" and headers["openai-project"] == "proj-1"
 
@@ -172,7 +169,7 @@ async def test_sizes_outside_the_allowed_set_are_refused(
 ) -> None:
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(InvalidRequest) as info:
-            await provider.generate(request(size=Size.parse(size)))
+            await checked(provider, request(size=Size.parse(size)))
     assert info.value.param == "size"
     assert size in info.value.message and "gpt-image-1" in info.value.message
     assert "1024x1536" in info.value.message
@@ -183,11 +180,11 @@ async def test_gpt_image_2_takes_any_size_within_its_limits(
     fake: FakeOpenAI, tmp_path: Path
 ) -> None:
     async with openai(fake, tmp_path, model="gpt-image-2") as provider:
-        result = await provider.generate(request(size=Size.parse("1536x864")))
+        result = await checked(provider, request(size=Size.parse("1536x864")))
         assert (result.images[0].width, result.images[0].height) == (96, 54)
         for bad in ("1000x1000", "3840x864", "4096x4096"):
             with pytest.raises(InvalidRequest, match="multiples of 16") as info:
-                await provider.generate(request(size=Size.parse(bad)))
+                await checked(provider, request(size=Size.parse(bad)))
             assert info.value.param == "size"
     assert fake.requests[0].json is not None and fake.requests[0].json["size"] == "1536x864"
 
@@ -218,7 +215,7 @@ async def test_unsupported_values_are_refused_naming_param_and_model(
 ) -> None:
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(InvalidRequest) as info:
-            await provider.generate(request(**fields))
+            await checked(provider, request(**fields))
     assert info.value.param == param
     assert param in info.value.message and "gpt-image-1" in info.value.message
     assert fake.requests == []
@@ -226,7 +223,7 @@ async def test_unsupported_values_are_refused_naming_param_and_model(
 
 async def test_gpt_image_2_5_has_more_qualities(fake: FakeOpenAI, tmp_path: Path) -> None:
     async with openai(fake, tmp_path, model="gpt-image-2.5-flare") as provider:
-        await provider.generate(request(quality="xhigh"))
+        await checked(provider, request(quality="xhigh"))
     assert fake.requests[0].json is not None and fake.requests[0].json["quality"] == "xhigh"
 
 
@@ -240,7 +237,8 @@ async def test_edit_sends_every_image_and_the_mask_as_multipart(
     mask = png(colour=(0, 0, 0, 0))
     extras = {"input_fidelity": "high", "background": "transparent"}
     async with openai(fake, tmp_path) as provider:
-        result = await provider.generate(
+        result = await checked(
+            provider,
             request(
                 "make it green",
                 images=images,
@@ -248,7 +246,7 @@ async def test_edit_sends_every_image_and_the_mask_as_multipart(
                 n=3,
                 size=Size.parse("1024x1024"),
                 extras=extras,
-            )
+            ),
         )
     sent = fake.requests[0]
     assert sent.path == "/v1/images/edits"
@@ -281,7 +279,7 @@ async def test_a_mask_must_be_a_png_the_size_of_the_first_image(
 ) -> None:
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(InvalidRequest, match=message) as info:
-            await provider.generate(request(images=(png(),), mask=mask))
+            await checked(provider, request(images=(png(),), mask=mask))
     assert info.value.param == "mask" and fake.requests == []
 
 
@@ -290,14 +288,14 @@ async def test_input_fidelity_is_refused_on_gpt_image_1_mini(
 ) -> None:
     async with openai(fake, tmp_path, model="gpt-image-1-mini") as provider:
         with pytest.raises(InvalidRequest) as info:
-            await provider.generate(request(images=(png(),), extras={"input_fidelity": "low"}))
+            await checked(provider, request(images=(png(),), extras={"input_fidelity": "low"}))
     assert info.value.param == "input_fidelity"
 
 
 async def test_too_many_reference_images(fake: FakeOpenAI, tmp_path: Path) -> None:
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(InvalidRequest, match="at most 16") as info:
-            await provider.generate(request(images=(png(),) * 17))
+            await checked(provider, request(images=(png(),) * 17))
     assert info.value.param == "image"
 
 
@@ -309,7 +307,7 @@ async def test_url_answers_are_downloaded_through_the_guard(
 ) -> None:
     fake.script("url")
     async with openai(fake, tmp_path) as provider:
-        result = await provider.generate(request("blue", n=2, output_format="jpeg"))
+        result = await checked(provider, request("blue", n=2, output_format="jpeg"))
     downloads = [r for r in fake.requests if r.path.startswith("/files/")]
     assert len(downloads) == 2
     assert downloads[0].headers["user-agent"] == "imagegate"  # the guarded fetcher, not the client
@@ -325,7 +323,7 @@ async def test_url_answers_on_a_private_address_are_refused(
     settings = settings_for(tmp_path, allow_loopback=False)
     async with openai(fake, tmp_path, settings=settings) as provider:
         with pytest.raises(ProviderError, match="not allowed"):
-            await provider.generate(request())
+            await checked(provider, request())
 
 
 # ---------------------------------------------------------------- faults
@@ -356,7 +354,7 @@ async def test_injected_faults_map_to_the_right_error(
     fake.script(outcome)
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(ProviderError) as info:
-            await provider.generate(request())
+            await checked(provider, request())
     assert type(info.value) is error
     assert (info.value.retryable, info.value.failover, info.value.status) == (
         retryable,
@@ -369,14 +367,14 @@ async def test_moderation_refusal_says_why(fake: FakeOpenAI, tmp_path: Path) -> 
     fake.script("moderation")
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(ContentBlocked, match=r"moderation_blocked.*safety system"):
-            await provider.generate(request(images=(png(),)))
+            await checked(provider, request(images=(png(),)))
 
 
 async def test_429_carries_retry_after(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.script("429:7")
     async with openai(fake, tmp_path) as provider:
         with pytest.raises(ProviderError) as info:
-            await provider.generate(request())
+            await checked(provider, request())
     assert info.value.retryable and info.value.retry_after == 7.0 and info.value.status == 429
 
 
@@ -384,14 +382,14 @@ async def test_a_slow_upstream_times_out_as_retryable(fake: FakeOpenAI, tmp_path
     fake.script("slow:0.6")
     async with openai(fake, tmp_path, channel_timeout=0.1) as provider:
         with pytest.raises(ProviderTimeout) as info:
-            await provider.generate(request())
+            await checked(provider, request())
     assert info.value.retryable and info.value.status == 504
 
 
 async def test_a_bad_key_fails_over_without_retrying(fake: FakeOpenAI, tmp_path: Path) -> None:
     async with openai(fake, tmp_path, key="sk-wrong") as provider:
         with pytest.raises(ProviderError, match="check its API key") as info:
-            await provider.generate(request())
+            await checked(provider, request())
     assert not info.value.retryable and info.value.failover and info.value.upstream_status == 401
 
 
@@ -408,12 +406,12 @@ async def test_compatible_needs_no_key_and_never_borrows_the_openai_key(
     fake: FakeOpenAI, tmp_path: Path
 ) -> None:
     fake.keys = None
-    settings = settings_for(tmp_path, openai_api_key=SecretStr("sk-real-openai"))
+    settings = settings_for(tmp_path, provider_env={"IMAGEGATE_OPENAI_API_KEY": "sk-real-openai"})
     try:
         async with openai(
             fake, tmp_path, model="local-sd", key=None, compatible=True, settings=settings
         ) as provider:
-            result = await provider.generate(request(size=Size.parse("640x480")))
+            result = await checked(provider, request(size=Size.parse("640x480")))
     finally:
         fake.keys = {KEY, "sk-a", "sk-b"}
     sent = fake.requests[0]
@@ -430,26 +428,24 @@ async def test_compatible_needs_no_key_and_never_borrows_the_openai_key(
 
 async def test_compatible_needs_a_base_url(tmp_path: Path) -> None:
     channel = ChannelConfig(name="local", provider="openai_compatible")
+    cls = OpenAICompatibleProvider
+    context = provider_context(
+        settings_for(tmp_path), ModelConfig(name="local", channels=[channel]), channel, cls
+    )
     with pytest.raises(ConfigError, match="no base_url"):
-        OpenAICompatibleProvider(
-            name="local",
-            options={},
-            defaults=ModelDefaultsConfig(),
-            settings=settings_for(tmp_path),
-            channel=channel,
-        )
+        cls(context)
 
 
 async def test_compatible_forwards_what_accepts_lists(fake: FakeOpenAI, tmp_path: Path) -> None:
     fake.extra_fields |= {"seed", "negative_prompt"}
     options = {"accepts": ["size", "seed", "negative_prompt", "quality"], "response_format": None}
     async with openai(fake, tmp_path, model="sd", compatible=True, options=options) as provider:
-        await provider.generate(request(seed=7, negative_prompt="blur", quality="hd"))
+        await checked(provider, request(seed=7, negative_prompt="blur", quality="hd"))
         with pytest.raises(InvalidRequest) as info:
-            await provider.generate(request(output_format="png"))
+            await checked(provider, request(output_format="png"))
         assert info.value.param == "output_format"
         with pytest.raises(InvalidRequest, match="WIDTHxHEIGHT") as info:
-            await provider.generate(request(size=Size.parse("16:9")))
+            await checked(provider, request(size=Size.parse("16:9")))
     assert fake.requests[0].json == {
         "model": "sd",
         "prompt": "a red square",
@@ -465,9 +461,9 @@ async def test_compatible_edit_with_a_single_image_field(fake: FakeOpenAI, tmp_p
     async with openai(
         fake, tmp_path, model="edit-model", compatible=True, options=options
     ) as provider:
-        await provider.generate(request(images=(png(),)))
+        await checked(provider, request(images=(png(),)))
         with pytest.raises(InvalidRequest, match="at most 1"):
-            await provider.generate(request(images=(png(), png())))
+            await checked(provider, request(images=(png(), png())))
     assert [f.field for f in fake.requests[0].files] == ["image"]
     assert fake.requests[0].form["response_format"] == "b64_json"
 
@@ -480,7 +476,7 @@ async def test_compatible_fetches_links_on_its_own_origin_with_its_client(
     fake.script("url")
     settings = settings_for(tmp_path, allow_loopback=False)
     async with openai(fake, tmp_path, model="sd", compatible=True, settings=settings) as provider:
-        result = await provider.generate(request("green"))
+        result = await checked(provider, request("green"))
     download = fake.requests[1]
     assert download.path.startswith("/files/")
     assert download.headers["authorization"] == f"Bearer {KEY}"
@@ -540,7 +536,7 @@ async def test_router_retries_a_429_after_its_retry_after(fake: FakeOpenAI, tmp_
     catalog = Catalog([model], settings)
     try:
         started = time.monotonic()
-        result = await (await catalog.provider("gpt-image-1")).generate(request())
+        result = await checked(await catalog.provider("gpt-image-1"), request())
         elapsed = time.monotonic() - started
     finally:
         await catalog.close()

@@ -43,12 +43,12 @@ async def test_metrics_count_requests_images_errors_and_rejections(ops: Api) -> 
     ):
         await ops.client.post("/v1/images/generations", json=body, headers=auth)
     poor = await ops.key()
-    principal = await ops.app.state.service.authenticate(poor)
+    principal = await ops.app.state.auth.authenticate(poor)
     admin = {"Authorization": f"Bearer {await ops.key(admin=True)}"}
     await ops.client.put(
         f"/admin/keys/{principal.key_id}/balance", json={"balance": 1}, headers=admin
     )
-    ops.app.state.service.forget_key(principal.key_id)
+    ops.app.state.auth.forget_key(principal.key_id)
     refused = await ops.client.post(
         "/v1/images/generations",
         json={"model": "dear", "prompt": "x"},

@@ -52,7 +52,7 @@ async def priced(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
 
 async def make_key(api: Api, balance: int | None) -> tuple[str, int]:
     key = await api.key()
-    principal = await api.app.state.service.authenticate(key)
+    principal = await api.app.state.auth.authenticate(key)
     admin = await api.key(admin=True)
     response = await api.client.put(
         f"/admin/keys/{principal.key_id}/balance",

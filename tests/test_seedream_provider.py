@@ -26,9 +26,10 @@ from imagegate.errors import (
 )
 from imagegate.images import verify_image
 from imagegate.providers.router import Router
-from imagegate.types import ImageRequest, InputImage, Size
+from imagegate.types import ImageRequest, InputImage, Size, Usage
 from tests.conftest import data_uri, make_settings, png_bytes, start_api
 from tests.fake_seedream import KEY, SCALE, FakeArk, decode_data_uri
+from tests.fakes import checked
 
 # One event loop for the module, so that the providers built once serve every test.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -119,7 +120,7 @@ def req(model: str = V4, prompt: str = "a red fox", **kw: Any) -> ImageRequest:
 
 async def refused(router: Router, request: ImageRequest) -> ImagegateError:
     with pytest.raises(ImagegateError) as info:
-        await router.generate(request)
+        await checked(router, request)
     return info.value
 
 
@@ -127,7 +128,7 @@ async def refused(router: Router, request: ImageRequest) -> ImagegateError:
 
 
 async def test_text_to_image_body_auth_and_b64_result(ark: FakeArk, build: Build) -> None:
-    result = await (await build()).generate(req(size="2048x2048", watermark=False))
+    result = await checked(await build(), req(size="2048x2048", watermark=False))
     [sent] = ark.requests
     assert sent.headers["authorization"] == f"Bearer {KEY}"
     assert sent.body == {
@@ -141,15 +142,16 @@ async def test_text_to_image_body_auth_and_b64_result(ark: FakeArk, build: Build
     assert image.mime == "image/jpeg" and (image.width, image.height) == (64, 64)
     pixel = Image.open(io.BytesIO(image.data)).getpixel((1, 1))
     assert isinstance(pixel, tuple) and pixel[0] > 200  # red
-    assert result.usage == {"generated_images": 1, "output_tokens": 16384, "total_tokens": 16384}
+    usage = Usage(output_tokens=16384, total_tokens=16384, upstream={"generated_images": 1})
+    assert result.usage == usage
     assert result.channel == "ark-main"
 
 
 async def test_one_reference_is_a_string_several_are_a_list(ark: FakeArk, build: Build) -> None:
     router = await build()
     first, second = ref(16, 16), ref(32, 16, "JPEG")
-    await router.generate(req(images=(first,)))
-    await router.generate(req(images=(first, second)))
+    await checked(router, req(images=(first,)))
+    await checked(router, req(images=(first, second)))
     one, two = ark.bodies
     assert isinstance(one["image"], str) and decode_data_uri(one["image"]) == first.data
     assert one["image"].startswith("data:image/png;base64,")
@@ -175,7 +177,7 @@ async def test_one_reference_is_a_string_several_are_a_list(ark: FakeArk, build:
 async def test_sizes_per_family(
     ark: FakeArk, build: Build, model: str, size: str, sent: str
 ) -> None:
-    await (await build(model)).generate(req(model, size=size))
+    await checked(await build(model), req(model, size=size))
     assert ark.bodies[0]["size"] == sent
 
 
@@ -203,7 +205,7 @@ async def test_unsupported_sizes_are_a_400_naming_size_and_model(
 
 async def test_seededit_edits_one_image_and_takes_no_size(ark: FakeArk, build: Build) -> None:
     router = await build(EDIT)
-    result = await router.generate(req(EDIT, images=(ref(20, 12),), seed=5, guidance_scale=5.5))
+    result = await checked(router, req(EDIT, images=(ref(20, 12),), seed=5, guidance_scale=5.5))
     assert (result.images[0].width, result.images[0].height) == (20, 12)
     body = ark.bodies[0]
     assert body["seed"] == 5 and body["guidance_scale"] == 5.5 and isinstance(body["image"], str)
@@ -220,17 +222,17 @@ async def test_seedream_3_takes_no_image_and_fans_out_n(ark: FakeArk, build: Bui
     router = await build(V3)
     error = await refused(router, req(V3, images=(ref(),)))
     assert error.param == "image" and V3 in error.message
-    result = await router.generate(req(V3, n=3, seed=7, guidance_scale=2.5))
+    result = await checked(router, req(V3, n=3, seed=7, guidance_scale=2.5))
     assert len(result.images) == 3
     assert sorted(b["seed"] for b in ark.bodies) == [7, 8, 9]
     assert all("n" not in b and "sequential_image_generation" not in b for b in ark.bodies)
-    assert result.usage["generated_images"] == 3
+    assert result.usage.upstream["generated_images"] == 3
     too_many = await refused(router, req(V3, n=5))
     assert too_many.param == "n"
 
 
 async def test_n_maps_to_group_generation_on_4x(ark: FakeArk, build: Build) -> None:
-    result = await (await build()).generate(req(n=3))
+    result = await checked(await build(), req(n=3))
     assert len(result.images) == 3 and len(ark.requests) == 1
     body = ark.bodies[0]
     assert "n" not in body
@@ -240,18 +242,18 @@ async def test_n_maps_to_group_generation_on_4x(ark: FakeArk, build: Build) -> N
 
 async def test_explicit_group_options_pass_through(ark: FakeArk, build: Build) -> None:
     router = await build()
-    result = await router.generate(req(sequential="auto", max_images=4))
+    result = await checked(router, req(sequential="auto", max_images=4))
     assert len(result.images) == 4
     assert ark.bodies[0]["sequential_image_generation_options"] == {"max_images": 4}
-    await router.generate(req(sequential="disabled"))
+    await checked(router, req(sequential="disabled"))
     assert ark.bodies[1]["sequential_image_generation"] == "disabled"
     assert "sequential_image_generation_options" not in ark.bodies[1]
 
 
 async def test_group_mode_may_return_fewer_images(ark: FakeArk, build: Build) -> None:
     ark.group_size = 2
-    result = await (await build()).generate(req(n=4))
-    assert len(result.images) == 2 and result.usage["generated_images"] == 2
+    result = await checked(await build(), req(n=4))
+    assert len(result.images) == 2 and result.usage.upstream["generated_images"] == 2
 
 
 @pytest.mark.parametrize(
@@ -308,10 +310,10 @@ async def test_unsupported_parameters_name_parameter_and_model(
 
 async def test_watermark_optimize_prompt_and_output_format(ark: FakeArk, build: Build) -> None:
     optimize = {"optimize_prompt_options": {"mode": "fast"}}
-    await (await build()).generate(req(watermark=True, extras=optimize))
+    await checked(await build(), req(watermark=True, extras=optimize))
     assert ark.bodies[0]["watermark"] is True
     assert ark.bodies[0]["optimize_prompt_options"] == {"mode": "fast"}
-    result = await (await build(V5)).generate(req(V5, output_format="png"))
+    result = await checked(await build(V5), req(V5, output_format="png"))
     assert ark.bodies[1]["output_format"] == "png" and result.images[0].mime == "image/png"
 
 
@@ -319,7 +321,7 @@ async def test_reference_formats_per_family(ark: FakeArk, build: Build) -> None:
     webp = ref(16, 16, "WEBP")
     error = await refused(await build(V4), req(images=(webp,)))
     assert error.param == "image" and "WEBP" in error.message and V4 in error.message
-    await (await build(V45)).generate(req(V45, images=(webp,)))
+    await checked(await build(V45), req(V45, images=(webp,)))
     assert ark.bodies[0]["image"].startswith("data:image/webp;base64,")
     eleven = await refused(await build(V4), req(images=tuple(ref() for _ in range(11))))
     assert "at most 10" in eleven.message
@@ -330,21 +332,21 @@ async def test_reference_formats_per_family(ark: FakeArk, build: Build) -> None:
 
 async def test_url_results_are_downloaded(ark: FakeArk, build: Build) -> None:
     router = await build(options={"response_format": "url"})
-    result = await router.generate(req(size="1440x2560"))
+    result = await checked(router, req(size="1440x2560"))
     assert ark.bodies[0]["response_format"] == "url"
     assert (result.images[0].width, result.images[0].height) == (1440 // SCALE, 2560 // SCALE)
     ark.force_url = True  # asked for b64_json, answered with a link anyway
-    result = await (await build()).generate(req(n=2))
+    result = await checked(await build(), req(n=2))
     assert len(result.images) == 2 and all(i.mime == "image/jpeg" for i in result.images)
 
 
 async def test_per_image_errors_are_reported_and_the_rest_kept(ark: FakeArk, build: Build) -> None:
     ark.item_errors = {1: "OutputImageSensitiveContentDetected"}
-    result = await (await build()).generate(req(n=3))
+    result = await checked(await build(), req(n=3))
     assert len(result.images) == 2
-    assert result.usage["generated_images"] == 2
-    [failure] = result.usage["failed_images"]
-    assert failure["index"] == 1 and failure["code"] == "OutputImageSensitiveContentDetected"
+    assert result.usage.upstream["generated_images"] == 2
+    [failure] = result.usage.failed_images
+    assert failure.index == 1 and failure.code == "OutputImageSensitiveContentDetected"
 
 
 async def test_every_image_blocked_is_content_blocked(ark: FakeArk, build: Build) -> None:
@@ -385,7 +387,7 @@ async def test_429_carries_retry_after(ark: FakeArk, build: Build) -> None:
 )
 async def test_transient_faults_are_retried(ark: FakeArk, build: Build, fault: str) -> None:
     ark.faults, ark.slow_seconds = [fault], 0.8
-    result = await (await build(max_retries=1, timeout=0.3)).generate(req())
+    result = await checked(await build(max_retries=1, timeout=0.3), req())
     assert len(result.images) == 1 and len(ark.requests) == 2
 
 
@@ -398,7 +400,7 @@ async def test_a_slow_upstream_is_a_timeout(ark: FakeArk, build: Build) -> None:
 async def test_a_bad_key_fails_over_to_the_next_channel(ark: FakeArk, build: Build) -> None:
     bad = channel(ark, name="ark-bad", api_key=SecretStr("wrong"), priority=1, max_retries=3)
     good = channel(ark, name="ark-good")
-    result = await (await build(V4, bad, good)).generate(req())
+    result = await checked(await build(V4, bad, good), req())
     assert result.channel == "ark-good" and len(ark.requests) == 2
 
 
@@ -408,19 +410,20 @@ async def test_a_bad_key_fails_over_to_the_next_channel(ark: FakeArk, build: Bui
 async def test_endpoint_ids_need_the_family_option(ark: FakeArk, build: Build) -> None:
     endpoint = "ep-20250828-seedream4"
     router = await build("my-seedream", upstream_model=endpoint, options={"family": "seedream-4.0"})
-    await router.generate(req("my-seedream", n=2))
+    await checked(router, req("my-seedream", n=2))
     assert ark.bodies[0]["model"] == endpoint
     with pytest.raises(ConfigError, match=r"set options\.family to one of seedream-5\.0"):
         await build("other", upstream_model=endpoint)
 
 
 async def test_models_are_enabled_by_the_ark_key(ark: FakeArk, tmp_path: Path) -> None:
-    env = settings(tmp_path, ark_api_key=SecretStr(KEY), ark_base_url=ark.url("/api/v3"))
+    variables = {"IMAGEGATE_ARK_API_KEY": KEY, "IMAGEGATE_ARK_BASE_URL": ark.url("/api/v3")}
+    env = settings(tmp_path, provider_env=variables)
     models = cloud_models(env)
     assert V45 in [m.name for m in load_models(env)]
     catalog = Catalog(models, env)
     try:
-        result = await (await catalog.provider(V45)).generate(req(V45, size="2K"))
+        result = await checked(await catalog.provider(V45), req(V45, size="2K"))
     finally:
         await catalog.close()
     assert result.channel == "seedream-env" and ark.bodies[0]["model"] == V45

@@ -282,7 +282,7 @@ def _orphan(key_id: int) -> NewTask:
 
 async def _key_id(api: Api) -> tuple[str, int]:
     key = await api.key()
-    principal = await api.app.state.service.authenticate(key)
+    principal = await api.app.state.auth.authenticate(key)
     return key, int(principal.key_id)
 
 
@@ -419,7 +419,7 @@ async def test_a_priced_task_is_charged_once_per_attempt_id(tmp_path: Path, db_u
         async with session_factory(engine)() as session:
             await ledger.set_balance(session, ledger.Account("key", key_id), 5000, "test")
             await session.commit()
-        api.app.state.service.forget_key(key_id)
+        api.app.state.auth.forget_key(key_id)
         body = {"model": "priced", "prompt": "red", "n": 2, "async": True}
         task_id = (await submit(api, key, body)).json()["data"]["task_id"]
         await wait_for(api, key, task_id, "succeeded")
@@ -444,7 +444,7 @@ async def _limited_key(api: Api, **limits: Any) -> str:
         f"/admin/keys/{key_id}/limits", json=limits, headers={"Authorization": f"Bearer {admin}"}
     )
     assert response.status_code == 200, response.text
-    api.app.state.service.forget_key(key_id)
+    api.app.state.auth.forget_key(key_id)
     return key
 
 

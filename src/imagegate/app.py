@@ -7,15 +7,16 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr, ValidationError
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import PlainTextResponse, Response
 
 from imagegate import __version__, fastjson, logs, metrics, private
+from imagegate.accounting.billing import Billing
 from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
 from imagegate.api import admin, files
@@ -26,6 +27,7 @@ from imagegate.api.gemini import routes as gemini
 from imagegate.api.lab import routes as lab
 from imagegate.api.lab.render import OK as LAB_OK
 from imagegate.api.lab.render import task_query_view
+from imagegate.api.lab.translate import LAB_HINTS
 from imagegate.api.middleware import AllowedHosts, RequestContext
 from imagegate.api.nebula import routes as nebula
 from imagegate.api.nebula.protocol import ImageGenerationRequest
@@ -42,25 +44,27 @@ from imagegate.api.openapi import (
     error_responses,
 )
 from imagegate.api.responses import JSON
-from imagegate.api.tasks import Tasks
+from imagegate.auth.service import Authenticator
 from imagegate.auth.throttle import LoginThrottle
 from imagegate.auth.tokens import TokenIssuer
 from imagegate.bounds import Bounds
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
+from imagegate.delivery import Delivery
 from imagegate.errors import AuthenticationFailed
 from imagegate.fetch import Fetcher
 from imagegate.images import ImageLoader
 from imagegate.memory import tune_allocator
-from imagegate.service import ImageService
+from imagegate.service import ImageService, Translate
 from imagegate.storage.local import LocalStorage
 from imagegate.storage.signing import UrlSigner
 from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import Task
 from imagegate.store.usage import UsageWriter
 from imagegate.tasks.callbacks import CallbackSender
-from imagegate.tasks.execute import Prepare, TaskExecutor
+from imagegate.tasks.execute import TaskExecutor
 from imagegate.tasks.queue import InProcessQueue, QueueSettings
+from imagegate.tasks.service import TaskService
 from imagegate.watermark import Watermark
 
 logger = logging.getLogger(__name__)
@@ -82,55 +86,64 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         if settings.auto_migrate:
             await upgrade(url)
         engine = create_engine(url)
+        sessions = session_factory(engine)
         fetcher = Fetcher.from_settings(settings)
         loader = ImageLoader(settings, fetcher)
-        service = ImageService(
-            sessions=session_factory(engine),
-            catalog=catalog,
-            storage=LocalStorage(settings.resolved_storage_dir),
-            signer=signer,
-            usage=UsageWriter(engine),
+        billing = Billing(sessions, settings.credits_per_unit, _lease_rules(settings))
+        usage = UsageWriter(engine)
+        limiter = (
+            RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
+            if settings.redis_url
+            else MemoryLimiter()
+        )
+        auth = Authenticator(
+            sessions=sessions,
             tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
-            key_cache_seconds=settings.key_cache_seconds,
-            credits_per_unit=settings.credits_per_unit,
-            leases=_lease_rules(settings),
-            log_prompts=settings.log_prompts,
-            usage_log=settings.usage_log,
-            request_timeout_seconds=settings.request_timeout_seconds,
-            watermark=Watermark(
-                settings.watermark_text, settings.watermark_position, settings.watermark_opacity
-            ),
-            limiter=(
-                RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
-                if settings.redis_url
-                else MemoryLimiter()
-            ),
             logins=LoginThrottle.create(
                 settings.redis_url,
                 prefix=f"{settings.redis_prefix}login:",
                 max_failures=settings.login_max_failures,
                 window_seconds=settings.login_window_seconds,
             ),
-            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
+            key_cache_seconds=settings.key_cache_seconds,
+            forget_account=billing.forget,
         )
-        queue = _task_queue(settings, service, loader, fetcher)
+        delivery = Delivery(LocalStorage(settings.resolved_storage_dir), signer)
+        service = ImageService(
+            catalog=catalog,
+            billing=billing,
+            loader=loader,
+            usage=usage,
+            limiter=limiter,
+            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
+            watermark=Watermark(
+                settings.watermark_text, settings.watermark_position, settings.watermark_opacity
+            ),
+            log_prompts=settings.log_prompts,
+            usage_log=settings.usage_log,
+            request_timeout_seconds=settings.request_timeout_seconds,
+        )
+        queue = _task_queue(settings, sessions, service, auth, delivery, fetcher)
         app.state.settings = settings
+        app.state.sessions = sessions
         app.state.loader = loader
         app.state.service = service
-        app.state.tasks = Tasks(service=service, queue=queue, fetcher=fetcher)
+        app.state.auth = auth
+        app.state.delivery = delivery
+        app.state.tasks = TaskService(sessions, service, queue, fetcher)
         app.state.engine = engine
         if settings.preload_models:
             await catalog.start_all()
-        service.billing.start()
+        billing.start()
         await queue.start()
         try:
             yield
         finally:
             await queue.close()
-            await service.billing.close()
-            await service.usage.close()
-            await service.limiter.close()
-            await service.logins.close()
+            await billing.close()
+            await usage.close()
+            await limiter.close()
+            await auth.close()
             await catalog.close()
             await fetcher.aclose()
             await engine.dispose()
@@ -162,26 +175,24 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
 
 
 def _task_queue(
-    settings: Settings, service: ImageService, loader: ImageLoader, fetcher: Fetcher
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    service: ImageService,
+    auth: Authenticator,
+    delivery: Delivery,
+    fetcher: Fetcher,
 ) -> InProcessQueue:
-    def parse(body: dict[str, Any]) -> tuple[str, Prepare]:
-        try:
-            request = ImageGenerationRequest.model_validate(body)
-        except ValidationError as exc:  # the 400 a synchronous call with this body gets
-            raise describe_validation(exc.errors()) from None
-        return request.model, lambda: to_image_request(request, loader)
-
     async def render(task: Task) -> bytes:
         """A finished task as its callback receives it: what a query of it would answer."""
         if task.dialect == "lab":
-            data = await task_query_view(task, service, task.base_url)
+            data = await task_query_view(task, delivery, task.base_url)
             return fastjson.dumps({"code": 200, "msg": LAB_OK, "data": data})
-        view = await task_view(task, service, task.base_url)
+        view = await task_view(task, delivery, task.base_url)
         return fastjson.dumps({"code": 200, "msg": "Success", "data": view})
 
     return InProcessQueue(
-        service.sessions,
-        TaskExecutor(service, parse),
+        sessions,
+        TaskExecutor(service, auth, delivery, parse_task),
         CallbackSender(
             fetcher, settings.callback_key(), retry_seconds=settings.callback_retry_seconds
         ),
@@ -194,6 +205,17 @@ def _task_queue(
             callback_max_attempts=settings.callback_max_attempts,
         ),
     )
+
+
+def parse_task(task: Task) -> tuple[str, Translate]:
+    """A stored task's body -> its model and how to translate it (when the worker runs it),
+    with the hints of the dialect that submitted it."""
+    try:
+        body = ImageGenerationRequest.model_validate(task.request)
+    except ValidationError as exc:  # the 400 a synchronous call with this body gets
+        raise describe_validation(exc.errors()) from None
+    hints = LAB_HINTS if task.dialect == "lab" else frozenset()
+    return body.model, lambda: to_image_request(body, hints=hints)
 
 
 def app_from_environment() -> FastAPI:

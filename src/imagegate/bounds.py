@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from imagegate.errors import InvalidRequest
-from imagegate.types import ImageRequest
+from imagegate.types import UnresolvedRequest
 
 MAX_MODEL_CHARS = 200
 """usage.model and tasks.model are String(200)."""
@@ -46,7 +46,7 @@ class Bounds:
                 param=param,
             )
 
-    def check(self, request: ImageRequest) -> None:
+    def check(self, request: UnresolvedRequest) -> None:
         """A prepared request, whichever dialect made it (fields by their v1 names)."""
         self.images("n", request.n)
         self.images("sequential_image_generation_options.max_images", request.max_images)

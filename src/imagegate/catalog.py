@@ -3,15 +3,32 @@ constructed lazily on first use."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from dataclasses import dataclass
 
-from imagegate.config import CLOUD_MODELS, ChannelConfig, ModelConfig, Settings
+from pydantic import SecretStr
+
+from imagegate.config import ChannelConfig, ModelConfig, PricingConfig, Settings
 from imagegate.errors import UnknownModel
-from imagegate.providers.registry import load_class
+from imagegate.fetch import Fetcher
+from imagegate.providers.base import Capabilities, ProviderContext, ProviderLimits
+from imagegate.providers.registry import env_providers, load_class
 from imagegate.providers.router import Backoff, Breaker, Channel, Router
+from imagegate.providers.transport import pooled_client
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    """A configured model as one request uses it: looked up once, then passed along, so the
+    name is not looked up again by each step (authorization, checks, prices, the call)."""
+
+    name: str
+    config: ModelConfig
+    router: Router
+    pricing: PricingConfig
+    capabilities: Capabilities
 
 
 class Catalog:
@@ -19,7 +36,6 @@ class Catalog:
         self._configs = {m.name: m for m in models}
         self._settings = settings
         self._routers: dict[str, Router] = {}
-        self._lock = asyncio.Lock()
 
     @property
     def models(self) -> list[ModelConfig]:
@@ -44,13 +60,19 @@ class Catalog:
         for config in self._configs.values():
             self._routers[config.name] = self._build(config)
 
-    async def provider(self, name: str) -> Router:
+    def resolve(self, name: str) -> ResolvedModel:
+        """The model `name` with its router (built on first use), prices and capabilities;
+        UnknownModel (404) when it is not configured. Building a router is synchronous, so
+        two requests racing for a new model cannot build it twice."""
         config = self.config(name)
-        if name not in self._routers:
-            async with self._lock:
-                if name not in self._routers:
-                    self._routers[name] = self._build(config)
-        return self._routers[name]
+        router = self._routers.get(name)
+        if router is None:
+            router = self._routers[name] = self._build(config)
+        return ResolvedModel(name, config, router, config.pricing, router.capabilities)
+
+    async def provider(self, name: str) -> Router:
+        """The router of model `name` alone (provider tests call the router directly)."""
+        return self.resolve(name).router
 
     def _build(self, config: ModelConfig) -> Router:
         settings = self._settings
@@ -63,16 +85,8 @@ class Catalog:
 
     def _channel(self, model: ModelConfig, config: ChannelConfig) -> Channel:
         cls = load_class(config.provider)
-        if config.upstream_model is None:
-            config = config.model_copy(update={"upstream_model": model.name})
-        name = config.name or model.name
-        provider = cls(
-            name=name,
-            options=config.options,
-            defaults=model.defaults,
-            settings=self._settings,
-            channel=config,
-        )
+        context = provider_context(self._settings, model, config, cls)
+        name, provider = context.name, cls(context)
         breaker = Breaker(self._settings.breaker_failures, self._settings.breaker_cooldown_seconds)
         return Channel(
             name=name,
@@ -132,7 +146,7 @@ class Catalog:
 
     async def start_all(self) -> None:
         for name in self._configs:
-            await (await self.provider(name)).start()
+            await self.resolve(name).router.start()
 
     async def close(self) -> None:
         for name, router in self._routers.items():
@@ -143,12 +157,52 @@ class Catalog:
         self._routers.clear()
 
 
+def provider_context(
+    settings: Settings, model: ModelConfig, channel: ChannelConfig, cls: object
+) -> ProviderContext:
+    """What a provider of class `cls` serving `channel` of `model` is given: the channel's own
+    key and base URL, else the variables the class declares (`key_variable`,
+    `base_url_variable`) read from settings.provider_env, and the server's limits."""
+    if channel.upstream_model is None:
+        channel = channel.model_copy(update={"upstream_model": model.name})
+    env = settings.provider_env
+    key_variable = getattr(cls, "key_variable", None)
+    base_variable = getattr(cls, "base_url_variable", None)
+    env_key = env.get(key_variable) if isinstance(key_variable, str) else None
+    env_base = env.get(base_variable) if isinstance(base_variable, str) else None
+    limits = ProviderLimits(
+        max_output_bytes=settings.max_output_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        fetch_timeout_seconds=settings.fetch_timeout_seconds,
+        fetch_allow_networks=tuple(settings.fetch_allow_networks),
+    )
+
+    def fetcher(timeout: float) -> Fetcher:
+        return Fetcher(
+            timeout=timeout,
+            max_bytes=limits.max_output_bytes,
+            allow_networks=limits.fetch_allow_networks,
+        )
+
+    return ProviderContext(
+        name=channel.name or model.name,
+        channel=channel,
+        defaults=model.defaults,
+        api_key=channel.api_key or (SecretStr(env_key) if env_key else None),
+        base_url=channel.base_url or env_base or None,
+        limits=limits,
+        fetcher=fetcher,
+        http=pooled_client,
+    )
+
+
 def _how_to_enable(name: str) -> str:
-    """For a cloud model imagegate knows but nobody enabled: the setting that enables it."""
-    for provider, (key_setting, names) in CLOUD_MODELS.items():
-        if name in names:
+    """For a cloud model imagegate knows but nobody enabled: the variable that enables it
+    (each registered provider declares its key variable and known models)."""
+    for provider in env_providers():
+        if name in provider.known_models:
             return (
-                f"this {provider} model is served once IMAGEGATE_{key_setting.upper()} is set "
+                f"this {provider.name} model is served once {provider.key_variable} is set "
                 "in the server's environment (then restart it), or when imagegate.yaml "
                 "declares it; "
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import importlib.util
+import os
 import secrets
 from pathlib import Path
 from typing import Any, Literal
@@ -27,11 +28,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from imagegate import private
 from imagegate.bounds import MAX_STEPS
 from imagegate.errors import ConfigError, InvalidRequest
+from imagegate.providers import registry
 from imagegate.types import Size
 
 DEMO_MODEL_NAME = "imagegate-demo"
 DEMO_EDIT_STRENGTH = 0.8
 DEMO_WEIGHTS = Path(__file__).parent / "demo" / "weights"
+
+
+def _imagegate_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("IMAGEGATE_")}
 
 
 class Settings(BaseSettings):
@@ -76,15 +82,11 @@ class Settings(BaseSettings):
     stopped (a local model at its next step), refunded, and answered 504."""
     fetch_allow_networks: list[str] = Field(default_factory=list)
     """CIDRs the URL fetcher may reach although private/loopback (e.g. ["127.0.0.1/32"])."""
-    # Cloud providers: a key here enables that provider's known models automatically.
-    gemini_api_key: SecretStr | None = None
-    openai_api_key: SecretStr | None = None
-    ark_api_key: SecretStr | None = None
-    dashscope_api_key: SecretStr | None = None
-    gemini_base_url: str | None = None
-    openai_base_url: str | None = None
-    ark_base_url: str | None = None
-    dashscope_base_url: str | None = None
+    provider_env: dict[str, str] = Field(default_factory=_imagegate_environment, repr=False)
+    """The IMAGEGATE_* variables of the environment when Settings was made, where providers'
+    keys and base URLs are read from: each provider class names its own variables
+    (`key_variable`, e.g. IMAGEGATE_GEMINI_API_KEY, and `base_url_variable`), and a key set here
+    enables that provider's known models. Tests pass it explicitly. Never logged (keys)."""
     # Routing: retries with exponential backoff and jitter, then the circuit breaker.
     retry_base_delay_seconds: float = Field(default=0.5, ge=0)
     retry_max_delay_seconds: float = Field(default=20.0, ge=0)
@@ -337,37 +339,6 @@ def demo_model() -> ModelConfig:
     )
 
 
-# Models enabled automatically when a provider's key is set: provider -> (key setting, models).
-CLOUD_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "gemini": (
-        "gemini_api_key",
-        (
-            "gemini-2.5-flash-image",
-            "gemini-2.5-flash-image-preview",
-            "gemini-3-pro-image-preview",
-            "gemini-3.1-flash-image-preview",
-        ),
-    ),
-    "openai": (
-        "openai_api_key",
-        ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2"),
-    ),
-    "seedream": (
-        "ark_api_key",
-        (
-            "doubao-seedream-4-0-250828",
-            "doubao-seedream-4-5-251128",
-            "doubao-seedream-3-0-t2i-250415",
-            "doubao-seededit-3-0-i2i-250628",
-        ),
-    ),
-    "dashscope": (
-        "dashscope_api_key",
-        ("qwen-image-plus", "qwen-image", "qwen-image-edit-plus", "qwen-image-edit"),
-    ),
-}
-
-
 def load_models(settings: Settings) -> list[ModelConfig]:
     """The configured models: the config file (else the demo model), plus cloud models
     whose provider key is set in the environment and that the file does not declare."""
@@ -383,17 +354,19 @@ def load_models(settings: Settings) -> list[ModelConfig]:
 
 
 def cloud_models(settings: Settings) -> list[ModelConfig]:
-    found = []
-    for provider, (key_setting, names) in CLOUD_MODELS.items():
-        if getattr(settings, key_setting) is None:
+    """The known models of every registered provider whose key variable is set (each
+    provider declares both; registry.env_providers)."""
+    found: list[ModelConfig] = []
+    for provider in registry.env_providers():
+        if not settings.provider_env.get(provider.key_variable):
             continue
-        for name in names:
-            channel = ChannelConfig(name=f"{provider}-env", provider=provider)
+        for name in provider.known_models:
+            channel = ChannelConfig(name=f"{provider.name}-env", provider=provider.name)
             found.append(
                 ModelConfig(
                     name=name,
                     channels=[channel],
-                    description=f"{provider} (enabled by IMAGEGATE_{key_setting.upper()})",
+                    description=f"{provider.name} (enabled by {provider.key_variable})",
                 )
             )
     return found

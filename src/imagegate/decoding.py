@@ -4,9 +4,11 @@ Decoding costs time and memory by pixels, not bytes: a 6000x6000 PNG of one colo
 and takes 0.1 to 1 s and 144 MB to decode. So two budgets, both counted in pixels read from
 headers before decoding (`images.read_header`):
 
-- per request, over all its reference images (`IMAGEGATE_MAX_REQUEST_PIXELS`): the service
-  opens a `counting_pixels()` scope around preparing each request, and `ImageLoader` charges
-  each image to it before decoding it, refusing the request once the sum passes the limit;
+- per request, over all its reference images (`IMAGEGATE_MAX_REQUEST_PIXELS`):
+  `ImageLoader.resolve` opens a `counting_pixels()` scope around loading a request's images
+  (concurrently: their tasks copy the context, so they share one counter, and a charge never
+  awaits, so two loads cannot both pass the limit) and charges each image to it before
+  decoding it, refusing the request once the sum passes the limit;
 - per process, pixels being decoded at once (`IMAGEGATE_MAX_DECODING_PIXELS`): `DecodeBudget`
   runs decodes in worker threads, the event loop never, as long as their pixels fit, and
   queues the rest first come, first served.

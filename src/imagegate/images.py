@@ -16,7 +16,8 @@ import io
 import re
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from PIL import ExifTags, Image, ImageFile, ImageOps
@@ -25,11 +26,19 @@ from PIL.PngImagePlugin import PngImageFile
 from PIL.WebPImagePlugin import WebPImageFile
 
 from imagegate.config import Settings
-from imagegate.decoding import DecodeBudget, charge_request
+from imagegate.decoding import DecodeBudget, charge_request, counting_pixels
 from imagegate.errors import ImagegateError, InvalidRequest, PayloadTooLarge, UnreadableImage
 from imagegate.fetch import Fetcher
 from imagegate.memory import map_large_images
-from imagegate.types import InputImage
+from imagegate.types import (
+    ImageRef,
+    ImageRequest,
+    InputImage,
+    Part,
+    ResolvedRequest,
+    Turn,
+    UnresolvedRequest,
+)
 
 # Pillow's name for a format -> the plugin class that reads it and the MIME type we report.
 # The classes are used directly instead of Image.open: Image.open checks the size against
@@ -282,29 +291,69 @@ class ImageLoader:
         self._max_bytes = settings.max_image_bytes
         self._max_pixels = settings.max_image_pixels
         self._max_request_pixels = settings.max_request_pixels
+        self._fetch_seconds = settings.fetch_timeout_seconds
         self._fetcher = fetcher
         self.decoding = DecodeBudget(settings.max_decoding_pixels)
         map_large_images()  # decoded pixels go back to the kernel when dropped
+
+    async def resolve(self, request: UnresolvedRequest) -> ResolvedRequest:
+        """The request with every image reference loaded and verified.
+
+        All refs load at once (a ref that is both in `images` and in a conversation part is
+        loaded once), within one deadline for every URL (IMAGEGATE_FETCH_TIMEOUT_SECONDS from
+        now) and one pixel budget for the request (IMAGEGATE_MAX_REQUEST_PIXELS). The first
+        failure, in the order the images were given, stops the rest and is raised."""
+        refs = list(dict.fromkeys(_refs_of(request)))
+        if not refs:
+            return _with_images(request, {})
+        deadline = asyncio.get_running_loop().time() + self._fetch_seconds
+        with counting_pixels():  # the loads' tasks copy this context: they share the counter
+            loaded = await _all_or_first_error([self._load_ref(ref, deadline) for ref in refs])
+        return _with_images(request, dict(zip(refs, loaded, strict=True)))
+
+    async def _load_ref(self, ref: ImageRef, deadline: float) -> InputImage:
+        if isinstance(ref.source, bytes):  # an upload: its field names it already
+            return await self.verify(ref.source, label=ref.label)
+        with _about(ref.label):
+            if ref.form == "base64":
+                return await self._verify_text(ref.source, is_uri=False, label=ref.label)
+            return await self._load(ref.source, label=ref.label, deadline=deadline)
 
     async def load(self, ref: str, *, label: str) -> InputImage:
         """Load a data URI, an http(s) URL or raw base64; errors name `label` as their param."""
         with _about(label):
             return await self._load(ref, label=label)
 
-    async def _load(self, ref: str, *, label: str) -> InputImage:
+    async def _load(self, ref: str, *, label: str, deadline: float | None = None) -> InputImage:
         ref = ref.strip()
         match = _SCHEME.match(ref)
         scheme = match[1].lower() if match else None
         if scheme == "data":
             return await self._verify_text(ref, is_uri=True, label=label)
         if scheme in ("http", "https"):
-            body, _ = await self._fetcher.fetch(ref)
+            body = await self._fetch(ref, label=label, deadline=deadline)
             return await self.verify(body, label=label)
         if scheme is not None:
             raise InvalidRequest(
                 f"{_title(label)} uses the unsupported scheme '{scheme[:20]}:': send {_FORMS}."
             )
         return await self._load_raw(ref, label=label)
+
+    async def _fetch(self, url: str, *, label: str, deadline: float | None) -> bytes:
+        """The body of an image URL; with a `deadline` (the loop's clock), a URL still
+        arriving then fails the request, naming it."""
+        if deadline is None:
+            return (await self._fetcher.fetch(url))[0]
+        try:
+            async with asyncio.timeout_at(deadline):
+                return (await self._fetcher.fetch(url))[0]
+        except TimeoutError:
+            raise InvalidRequest(
+                f"{_title(label)} did not arrive: its URL was still loading after "
+                f"{self._fetch_seconds:g} seconds (IMAGEGATE_FETCH_TIMEOUT_SECONDS, one "
+                "deadline for all the images of a request). Send a faster URL, or the image "
+                "inline as base64."
+            ) from None
 
     async def load_base64(self, data: str, mime: str | None, *, label: str) -> InputImage:
         """Load raw base64 (e.g. Gemini inline_data); the format comes from the bytes, not mime."""
@@ -365,6 +414,50 @@ class ImageLoader:
         if len(text) > _THREAD_BYTES:
             return await asyncio.to_thread(_text_bytes, text, is_uri, label)
         return _text_bytes(text, is_uri, label)
+
+
+def _refs_of(request: UnresolvedRequest) -> Iterator[ImageRef]:
+    """Every image reference of a request, in the order the client gave them."""
+    for turn in request.conversation:
+        yield from (part.image for part in turn.parts if part.image is not None)
+    yield from request.images
+    if request.mask is not None:
+        yield request.mask
+
+
+async def _all_or_first_error(loads: list[Any]) -> list[InputImage]:
+    """Run the loads concurrently; on a failure cancel the others and raise the failure of
+    the earliest load that failed (errors name the same image whatever finished first)."""
+    tasks = [asyncio.ensure_future(load) for load in loads]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+    return [task.result() for task in tasks]
+
+
+def _with_images(request: UnresolvedRequest, loaded: dict[ImageRef, InputImage]) -> ResolvedRequest:
+    """`request` with each ref replaced by its loaded image."""
+
+    def part(p: Part[ImageRef]) -> Part[InputImage]:
+        image = loaded[p.image] if p.image is not None else None
+        return Part(p.text, image, p.thought_signature)
+
+    values: dict[str, Any] = {f.name: getattr(request, f.name) for f in fields(request)}
+    values["images"] = tuple(loaded[ref] for ref in request.images)
+    values["mask"] = loaded[request.mask] if request.mask is not None else None
+    values["conversation"] = tuple(
+        Turn(t.role, tuple(part(p) for p in t.parts)) for t in request.conversation
+    )
+    # Not ImageRequest[InputImage](...): calling a subscripted generic sets __orig_class__ on
+    # the instance, which a slots dataclass refuses at run time.
+    resolved: ResolvedRequest = ImageRequest(**values)
+    return resolved
 
 
 def _text_bytes(text: str, is_uri: bool, label: str) -> bytes:

@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from imagegate import metrics
 from imagegate.accounting.leases import CreditLeases, Lease, LeaseRules
 from imagegate.accounting.pricing import PriceList
-from imagegate.catalog import Catalog
+from imagegate.config import PricingConfig
 from imagegate.errors import PermissionDenied
 from imagegate.store import ledger
-from imagegate.types import GenerationResult, ImageRequest
+from imagegate.types import GenerationResult, ImageRequest, Img
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +27,8 @@ class Hold:
     """Credits reserved for one request on one account, and the prices they were reserved at
     (a config reload during the call does not change what it costs)."""
 
-    account: ledger.Account
+    account: ledger.Account | None
+    """None: an unlimited payer; nothing is reserved, the charge is only computed."""
     credits: int
     request_id: str
     """The ledger's id of this reservation: the request's id plus a per-process serial, because a
@@ -37,51 +38,73 @@ class Hold:
     """Served from this process's credit lease (no database work until the lease closes)."""
 
 
+_CACHED_PRICE_LISTS = 256
+
+
 class Billing:
+    """Reserves, settles and releases credits at the prices of the model asked for (the caller
+    resolved the model and passes its `PricingConfig`)."""
+
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        catalog: Catalog,
         credits_per_unit: int,
         leases: LeaseRules | None = None,
     ) -> None:
         """leases=None: every request reserves and settles in the database."""
         self.sessions = sessions
-        self.catalog = catalog
         self.credits_per_unit = credits_per_unit
         self.leases = CreditLeases(sessions, leases) if leases is not None else None
+        self._price_lists: dict[int, PriceList] = {}
 
-    def prices(self, model: str) -> PriceList:
-        return PriceList(self.catalog.config(model).pricing, self.credits_per_unit)
+    def prices(self, pricing: PricingConfig) -> PriceList:
+        """The price list of `pricing`, made once per config object (a reload makes new ones)."""
+        found = self._price_lists.get(id(pricing))
+        if found is None or found.pricing is not pricing:  # an id reused by a new object
+            if len(self._price_lists) >= _CACHED_PRICE_LISTS:
+                self._price_lists.clear()
+            found = self._price_lists[id(pricing)] = PriceList(pricing, self.credits_per_unit)
+        return found
 
     def reserve_now(
-        self, payer: str | None, request: ImageRequest, request_id: str
+        self,
+        payer: str | None,
+        request: ImageRequest[Img],
+        pricing: PricingConfig,
+        request_id: str,
     ) -> tuple[bool, Hold | None]:
-        """(True, hold) when no database work is needed: nothing to reserve, or this
-        process's credit lease covers it; (False, None): call `reserve`."""
-        if payer is None:
-            return True, None
-        prices = self.prices(request.model)
+        """(True, hold) when no database work is needed: nothing to reserve (a free model, an
+        unlimited payer), or this process's credit lease covers it; (False, None): call
+        `reserve`."""
+        prices = self.prices(pricing)
         if prices.free:
             return True, None
+        credits = prices.maximum(request).credits
+        if payer is None:
+            return True, Hold(None, credits, request_id, prices)
         if self.leases is None:
             return False, None
         account = ledger.Account.of(payer)
-        credits = prices.maximum(request).credits
         lease = self.leases.take_now(account, credits)
         if lease is None:
             return False, None
         return True, Hold(account, credits, _ledger_id(request_id), prices, lease)
 
     async def reserve(
-        self, payer: str | None, request: ImageRequest, request_id: str
+        self,
+        payer: str | None,
+        request: ImageRequest[Img],
+        pricing: PricingConfig,
+        request_id: str,
     ) -> Hold | None:
         """Reserve the request's maximum cost from the payer; 403 when the balance is short."""
-        prices = self.prices(request.model)
-        if payer is None or prices.free:
+        prices = self.prices(pricing)
+        if prices.free:
             return None
-        account = ledger.Account.of(payer)
         quote = prices.maximum(request)
+        if payer is None:
+            return Hold(None, quote.credits, request_id, prices)
+        account = ledger.Account.of(payer)
         ledger_id = _ledger_id(request_id)
         if self.leases is not None:
             lease = await self.leases.take(account, quote.credits)
@@ -100,29 +123,31 @@ class Billing:
         )
 
     async def settle(
-        self, hold: Hold | None, request: ImageRequest, result: GenerationResult
+        self, hold: Hold | None, request: ImageRequest[Img], result: GenerationResult
     ) -> int:
-        """Keep what the delivered images cost (at most the reservation); returns the charge."""
-        if hold is not None:
-            quote = hold.prices.charge(request, result, hold.credits)
-            if hold.lease is not None and self.leases is not None:
-                self.leases.spend(
-                    hold.lease, hold.credits, quote.credits, hold.request_id, quote.detail
-                )
-                return quote.credits
-            await asyncio.shield(self._close(hold, quote.credits, quote.detail))
-            return quote.credits
-        prices = self.prices(request.model)
-        if prices.free:
+        """Keep what the delivered images cost (at most the reservation); returns the charge
+        (0 with no hold: a free model)."""
+        if hold is None:
             return 0
-        return prices.charge(request, result, prices.maximum(request).credits).credits
+        quote = hold.prices.charge(request, result, hold.credits)
+        if hold.account is None:
+            return quote.credits
+        if hold.lease is not None and self.leases is not None:
+            self.leases.spend(
+                hold.lease, hold.credits, quote.credits, hold.request_id, quote.detail
+            )
+            return quote.credits
+        await asyncio.shield(self._close(hold, hold.account, quote.credits, quote.detail))
+        return quote.credits
 
     async def release(self, hold: Hold | None) -> None:
         """A failed or cancelled call: the whole reservation comes back."""
-        if hold is not None and hold.lease is not None and self.leases is not None:
+        if hold is None or hold.account is None:
+            return
+        if hold.lease is not None and self.leases is not None:
             self.leases.spend(hold.lease, hold.credits, 0, hold.request_id, "failed")
-        elif hold is not None:
-            await asyncio.shield(self._close(hold, 0, "failed"))
+        else:
+            await asyncio.shield(self._close(hold, hold.account, 0, "failed"))
 
     def forget(self, account: ledger.Account) -> None:
         """The account's balance changed: stop serving it from an old lease."""
@@ -138,11 +163,11 @@ class Billing:
         if self.leases is not None:
             await self.leases.close()
 
-    async def _close(self, hold: Hold, charge: int, detail: str) -> None:
+    async def _close(self, hold: Hold, account: ledger.Account, charge: int, detail: str) -> None:
         async with self.sessions() as session:
             await ledger.settle(
                 session,
-                hold.account,
+                account,
                 reserved=hold.credits,
                 charge=charge,
                 request_id=hold.request_id,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import os
 import secrets
@@ -35,7 +36,7 @@ import socket
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -45,6 +46,20 @@ from imagegate.store.models import utcnow
 
 logger = logging.getLogger(__name__)
 CLOSE_ATTEMPTS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseCharge:
+    """What one request served from a lease kept, written to the ledger when the lease closes."""
+
+    request_id: str
+    charge: int
+    detail: str
+    created_at: datetime
+
+    def row(self) -> dict[str, Any]:
+        """The ledger row's own columns (close_lease adds the account's)."""
+        return dataclasses.asdict(self)
 
 
 @dataclass(eq=False)
@@ -60,7 +75,7 @@ class Lease:
     retired: bool = False
     renewing: bool = False
     closed: bool = False
-    charges: list[dict[str, Any]] = field(default_factory=list)
+    charges: list[LeaseCharge] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,12 +153,7 @@ class CreditLeases:
         if not lease.retired:
             lease.free += reserved - charge
         lease.charges.append(
-            {
-                "request_id": request_id,
-                "charge": charge,
-                "detail": f"{detail} (lease {lease.id})",
-                "created_at": utcnow(),
-            }
+            LeaseCharge(request_id, charge, f"{detail} (lease {lease.id})", utcnow())
         )
         if lease.closed:
             logger.error("request %s ended after its lease %s closed", request_id, lease.id)
@@ -285,7 +295,7 @@ class CreditLeases:
                         lease_id=lease.id,
                         granted=lease.granted,
                         spent=lease.spent,
-                        charges=lease.charges,
+                        charges=[c.row() for c in lease.charges],
                         owner=self.owner,
                     )
                 return

@@ -9,13 +9,14 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
-from imagegate.api.deps import AdminKey, Service, SettingsDep
+from imagegate.api.deps import AdminKey, Auth, Service, SettingsDep
 from imagegate.api.openapi import CSV
 from imagegate.api.responses import JSON
 from imagegate.auth.passwords import MIN_PASSWORD_LENGTH
+from imagegate.auth.principal import Principal
+from imagegate.auth.service import Authenticator
 from imagegate.config import load_models
 from imagegate.errors import ConfigError, Conflict, InvalidRequest, NotFound
-from imagegate.service import ImageService, Principal
 from imagegate.store import audit, ledger
 from imagegate.store import keys as key_store
 from imagegate.store import usage as usage_store
@@ -88,8 +89,8 @@ def ok(data: Any) -> Response:
 
 
 @router.post("/keys")
-async def create_key(body: KeyCreate, admin: AdminKey, service: Service) -> Response:
-    async with service.sessions.begin() as session:
+async def create_key(body: KeyCreate, admin: AdminKey, auth: Auth) -> Response:
+    async with auth.sessions.begin() as session:
         user_id = None
         if body.user is not None:
             user = await user_store.find_user(session, username=body.user)
@@ -108,33 +109,33 @@ async def create_key(body: KeyCreate, admin: AdminKey, service: Service) -> Resp
 
 
 @router.get("/keys")
-async def list_keys(_admin: AdminKey, service: Service) -> Response:
-    async with service.sessions() as session:
+async def list_keys(_admin: AdminKey, auth: Auth) -> Response:
+    async with auth.sessions() as session:
         return ok([key_view(k) for k in await key_store.list_keys(session)])
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(key_id: int, admin: AdminKey, service: Service) -> Response:
+async def revoke_key(key_id: int, admin: AdminKey, auth: Auth) -> Response:
     if key_id == admin.key_id:
         raise Conflict(
             "This is the key you are using: revoke it with another admin key, or with "
             f"`imagegate keys revoke {key_id}`."
         )
-    async with service.sessions.begin() as session:
+    async with auth.sessions.begin() as session:
         key = await session.get(ApiKey, key_id)
         if key is not None and key.is_admin and key.revoked_at is None:
             await _keep_an_admin(session, without_key=key_id)
         if not await key_store.revoke_key(session, key_id=key_id):
             raise NotFound(f"No active key with id {key_id}.")
         await _audit(session, admin, "key.revoke", f"key:{key_id}", None)
-    service.forget_key(key_id)
+    auth.forget_key(key_id)
     return ok({"id": key_id, "revoked": True})
 
 
 @router.post("/users")
-async def create_user(body: UserCreate, admin: AdminKey, service: Service) -> Response:
+async def create_user(body: UserCreate, admin: AdminKey, auth: Auth) -> Response:
     try:
-        async with service.sessions.begin() as session:
+        async with auth.sessions.begin() as session:
             user = await user_store.create_user(
                 session, username=body.username, password=body.password, is_admin=body.is_admin
             )
@@ -148,29 +149,29 @@ async def create_user(body: UserCreate, admin: AdminKey, service: Service) -> Re
 
 
 @router.get("/users")
-async def list_users(_admin: AdminKey, service: Service) -> Response:
-    async with service.sessions() as session:
+async def list_users(_admin: AdminKey, auth: Auth) -> Response:
+    async with auth.sessions() as session:
         return ok([user_view(u) for u in await user_store.list_users(session)])
 
 
 @router.post("/users/{username}/disable")
-async def disable_user(username: str, admin: AdminKey, service: Service) -> Response:
-    return ok(await _set_disabled(service, admin, username, disabled=True))
+async def disable_user(username: str, admin: AdminKey, auth: Auth) -> Response:
+    return ok(await _set_disabled(auth, admin, username, disabled=True))
 
 
 @router.post("/users/{username}/enable")
-async def enable_user(username: str, admin: AdminKey, service: Service) -> Response:
-    return ok(await _set_disabled(service, admin, username, disabled=False))
+async def enable_user(username: str, admin: AdminKey, auth: Auth) -> Response:
+    return ok(await _set_disabled(auth, admin, username, disabled=False))
 
 
 @router.post("/users/{username}/revoke-tokens")
-async def revoke_tokens(username: str, admin: AdminKey, service: Service) -> Response:
+async def revoke_tokens(username: str, admin: AdminKey, auth: Auth) -> Response:
     """Every getToken token of the user issued so far stops working; its keys do not."""
-    async with service.sessions.begin() as session:
+    async with auth.sessions.begin() as session:
         user = await _user(session, username)
         await user_store.revoke_tokens(session, user)
         await _audit(session, admin, "user.revoke_tokens", f"user:{user.id}", None)
-    service.forget_user(user.id)
+    auth.forget_user(user.id)
     return ok({**user_view(user), "tokens_revoked": True})
 
 
@@ -181,23 +182,21 @@ class PasswordSet(BaseModel):
 
 
 @router.put("/users/{username}/password")
-async def set_password(
-    username: str, body: PasswordSet, admin: AdminKey, service: Service
-) -> Response:
+async def set_password(username: str, body: PasswordSet, admin: AdminKey, auth: Auth) -> Response:
     """A new password; the user's tokens issued before it stop working."""
-    async with service.sessions.begin() as session:
+    async with auth.sessions.begin() as session:
         user = await user_store.set_password(session, username=username, password=body.password)
         if user is None:
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
         await _audit(session, admin, "user.password", f"user:{user.id}", None)
-    service.forget_user(user.id)
+    auth.forget_user(user.id)
     return ok({**user_view(user), "tokens_revoked": True})
 
 
 async def _set_disabled(
-    service: ImageService, admin: Principal, username: str, *, disabled: bool
+    auth: Authenticator, admin: Principal, username: str, *, disabled: bool
 ) -> dict[str, Any]:
-    async with service.sessions.begin() as session:
+    async with auth.sessions.begin() as session:
         if disabled:
             await _may_disable(session, admin, username)
         user = await user_store.set_disabled(session, username=username, disabled=disabled)
@@ -205,7 +204,7 @@ async def _set_disabled(
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
         action = "user.disable" if disabled else "user.enable"
         await _audit(session, admin, action, f"user:{user.id}", None)
-    service.forget_user(user.id)  # its keys and tokens stop working in this process at once
+    auth.forget_user(user.id)  # its keys and tokens stop working in this process at once
     return user_view(user)
 
 
@@ -217,31 +216,29 @@ class BalanceSet(BaseModel):
 
 
 @router.put("/keys/{key_id}/balance")
-async def set_key_balance(
-    key_id: int, body: BalanceSet, admin: AdminKey, service: Service
-) -> Response:
-    async with service.sessions.begin() as session:
+async def set_key_balance(key_id: int, body: BalanceSet, admin: AdminKey, auth: Auth) -> Response:
+    async with auth.sessions.begin() as session:
         if await session.get(ApiKey, key_id) is None:
             raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
         account = ledger.Account("key", key_id)
         await ledger.set_balance(session, account, body.balance, admin.owner)
         await _audit(session, admin, "balance.set", account.label, body.model_dump())
-    service.forget_key(key_id)
+    auth.forget_key(key_id)
     return ok({"account": account.label, "balance": body.balance})
 
 
 @router.put("/users/{username}/balance")
 async def set_user_balance(
-    username: str, body: BalanceSet, admin: AdminKey, service: Service
+    username: str, body: BalanceSet, admin: AdminKey, auth: Auth
 ) -> Response:
-    async with service.sessions.begin() as session:
+    async with auth.sessions.begin() as session:
         user = await user_store.find_user(session, username=username)
         if user is None:
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
         account = ledger.Account("user", user.id)
         await ledger.set_balance(session, account, body.balance, admin.owner)
         await _audit(session, admin, "balance.set", account.label, body.model_dump())
-    service.forget_user(user.id)
+    auth.forget_user(user.id)
     return ok({"account": account.label, "balance": body.balance})
 
 
@@ -267,9 +264,7 @@ class KeyLimitsSet(LimitsSet):
 
 
 @router.put("/keys/{key_id}/limits")
-async def set_key_limits(
-    key_id: int, body: KeyLimitsSet, admin: AdminKey, service: Service
-) -> Response:
+async def set_key_limits(key_id: int, body: KeyLimitsSet, admin: AdminKey, auth: Auth) -> Response:
     changes = body.model_dump(exclude_unset=True)
     restricts = [name for name, value in changes.items() if value is not None]
     if key_id == admin.key_id and restricts:
@@ -277,7 +272,7 @@ async def set_key_limits(
             f"This is the key you are using: set {', '.join(restricts)} of it with another "
             "admin key, so that a mistake cannot lock you out."
         )
-    async with service.sessions.begin() as session:
+    async with auth.sessions.begin() as session:
         key = await session.get(ApiKey, key_id)
         if key is None:
             raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
@@ -287,28 +282,27 @@ async def set_key_limits(
             setattr(key, name, value)
         detail = body.model_dump(mode="json")
         await _audit(session, admin, "key.limits", f"key:{key_id}", detail)
-    service.forget_key(key_id)
+    auth.forget_key(key_id)
     return ok(key_view(key))
 
 
 @router.put("/users/{username}/limits")
-async def set_user_limits(
-    username: str, body: LimitsSet, admin: AdminKey, service: Service
-) -> Response:
-    async with service.sessions.begin() as session:
+async def set_user_limits(username: str, body: LimitsSet, admin: AdminKey, auth: Auth) -> Response:
+    async with auth.sessions.begin() as session:
         user = await user_store.find_user(session, username=username)
         if user is None:
             raise NotFound(f"No user {username!r}: see GET /admin/users.")
         for name, value in body.model_dump(exclude_unset=True).items():
             setattr(user, name, value)
         await _audit(session, admin, "user.limits", f"user:{user.id}", body.model_dump())
-    service.forget_user(user.id)
+    auth.forget_user(user.id)
     return ok(user_view(user))
 
 
 @router.get("/usage", responses=CSV)
 async def usage(
     admin: AdminKey,
+    auth: Auth,
     service: Service,
     key_id: int | None = None,
     user_id: int | None = None,
@@ -321,7 +315,7 @@ async def usage(
     """Usage rows, newest first; `format=csv` downloads them as CSV."""
     where = usage_store.UsageFilter(key_id, user_id, model, to_utc(since), to_utc(until))
     await service.usage.flush()
-    async with service.sessions() as session:
+    async with auth.sessions() as session:
         found = await usage_store.rows(session, where, limit)
     if format == "csv":
         headers = {"Content-Disposition": 'attachment; filename="usage.csv"'}
@@ -332,6 +326,7 @@ async def usage(
 @router.get("/usage/totals")
 async def usage_totals(
     admin: AdminKey,
+    auth: Auth,
     service: Service,
     by: Literal["model", "day"] = "model",
     key_id: int | None = None,
@@ -343,15 +338,15 @@ async def usage_totals(
     """Requests, images, credits and errors per model or per day (UTC)."""
     where = usage_store.UsageFilter(key_id, user_id, model, to_utc(since), to_utc(until))
     await service.usage.flush()
-    async with service.sessions() as session:
+    async with auth.sessions() as session:
         return ok(await usage_store.totals(session, where, by))
 
 
 @router.get("/audit")
 async def audit_trail(
-    admin: AdminKey, service: Service, limit: int = Query(default=100, ge=1, le=10_000)
+    admin: AdminKey, auth: Auth, limit: int = Query(default=100, ge=1, le=10_000)
 ) -> Response:
-    async with service.sessions() as session:
+    async with auth.sessions() as session:
         return ok(await audit.recent(session, limit))
 
 
@@ -362,13 +357,15 @@ async def models(admin: AdminKey, service: Service) -> Response:
 
 
 @router.post("/models/reload")
-async def reload_models(admin: AdminKey, service: Service, settings: SettingsDep) -> Response:
+async def reload_models(
+    admin: AdminKey, auth: Auth, service: Service, settings: SettingsDep
+) -> Response:
     """Re-read the model config file and serve it without a restart."""
     try:
         changes = await service.catalog.reload(load_models(settings))
     except ConfigError as exc:
         raise InvalidRequest(f"The model config was not reloaded: {exc}") from None
-    async with service.sessions.begin() as session:
+    async with auth.sessions.begin() as session:
         await _audit(session, admin, "models.reload", "catalog", changes)
     return ok(changes)
 

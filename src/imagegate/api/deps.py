@@ -6,15 +6,34 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from imagegate.auth.principal import Principal
+from imagegate.auth.service import Authenticator
 from imagegate.config import Settings
+from imagegate.delivery import Delivery
 from imagegate.errors import PermissionDenied
 from imagegate.images import ImageLoader
-from imagegate.service import ImageService, Principal
+from imagegate.service import ImageService
+from imagegate.tasks.service import TaskService
 
 
 def service_of(request: Request) -> ImageService:
     service: ImageService = request.app.state.service
     return service
+
+
+def auth_of(request: Request) -> Authenticator:
+    auth: Authenticator = request.app.state.auth
+    return auth
+
+
+def delivery_of(request: Request) -> Delivery:
+    delivery: Delivery = request.app.state.delivery
+    return delivery
+
+
+def tasks_of(request: Request) -> TaskService:
+    tasks: TaskService = request.app.state.tasks
+    return tasks
 
 
 def _settings(request: Request) -> Settings:
@@ -36,7 +55,7 @@ def bearer_token(request: Request) -> str | None:
 
 
 async def _principal(request: Request) -> Principal:
-    return await service_of(request).authenticate(bearer_token(request))
+    return await auth_of(request).authenticate(bearer_token(request))
 
 
 async def _admin(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
@@ -62,6 +81,18 @@ async def _service_dep(request: Request) -> ImageService:
     return service_of(request)
 
 
+async def _auth_dep(request: Request) -> Authenticator:
+    return auth_of(request)
+
+
+async def _delivery_dep(request: Request) -> Delivery:
+    return delivery_of(request)
+
+
+async def _tasks_dep(request: Request) -> TaskService:
+    return tasks_of(request)
+
+
 async def _settings_dep(request: Request) -> Settings:
     return _settings(request)
 
@@ -71,6 +102,9 @@ async def _loader_dep(request: Request) -> ImageLoader:
 
 
 Service = Annotated[ImageService, Depends(_service_dep)]
+Auth = Annotated[Authenticator, Depends(_auth_dep)]
+DeliveryDep = Annotated[Delivery, Depends(_delivery_dep)]
+TasksDep = Annotated[TaskService, Depends(_tasks_dep)]
 SettingsDep = Annotated[Settings, Depends(_settings_dep)]
 Loader = Annotated[ImageLoader, Depends(_loader_dep)]
 CurrentKey = Annotated[Principal, Depends(_principal)]

@@ -14,13 +14,13 @@ router = APIRouter(tags=["files"])
 async def get_file(
     key: str, request: Request, expires: int = 0, signature: str = ""
 ) -> FileResponse:
-    service = request.app.state.service
-    if not service.signer.verify(key, expires, signature):
+    delivery = request.app.state.delivery
+    if not delivery.signer.verify(key, expires, signature):
         raise PermissionDenied(
             "This image link is invalid or has expired: request the image "
             "again to get a fresh link."
         )
-    stored = await service.storage.open(key)
+    stored = await delivery.storage.open(key)
     if stored is None:
         raise NotFound("This image no longer exists: request the image again.")
     return FileResponse(

@@ -1,112 +1,24 @@
-"""Submitting, reading and cancelling async tasks: shared by the v1 and Lab v4 routes."""
+"""The HTTP side of async tasks: what a request says about them (Prefer, Idempotency-Key,
+its base URL). The task operations are tasks/service.py's TaskService."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Request
 
-from imagegate.api.deps import base_url
-from imagegate.errors import Conflict, InvalidRequest, NotFound
-from imagegate.fetch import Fetcher
-from imagegate.service import ImageService, Principal
-from imagegate.store import tasks as task_store
-from imagegate.store.models import Task
-from imagegate.tasks.queue import TaskQueue
+from imagegate.api.deps import TasksDep, base_url, tasks_of
+from imagegate.errors import InvalidRequest
+
+__all__ = ["TasksDep", "epoch", "idempotency_key_of", "prefers_async", "task_base_url", "tasks_of"]
 
 MAX_IDEMPOTENCY_KEY = 200
 MAX_BASE_URL = 500
 """tasks.base_url is String(500)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Tasks:
-    """The task operations of one request's app."""
-
-    service: ImageService
-    queue: TaskQueue
-    fetcher: Fetcher
-
-    async def submit(
-        self,
-        request: Request,
-        principal: Principal,
-        *,
-        dialect: str,
-        endpoint: str,
-        model: str,
-        body: dict[str, Any],
-        callback_url: str | None,
-        idempotency_key: str | None,
-        images: int = 1,
-    ) -> Task:
-        """Commit a task row and wake a worker; the caller answers only after this returns.
-        `images`: the most it may make, for the images-per-minute limit."""
-        self.service.authorize_model(principal, model)
-        await self._check_callback(callback_url)
-        new = task_store.NewTask(
-            owner=principal.owner,
-            key_id=principal.key_id,
-            user_id=principal.user_id,
-            dialect=dialect,
-            endpoint=endpoint,
-            model=model,
-            request=body,
-            base_url=_base_url(request),
-            idempotency_key=_idempotency_key(request, idempotency_key),
-            callback_url=callback_url,
-        )
-        try:
-            async with self.service.sessions() as session:
-                # A retry of a submitted task gets it back without counting as a new request.
-                if (task := await task_store.existing_task(session, new)) is not None:
-                    return task
-                await self.service.count_submission(principal, images)
-                task, created = await task_store.create_task(session, new)
-        except task_store.IdempotencyConflict as exc:
-            raise Conflict(str(exc)) from None
-        if created:
-            self.queue.submitted(task.id)
-        return task
-
-    async def find(self, principal: Principal, task_id: str) -> Task:
-        """The caller's task; someone else's is as unknown as a missing one."""
-        async with self.service.sessions() as session:
-            owner = None if principal.is_admin else principal.owner
-            task = await task_store.get_task(session, task_id, owner)
-        if task is None:
-            raise NotFound(
-                f"No task {task_id!r} for this API key: check the id returned when it was "
-                "submitted (tasks are visible only to the key or user that submitted them)."
-            )
-        return task
-
-    async def cancel(self, principal: Principal, task_id: str) -> Task:
-        task = await self.find(principal, task_id)
-        async with self.service.sessions() as session:
-            cancelled = await task_store.cancel(session, task.id)
-        if not cancelled:
-            raise Conflict(
-                f"Task {task_id} already ended ({task.status}); only queued or running tasks "
-                "can be cancelled."
-            )
-        self.queue.cancelled(task.id)
-        return await self.find(principal, task_id)
-
-    async def _check_callback(self, callback_url: str | None) -> None:
-        if callback_url is None:
-            return
-        try:
-            await self.fetcher.check(callback_url)
-        except InvalidRequest as exc:
-            raise InvalidRequest(
-                f"Invalid callback_url: {exc.message}", param="callback_url"
-            ) from None
-
-
-def _base_url(request: Request) -> str:
+def task_base_url(request: Request) -> str:
+    """Where the client reaches us, as a task keeps it (its links are signed for it later)."""
     url = base_url(request)
     if len(url) > MAX_BASE_URL:
         raise InvalidRequest(
@@ -118,7 +30,8 @@ def _base_url(request: Request) -> str:
     return url
 
 
-def _idempotency_key(request: Request, from_body: str | None) -> str | None:
+def idempotency_key_of(request: Request, from_body: str | None) -> str | None:
+    """The Idempotency-Key header, else the body's key (Lab's `idempotencyKey`), checked."""
     key = request.headers.get("idempotency-key") or from_body
     # PostgreSQL cannot store NUL in a text column.
     if key is not None and (not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or "\x00" in key):
@@ -141,16 +54,3 @@ def epoch(moment: datetime | None) -> int | None:
     if moment is None:
         return None
     return int((moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp())
-
-
-def tasks_of(request: Request) -> Tasks:
-    tasks: Tasks = request.app.state.tasks
-    return tasks
-
-
-async def _tasks(request: Request) -> Tasks:
-    # async: FastAPI runs a plain `def` dependency in a worker thread, a hop per request.
-    return tasks_of(request)
-
-
-TasksDep = Annotated[Tasks, Depends(_tasks)]

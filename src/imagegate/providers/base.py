@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+import httpx
+from pydantic import BaseModel, ConfigDict, SecretStr
 
+from imagegate.config import ChannelConfig, ModelDefaultsConfig
 from imagegate.errors import InvalidRequest
-from imagegate.types import GenerationResult, ImageRequest, InputImage
+from imagegate.fetch import Fetcher
+from imagegate.types import GenerationResult, InputImage, ResolvedRequest, UnresolvedRequest
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,15 +42,69 @@ class ProviderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    """The server-wide limits a provider honours (the server's configuration is never given
+    to providers whole)."""
+
+    max_output_bytes: int = 64 * 1024 * 1024
+    """Cap on one image downloaded from an upstream's result link."""
+    max_image_pixels: int = 40_000_000
+    """Cap on the pixels of one image an upstream returns."""
+    fetch_timeout_seconds: float = 15.0
+    fetch_allow_networks: tuple[str, ...] = ()
+    """CIDRs the SSRF-guarded fetcher may reach although private or loopback."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProviderContext:
+    """Everything one provider instance is given: its channel and nothing else of the server.
+
+    The catalog builds it from the server's configuration and imagegate.yaml
+    (catalog.provider_context), so a provider, first-party or a plugin, depends on this shape
+    only and never reads the configuration or the environment itself.
+    """
+
+    name: str
+    """The channel's name (the model's name for the `provider:` form)."""
+    channel: ChannelConfig
+    """The channel as configured, with `upstream_model` always set; `options` is the raw
+    mapping to validate with a ProviderOptions subclass."""
+    defaults: ModelDefaultsConfig
+    api_key: SecretStr | None = None
+    """The channel's api_key, else the provider's `key_variable` from the environment."""
+    base_url: str | None = None
+    """The channel's base_url, else the provider's `base_url_variable`; None: its default."""
+    limits: ProviderLimits = ProviderLimits()
+    fetcher: Callable[[float], Fetcher]
+    """Makes the SSRF-guarded fetcher for links an upstream returns, given its timeout."""
+    http: Callable[..., httpx.AsyncClient]
+    """Makes the pooled HTTP client of a cloud provider: `http(base_url=..., timeout=...)`."""
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.channel.options
+
+    @property
+    def upstream_model(self) -> str:
+        return self.channel.upstream_model or self.name
+
+
 @runtime_checkable
 class Provider(Protocol):
     """One configured model served by one backend.
 
-    Constructed as `cls(name=..., options=..., defaults=..., settings=..., channel=...)`:
-    `name` is the channel's name, `options` the raw `options` mapping of the channel in the
-    config file (validate it with a ProviderOptions subclass), `defaults` a
-    config.ModelDefaultsConfig, `settings` the config.Settings and `channel` the
-    config.ChannelConfig (upstream model name, api key, base URL, timeout) or None.
+    Constructed as `cls(context)` with a ProviderContext: the channel (upstream model name,
+    raw options, timeout), the model's defaults, the resolved API key and base URL, the
+    server's limits, and factories for the SSRF-guarded fetcher and the HTTP client. A provider
+    class may declare, as class attributes, `key_variable` and `base_url_variable` (the
+    environment variables the catalog reads its key and base URL from, e.g.
+    "IMAGEGATE_GEMINI_API_KEY") and `known_models` (the models enabled once that key is set);
+    docs/providers/README.md has the whole contract for plugins.
+
+    `generate` gets a request the service already checked against `capabilities` (once, before
+    any image was fetched) and whose reference images are loaded and verified; it may still
+    refuse values only it knows to be wrong, with InvalidRequest naming the parameter.
     """
 
     capabilities: Capabilities
@@ -54,7 +112,7 @@ class Provider(Protocol):
     async def start(self) -> None:
         """Prepare (load weights, open connections); called at startup or on first use."""
 
-    async def generate(self, request: ImageRequest) -> GenerationResult: ...
+    async def generate(self, request: ResolvedRequest) -> GenerationResult: ...
 
     async def close(self) -> None: ...
 
@@ -90,8 +148,10 @@ def check_counts(model: str, caps: Capabilities, n: int, max_images: int | None)
         )
 
 
-def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) -> None:
-    """Refuse what the model cannot do, naming the parameter and the model."""
+def check_capabilities(model: str, caps: Capabilities, request: UnresolvedRequest) -> None:
+    """Refuse what the model cannot do, naming the parameter and the model. The service runs
+    it once per request, before any image is loaded (the mask's size is checked by
+    `check_mask` once it is)."""
     check_counts(model, caps, request.n, request.max_images)
     if request.images and not caps.image_edit:
         raise InvalidRequest(
@@ -131,11 +191,9 @@ def check_capabilities(model: str, caps: Capabilities, request: ImageRequest) ->
             "remove it from the request.",
             param=unknown[0],
         )
-    if request.mask is not None:
-        check_mask(model, request.mask, request.images)
 
 
-def _check_images_per_turn(model: str, caps: Capabilities, request: ImageRequest) -> None:
+def _check_images_per_turn(model: str, caps: Capabilities, request: UnresolvedRequest) -> None:
     """Images sent together are used together or refused, never silently dropped."""
     most = caps.max_images_per_turn
     if most is None or not request.images:
@@ -177,7 +235,7 @@ _SEQUENTIAL_OFF = ("", "disabled")
 _PROMPT_MODE_DEFAULT = ("", "standard")
 
 
-def fit_hints(caps: Capabilities, request: ImageRequest) -> tuple[ImageRequest, bool]:
+def fit_hints(caps: Capabilities, request: UnresolvedRequest) -> tuple[UnresolvedRequest, bool]:
     """The request without the values that ask only for the model's default or for "off" on a
     model that has no such field (Lab clients send them all the time), and whether imagegate
     must watermark the images itself (docs/api.md, "Fields every client may send").
@@ -210,4 +268,29 @@ def fit_hints(caps: Capabilities, request: ImageRequest) -> tuple[ImageRequest, 
     stamp = False
     if request.watermark is not None and "watermark" not in accepts:
         stamp, changes["watermark"] = request.watermark, None
+    _drop_hints(request, accepts, extras, changes)
     return (replace(request, **changes) if changes else request), stamp
+
+
+_CAPABILITY_OF = {"sequential": "sequential_image_generation"}
+"""ImageRequest fields whose capability (in `accepts`) has another name."""
+_FIELD_OF = {capability: name for name, capability in _CAPABILITY_OF.items()}
+
+
+def _drop_hints(
+    request: UnresolvedRequest,
+    accepts: frozenset[str],
+    extras: dict[str, Any],
+    changes: dict[str, Any],
+) -> None:
+    """Unset the request's hints (fields a dialect always sends) that the model does not
+    take, instead of leaving them for check_capabilities to refuse."""
+    for hint in sorted(request.hints):
+        capability = _CAPABILITY_OF.get(hint, hint)
+        if capability in accepts:
+            continue
+        if hint in extras:
+            del extras[hint]
+            changes["extras"] = extras
+        elif capability in _FIELD_PRESENT and _FIELD_PRESENT[capability](request):
+            changes[_FIELD_OF.get(capability, capability)] = None

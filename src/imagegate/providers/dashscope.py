@@ -20,7 +20,6 @@ import httpx
 import orjson
 from pydantic import Field, field_validator
 
-from imagegate.config import Settings
 from imagegate.errors import (
     ConfigError,
     ContentBlocked,
@@ -29,15 +28,18 @@ from imagegate.errors import (
     ProviderTimeout,
 )
 from imagegate.progress import current_reporter
-from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
+from imagegate.providers.fanout import merge_outcomes
 from imagegate.providers.http import CloudProvider, retry_after
 from imagegate.types import (
+    FailedImage,
     GeneratedImage,
     GenerationResult,
-    ImageRequest,
     InputImage,
+    ResolvedRequest,
     Size,
     SizeKind,
+    Usage,
 )
 
 logger = logging.getLogger(__name__)
@@ -112,13 +114,15 @@ class DashScopeOptions(ProviderOptions):
 
 class DashScopeProvider(CloudProvider):
     provider = "dashscope"
-    key_setting = "dashscope_api_key"
+    key_variable = "IMAGEGATE_DASHSCOPE_API_KEY"
+    base_url_variable = "IMAGEGATE_DASHSCOPE_BASE_URL"
+    known_models = ("qwen-image-plus", "qwen-image", "qwen-image-edit-plus", "qwen-image-edit")
     default_base_url = "https://dashscope.aliyuncs.com"
     Options = DashScopeOptions
 
-    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(settings=settings, **kwargs)
-        self.max_pixels = settings.max_image_pixels
+    def __init__(self, context: ProviderContext) -> None:
+        super().__init__(context)
+        self.max_pixels = context.limits.max_image_pixels
         self.opts = cast(DashScopeOptions, self.options)
         chosen = self.opts.family
         family = FAMILIES[chosen] if chosen else detect_family(self.upstream_model)
@@ -132,9 +136,7 @@ class DashScopeProvider(CloudProvider):
         self.client.headers["Authorization"] = f"Bearer {self.api_key}"
         self.client.event_hooks["response"] = [_raise_for_code]
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
-        _check_image_count(self.family, request)
-        check_capabilities(request.model, self.capabilities, request)
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         fan_out = self.family.native_n < request.n
         if request.seed is not None:  # fan-out calls use seed, seed+1, ...
             _check_seed(request.model, request.seed + (request.n - 1 if fan_out else 0))
@@ -144,9 +146,9 @@ class DashScopeProvider(CloudProvider):
         calls = [
             self._call(request, _with_seed(parameters, request.seed, i)) for i in range(request.n)
         ]
-        return _merge(await asyncio.gather(*calls, return_exceptions=True))
+        return merge_outcomes("dashscope", await asyncio.gather(*calls, return_exceptions=True))
 
-    def _parameters(self, request: ImageRequest, fan_out: bool) -> dict[str, Any]:
+    def _parameters(self, request: ResolvedRequest, fan_out: bool) -> dict[str, Any]:
         family, model = self.family, request.model
         params: dict[str, Any] = {}
         if request.size is not None:
@@ -165,7 +167,7 @@ class DashScopeProvider(CloudProvider):
             params["seed"] = request.seed
         return params
 
-    async def _call(self, request: ImageRequest, parameters: dict[str, Any]) -> GenerationResult:
+    async def _call(self, request: ResolvedRequest, parameters: dict[str, Any]) -> GenerationResult:
         if self.family.asynchronous:
             task = {"prompt": request.prompt}
             if request.negative_prompt:
@@ -213,12 +215,8 @@ class DashScopeProvider(CloudProvider):
             await asyncio.sleep(min(delay, remaining))
             if loop.time() - started > _STEADY_POLLING_SECONDS:
                 delay = min(self.opts.poll_max_interval_seconds, delay * 1.5)
-            try:
-                answer = await self.send_json("GET", path)
-            except ProviderError as exc:
-                if not exc.retryable:
-                    raise
-                logger.warning("dashscope task %s: poll failed, polling on: %s", task_id, exc)
+            answer = await self.poll_task(task_id, path)
+            if answer is None:
                 continue
             output = answer.get("output") if isinstance(answer, dict) else None
             status = output.get("task_status") if isinstance(output, dict) else None
@@ -249,15 +247,7 @@ class DashScopeProvider(CloudProvider):
         return await self.send_json("POST", path, content=orjson.dumps(body), headers=headers)
 
     async def _image(self, url: str, revised_prompt: str) -> GeneratedImage:
-        # Retry the download here: a retry by the router would pay for a new generation.
-        for attempt in range(DOWNLOAD_TRIES):
-            try:
-                data, _ = await self.download(url)
-                break
-            except ProviderError:
-                if attempt == DOWNLOAD_TRIES - 1:
-                    raise
-                await asyncio.sleep(0.1 * 2**attempt)
+        data = await self.download_result(url, DOWNLOAD_TRIES)
         return await self.verified_image(
             data, revised_prompt=revised_prompt, max_pixels=self.max_pixels
         )
@@ -288,22 +278,6 @@ def _capabilities(family: Family) -> Capabilities:
         max_input_images=MAX_EDIT_IMAGES if family.edit else 0,
         accepts=frozenset(accepts),
     )
-
-
-def _check_image_count(family: Family, request: ImageRequest) -> None:
-    count = len(request.images)
-    if family.edit and count > MAX_EDIT_IMAGES:
-        raise InvalidRequest(
-            f"Invalid parameter: image count exceeds limit: model {request.model} takes 1 to "
-            f"{MAX_EDIT_IMAGES} images, got {count}.",
-            param="image",
-        )
-    if family.edit and count == 0:
-        raise InvalidRequest(
-            f"Model {request.model} edits 1 to {MAX_EDIT_IMAGES} images and got none: put the "
-            "images in contents before the instruction, or send image/images.",
-            param="image",
-        )
 
 
 def _size(family: Family, model: str, size: Size, fixed: tuple[str, ...]) -> str:
@@ -383,28 +357,12 @@ def _dig(value: Any, *keys: str) -> Any:
     return value
 
 
-def _usage(answer: dict[str, Any], failures: list[dict[str, Any]]) -> dict[str, Any]:
+def _usage(answer: dict[str, Any], failures: list[dict[str, Any]]) -> Usage:
+    """DashScope reports only how many images it made (usage.image_count)."""
     count = _dig(answer, "usage", "image_count")
-    usage: dict[str, Any] = {"image_count": count} if isinstance(count, int) else {}
-    if failures:
-        usage["failed_images"] = failures
-    return usage
-
-
-def _merge(outcomes: list[GenerationResult | BaseException]) -> GenerationResult:
-    """Fan-out results: keep every image made; fail only when every call failed."""
-    results = [o for o in outcomes if isinstance(o, GenerationResult)]
-    errors = [o for o in outcomes if not isinstance(o, GenerationResult)]
-    if not results:
-        raise errors[0]
-    failed = [{"code": type(e).__name__, "message": str(e)[:500]} for e in errors]
-    for result in results:
-        failed += result.usage.get("failed_images", [])
-    usage: dict[str, Any] = {"image_count": sum(r.usage.get("image_count", 0) for r in results)}
-    if failed:
-        usage["failed_images"] = failed
-        logger.warning("dashscope: %d of %d calls failed", len(errors), len(outcomes))
-    return GenerationResult(images=tuple(i for r in results for i in r.images), usage=usage)
+    failed = tuple(FailedImage(f["code"], f["message"], f["index"]) for f in failures)
+    upstream = {"image_count": count} if isinstance(count, int) else {}
+    return Usage(failed_images=failed, upstream=upstream)
 
 
 def _task_error(task_id: str, status: str, output: dict[str, Any]) -> ProviderError:

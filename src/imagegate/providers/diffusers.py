@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import diffusers
 import torch
@@ -31,16 +31,17 @@ from diffusers.utils import deprecation_utils
 from pydantic import Field, ValidationError, model_validator
 
 from imagegate.bounds import MAX_STEPS
-from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
+from imagegate.config import ModelDefaultsConfig
 from imagegate.errors import ConfigError, ImagegateError, ProviderError
 from imagegate.progress import current_reporter
-from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
 from imagegate.providers.diffusers_batch import Images, accepts, run_batch
 from imagegate.providers.diffusers_plan import Job, Planner
 from imagegate.providers.runner import Batch, PipelineRunner, RunnerClosed
 from imagegate.types import (
     GenerationResult,
-    ImageRequest,
+    ResolvedRequest,
+    Usage,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,24 +128,21 @@ class _Work:
 class DiffusersProvider:
     """One diffusers pipeline served from this process."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        options: dict[str, Any],
-        defaults: ModelDefaultsConfig,
-        settings: Settings,
-        channel: ChannelConfig | None = None,
-    ) -> None:
-        self.name = name
-        self.options = _parse_options(name, options)
+    # Local weights: no key, no base URL, no models enabled from the environment.
+    key_variable: ClassVar[str | None] = None
+    base_url_variable: ClassVar[str | None] = None
+    known_models: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, context: ProviderContext) -> None:
+        self.name = name = context.name
+        defaults = context.defaults
+        self.options = _parse_options(name, context.options)
         if defaults.steps is not None and defaults.steps > self.options.max_steps:
             raise ConfigError(
                 f"Model {name}: defaults.steps {defaults.steps} is above options.max_steps "
                 f"{self.options.max_steps}; lower the default or raise max_steps."
             )
         self._planner = Planner(name, self.options, defaults)
-        self.settings = settings
         self.pipeline_class = _import_pipeline_class(name, self.options.pipeline_class)
         self.capabilities = Capabilities(
             text_to_image=True,
@@ -190,14 +188,13 @@ class DiffusersProvider:
     def defaults(self, value: ModelDefaultsConfig) -> None:
         self._planner.defaults = value
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         """Generate images; progress goes to the `progress.current_reporter()` of the caller.
 
         Cancelling the awaiting task cancels the job: a queued job never runs, a running one's
         images are dropped (its batch stops early when no other job in it is still awaited).
         """
         reporter = current_reporter()
-        check_capabilities(self.name, self.capabilities, request)
         output_format = self._planner.output_format(request)
         loaded = await self._ensure_loaded()
         job = self._planner.plan(
@@ -219,11 +216,13 @@ class DiffusersProvider:
             ),
             "generate images",
         )
-        usage = {
-            "images": len(images),
-            "num_inference_steps": job.steps,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        usage = Usage(
+            upstream={
+                "images": len(images),
+                "num_inference_steps": job.steps,
+                "milliseconds": round((time.perf_counter() - started) * 1000),
+            }
+        )
         return GenerationResult(images=images, usage=usage)
 
     # -- loading (runner thread) -------------------------------------------------------------

@@ -44,7 +44,7 @@ def run_batch(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> list[Images]:
 
 
 def _call_kwargs(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> dict[str, Any]:
-    """The call's arguments: per-image lists, and the first job's shared settings."""
+    """The call's arguments: per-image lists, and the first job's shared parameters."""
     head = jobs[0]
     kwargs: dict[str, Any] = {
         "prompt": [job.prompt for job in jobs for _ in job.seeds],

@@ -16,7 +16,7 @@ from PIL import Image
 
 from imagegate.config import ModelDefaultsConfig
 from imagegate.errors import InvalidRequest
-from imagegate.types import ImageRequest, InputImage, Size, SizeKind
+from imagegate.types import InputImage, ResolvedRequest, Size, SizeKind
 
 if TYPE_CHECKING:
     from imagegate.providers.diffusers import DiffusersOptions
@@ -71,7 +71,7 @@ class Planner:
         self.options = options
         self.defaults = defaults
 
-    def output_format(self, request: ImageRequest) -> str:
+    def output_format(self, request: ResolvedRequest) -> str:
         fmt = (request.output_format or "png").lower()
         if fmt not in FORMATS:
             raise InvalidRequest(
@@ -83,7 +83,7 @@ class Planner:
 
     def plan(
         self,
-        request: ImageRequest,
+        request: ResolvedRequest,
         *,
         native_side: int,
         default_steps: int,
@@ -163,7 +163,7 @@ class Planner:
                 param="n" if n > 1 and width * height <= bound else "size",
             )
 
-    def _strength(self, request: ImageRequest, can_edit: bool, steps: int) -> float:
+    def _strength(self, request: ResolvedRequest, can_edit: bool, steps: int) -> float:
         if not can_edit:
             raise InvalidRequest(
                 f"Model {self.name} cannot edit images: its pipeline has no "
@@ -183,7 +183,7 @@ class Planner:
         return strength
 
     def _size(
-        self, request: ImageRequest, native_side: int, init: InputImage | None
+        self, request: ResolvedRequest, native_side: int, init: InputImage | None
     ) -> tuple[int, int]:
         opts = self.options
         if request.size is None and init is not None:

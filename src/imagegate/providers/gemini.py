@@ -23,11 +23,18 @@ import orjson
 from PIL import Image
 from pydantic import Field
 
-from imagegate.errors import ContentBlocked, ImagegateError, InvalidRequest, ProviderError
+from imagegate.errors import ContentBlocked, InvalidRequest, ProviderError
 from imagegate.images import sniff_b64
-from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
-from imagegate.providers.http import CloudProvider
-from imagegate.types import GeneratedImage, GenerationResult, ImageRequest, SizeKind
+from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
+from imagegate.providers.http import CloudProvider, all_or_nothing
+from imagegate.types import (
+    GeneratedImage,
+    GenerationResult,
+    ResolvedRequest,
+    SizeKind,
+    Usage,
+    total_usage,
+)
 
 RATIOS = ("1:1", "2:3", "3:2", "3:4", "4:3", "4:5", "5:4", "9:16", "16:9", "21:9")
 # Nebula's published table (reference/nebula-api.md §4.1), odd 3:4/4:3/21:9 entries included.
@@ -96,17 +103,24 @@ class GeminiOptions(ProviderOptions):
 class _Reply:
     images: list[GeneratedImage]
     text: str
-    usage: dict[str, int]
+    usage: Usage
 
 
 class GeminiProvider(CloudProvider):
     provider = "gemini"
-    key_setting = "gemini_api_key"
+    key_variable = "IMAGEGATE_GEMINI_API_KEY"
+    base_url_variable = "IMAGEGATE_GEMINI_BASE_URL"
+    known_models = (
+        "gemini-2.5-flash-image",
+        "gemini-2.5-flash-image-preview",
+        "gemini-3-pro-image-preview",
+        "gemini-3.1-flash-image-preview",
+    )
     default_base_url = "https://generativelanguage.googleapis.com"
     Options = GeminiOptions
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, context: ProviderContext) -> None:
+        super().__init__(context)
         assert isinstance(self.options, GeminiOptions)
         self.gemini: GeminiOptions = self.options
         self.capabilities = Capabilities(
@@ -119,8 +133,7 @@ class GeminiProvider(CloudProvider):
         )
         self.path = f"/v1beta/models/{self.upstream_model.removeprefix('models/')}:generateContent"
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
-        check_capabilities(request.model, self.capabilities, request)
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         base = self._body(request)
         output_mime = _output_mime(request)
         seeds = [None if request.seed is None else request.seed + i for i in range(request.n)]
@@ -130,13 +143,13 @@ class GeminiProvider(CloudProvider):
             images = [await _converted(image, output_mime) for image in images]
         return GenerationResult(
             images=tuple(images),
-            usage=_sum_usage([r.usage for r in replies]),
+            usage=total_usage(r.usage for r in replies),
             text="\n\n".join(r.text for r in replies if r.text),
         )
 
     # -- request ----------------------------------------------------------------------------
 
-    def _body(self, request: ImageRequest) -> dict[str, Any]:
+    def _body(self, request: ResolvedRequest) -> dict[str, Any]:
         config: dict[str, Any] = {"responseModalities": _modalities(request.extras)}
         image_config = self._image_config(request)
         if image_config:
@@ -157,7 +170,7 @@ class GeminiProvider(CloudProvider):
             body["systemInstruction"] = {"parts": [{"text": instruction}]}
         return body
 
-    def _image_config(self, request: ImageRequest) -> dict[str, str]:
+    def _image_config(self, request: ResolvedRequest) -> dict[str, str]:
         config: dict[str, str] = {}
         size = request.size
         tier = f"{size.tier}K" if size is not None and size.kind is SizeKind.TIER else None
@@ -183,7 +196,7 @@ class GeminiProvider(CloudProvider):
             config["personGeneration"] = value
         return config
 
-    def _ratio(self, request: ImageRequest) -> str:
+    def _ratio(self, request: ResolvedRequest) -> str:
         size = request.size
         assert size is not None
         if size.kind is SizeKind.RATIO:
@@ -205,15 +218,7 @@ class GeminiProvider(CloudProvider):
     # -- calls ------------------------------------------------------------------------------
 
     async def _fan_out(self, calls: list[tuple[dict[str, Any], int | None]]) -> list[_Reply]:
-        if len(calls) == 1:
-            return [await self._call(*calls[0])]
-        # All or nothing: the first failure cancels the other calls (they cost money).
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._call(*call)) for call in calls]
-        except ExceptionGroup as failed:
-            raise _first_error(failed) from None
-        return [task.result() for task in tasks]
+        return await all_or_nothing([self._call(*call) for call in calls])
 
     async def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -244,7 +249,7 @@ class GeminiProvider(CloudProvider):
 # -- request helpers ---------------------------------------------------------------------------
 
 
-def _contents(request: ImageRequest) -> list[dict[str, Any]]:
+def _contents(request: ResolvedRequest) -> list[dict[str, Any]]:
     if not request.conversation:
         parts: list[dict[str, Any]] = [{"text": request.prompt}]
         parts += [_inline(image.data, image.mime) for image in request.images]
@@ -318,7 +323,7 @@ def _sampling(extras: dict[str, Any]) -> dict[str, float | int]:
     return config
 
 
-def _tier(request: ImageRequest, from_size: str | None) -> str | None:
+def _tier(request: ResolvedRequest, from_size: str | None) -> str | None:
     """The imageSize tier: from size or image_size (which must agree), else from quality."""
     raw = request.extras.get("image_size")
     given = str(raw).strip().upper() if raw is not None else None
@@ -341,7 +346,7 @@ def _tier(request: ImageRequest, from_size: str | None) -> str | None:
         ) from None
 
 
-def _output_mime(request: ImageRequest) -> str | None:
+def _output_mime(request: ResolvedRequest) -> str | None:
     wanted = OUTPUT_MIMES.get(request.output_format or "")
     mime = request.extras.get("mime_type")
     if mime is None:
@@ -448,33 +453,17 @@ def _convert(image: GeneratedImage, mime: str) -> GeneratedImage:
     )
 
 
-def _usage(metadata: Any) -> dict[str, int]:
+def _usage(metadata: Any) -> Usage:
+    """Gemini's usageMetadata: prompt, candidates (the output) and total token counts."""
     if not isinstance(metadata, dict):
-        return {}
-    names = (
-        ("input_tokens", "promptTokenCount"),
-        ("output_tokens", "candidatesTokenCount"),
-        ("total_tokens", "totalTokenCount"),
+        return Usage()
+
+    def count(name: str) -> int | None:
+        value = metadata.get(name)
+        return int(value) if value is not None else None
+
+    return Usage(
+        input_tokens=count("promptTokenCount"),
+        output_tokens=count("candidatesTokenCount"),
+        total_tokens=count("totalTokenCount"),
     )
-    return {ours: int(metadata[theirs]) for ours, theirs in names if theirs in metadata}
-
-
-def _sum_usage(usages: list[dict[str, int]]) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for usage in usages:
-        for name, value in usage.items():
-            total[name] = total.get(name, 0) + value
-    return total
-
-
-def _first_error(group: BaseExceptionGroup[Exception]) -> Exception:
-    """The error to report from a failed fan-out: the first typed one, else the first."""
-    leaves: list[Exception] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            pending = list(exc.exceptions) + pending
-        elif isinstance(exc, Exception):
-            leaves.append(exc)
-    return next((e for e in leaves if isinstance(e, ImagegateError)), leaves[0])

@@ -10,28 +10,28 @@ import email.utils
 import functools
 import logging
 import time
-from typing import Any, ClassVar
+from collections.abc import Coroutine
+from typing import Any, ClassVar, TypeVar
 
 import httpx
 import orjson
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from imagegate import fastjson
-from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import (
     ConfigError,
+    ImagegateError,
     PayloadTooLarge,
     ProviderError,
     ProviderTimeout,
     UnreadableImage,
 )
-from imagegate.fetch import Fetcher
 from imagegate.images import verify_image
-from imagegate.providers.base import ProviderOptions
-from imagegate.providers.transport import AiohttpTransport
+from imagegate.providers.base import ProviderContext, ProviderOptions
 from imagegate.types import GeneratedImage
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OUTPUT_MAX_PIXELS = 64_000_000
 """Pixel cap on an upstream's image when the provider sets none of its own."""
@@ -48,27 +48,26 @@ class CloudProvider:
     """Base of HTTP providers. Subclasses set the class attributes and implement generate."""
 
     provider: ClassVar[str]
-    """Provider name, as in the config and the IMAGEGATE_<NAME>_* settings."""
-    key_setting: ClassVar[str]
-    """The Settings field holding this provider's key, e.g. "gemini_api_key"."""
+    """Provider name, as in the config."""
+    key_variable: ClassVar[str | None] = None
+    """The environment variable holding this provider's key, e.g. "IMAGEGATE_GEMINI_API_KEY";
+    None: the key comes from the channel only."""
+    base_url_variable: ClassVar[str | None] = None
+    """The environment variable that overrides default_base_url."""
+    known_models: ClassVar[tuple[str, ...]] = ()
+    """Models served with no config once key_variable is set."""
+    needs_key: ClassVar[bool] = True
     default_base_url: ClassVar[str]
     default_timeout: ClassVar[float] = 180.0
     Options: ClassVar[type[ProviderOptions]] = ProviderOptions
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        options: dict[str, Any],
-        defaults: ModelDefaultsConfig,
-        settings: Settings,
-        channel: ChannelConfig | None = None,
-    ) -> None:
-        channel = channel or ChannelConfig(name=name, provider=self.provider)
-        self.name = name
-        self.defaults = defaults
+    def __init__(self, context: ProviderContext) -> None:
+        self.context = context
+        self.name = name = context.name
+        self.defaults = context.defaults
+        channel = context.channel
         try:
-            self.options = self.Options.model_validate(options)
+            self.options = self.Options.model_validate(context.options)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "options"
@@ -76,38 +75,28 @@ class CloudProvider:
                 f"Invalid options for channel {channel.name or name} "
                 f"({self.provider}): {field}: {first['msg']}."
             ) from None
-        self.upstream_model = channel.upstream_model or name
-        self.api_key = self._api_key(channel, settings)
-        prefix = self.key_setting.removesuffix("_api_key")
-        self.base_url = (
-            channel.base_url
-            or getattr(settings, f"{prefix}_base_url", None)
-            or self.default_base_url
-        ).rstrip("/")
+        self.upstream_model = context.upstream_model
+        self.api_key = self._api_key(context)
+        self.base_url = (context.base_url or self.default_base_url).rstrip("/")
         self.timeout = channel.timeout or self.default_timeout
-        self.max_output_bytes = settings.max_output_bytes
-        self.transport = AiohttpTransport()
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=self.timeout,
-            trust_env=False,
-            transport=self.transport,
-        )
-        self.fetcher = Fetcher(
-            timeout=max(self.timeout, settings.fetch_timeout_seconds),
-            max_bytes=self.max_output_bytes,
-            allow_networks=settings.fetch_allow_networks,
-        )
+        self.max_output_bytes = context.limits.max_output_bytes
+        self.client = context.http(base_url=self.base_url, timeout=self.timeout)
+        # The factory's transport: `_direct` sends plain requests to it without the client's
+        # per-call work.
+        self.transport = self.client._transport
+        self.fetcher = context.fetcher(max(self.timeout, context.limits.fetch_timeout_seconds))
 
-    def _api_key(self, channel: ChannelConfig, settings: Settings) -> str:
-        key: SecretStr | None = channel.api_key or getattr(settings, self.key_setting)
-        if key is None:
-            raise ConfigError(
-                f"No API key for channel {channel.name or self.name}: set "
-                f"IMAGEGATE_{self.key_setting.upper()} or add api_key to the channel in "
-                "imagegate.yaml."
-            )
-        return key.get_secret_value()
+    def _api_key(self, context: ProviderContext) -> str:
+        key = context.api_key
+        if key is not None:
+            return key.get_secret_value()
+        if not self.needs_key:
+            return ""
+        where = f"set {self.key_variable} or add" if self.key_variable else "add"
+        raise ConfigError(
+            f"No API key for channel {context.channel.name or self.name}: {where} api_key to "
+            "the channel in imagegate.yaml."
+        )
 
     async def start(self) -> None:
         return None
@@ -177,6 +166,28 @@ class CloudProvider:
                 retryable=True,
             ) from exc
 
+    async def poll_task(self, task_id: str, url: str) -> Any | None:
+        """One poll of an upstream task: its JSON answer, or None after a transient failure
+        (logged). A task being polled is never resubmitted because of a hiccup, only polled
+        again: a second submission would be billed again."""
+        try:
+            return await self.send_json("GET", url)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            logger.warning("%s task %s: poll failed, polling on: %s", self.provider, task_id, exc)
+            return None
+
+    async def download_result(self, url: str, tries: int = 3) -> bytes:
+        """A finished task's result link, retried here: a retry by the router would pay for a
+        new generation."""
+        for attempt in range(tries - 1):
+            try:
+                return (await self.download(url))[0]
+            except ProviderError:
+                await asyncio.sleep(0.1 * 2**attempt)
+        return (await self.download(url))[0]
+
     async def verified_image(
         self, data: bytes, *, revised_prompt: str = "", max_pixels: int | None = None
     ) -> GeneratedImage:
@@ -197,6 +208,32 @@ class CloudProvider:
         return GeneratedImage(
             data, info.mime, info.width, info.height, revised_prompt=revised_prompt
         )
+
+
+async def all_or_nothing(calls: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Concurrent upstream calls of one fan-out (n calls for n images): the first failure
+    cancels the others, since each costs money, and is raised (the first ImagegateError
+    among the failures, else the first)."""
+    if len(calls) == 1:
+        return [await calls[0]]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except ExceptionGroup as failed:
+        raise _first_error(failed) from None
+    return [task.result() for task in tasks]
+
+
+def _first_error(group: BaseExceptionGroup[Exception]) -> Exception:
+    leaves: list[Exception] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending = list(exc.exceptions) + pending
+        elif isinstance(exc, Exception):
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, ImagegateError)), leaves[0])
 
 
 def parse_json(provider: str, response: httpx.Response) -> Any:

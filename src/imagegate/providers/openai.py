@@ -2,7 +2,7 @@
 
 Text-to-image is `POST /images/generations`; a request with reference images is
 `POST /images/edits` as multipart, one `image[]` part per image and `mask` when the request
-carries one (`ImageRequest.mask`, checked by base.check_capabilities). Every option is checked
+carries one (`ImageRequest.mask`, checked by the service first). Every option is checked
 against the model family's allowed values before anything is sent, so a bad value is our 400
 naming the parameter and the model, not an upstream round trip. docs/providers/openai.md has
 the rules.
@@ -18,18 +18,18 @@ from typing import Any, ClassVar
 import httpx
 import orjson
 
-from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ContentBlocked, InvalidRequest, ProviderError
 from imagegate.images import sniff_b64
-from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
 from imagegate.providers.http import CloudProvider
 from imagegate.types import (
     GeneratedImage,
     GenerationResult,
-    ImageRequest,
     InputImage,
+    ResolvedRequest,
     Size,
     SizeKind,
+    Usage,
 )
 
 STANDARD_SIZES = ("1024x1024", "1024x1536", "1536x1024")
@@ -54,7 +54,14 @@ class OpenAIOptions(ProviderOptions):
 
 class OpenAIProvider(CloudProvider):
     provider: ClassVar[str] = "openai"
-    key_setting: ClassVar[str] = "openai_api_key"
+    key_variable: ClassVar[str | None] = "IMAGEGATE_OPENAI_API_KEY"
+    base_url_variable: ClassVar[str | None] = "IMAGEGATE_OPENAI_BASE_URL"
+    known_models: ClassVar[tuple[str, ...]] = (
+        "gpt-image-1",
+        "gpt-image-1-mini",
+        "gpt-image-1.5",
+        "gpt-image-2",
+    )
     default_base_url: ClassVar[str] = "https://api.openai.com/v1"
     Options: ClassVar[type[ProviderOptions]] = OpenAIOptions
     capabilities = Capabilities(
@@ -77,18 +84,8 @@ class OpenAIProvider(CloudProvider):
     )
     image_field: str = "image[]"
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        options: dict[str, Any],
-        defaults: ModelDefaultsConfig,
-        settings: Settings,
-        channel: ChannelConfig | None = None,
-    ) -> None:
-        super().__init__(
-            name=name, options=options, defaults=defaults, settings=settings, channel=channel
-        )
+    def __init__(self, context: ProviderContext) -> None:
+        super().__init__(context)
         self.client.headers.update(self._headers())
         # A safety refusal is an ordinary 400 to the shared error mapping; this hook sees the
         # body first and raises ContentBlocked, which is never retried nor failed over.
@@ -105,8 +102,7 @@ class OpenAIProvider(CloudProvider):
                 headers["OpenAI-Project"] = options.project
         return headers
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
-        check_capabilities(request.model, self.capabilities, request)
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         request = self._with_defaults(request)
         self.validate(request)
         fields = self.fields(request)
@@ -123,14 +119,14 @@ class OpenAIProvider(CloudProvider):
             )
         return await self.parse(body)
 
-    def _with_defaults(self, request: ImageRequest) -> ImageRequest:
+    def _with_defaults(self, request: ResolvedRequest) -> ResolvedRequest:
         if request.size is None and self.defaults.size:
             return replace(request, size=Size.parse(self.defaults.size))
         return request
 
     # ---------------------------------------------------------------- request mapping
 
-    def validate(self, request: ImageRequest) -> None:
+    def validate(self, request: ResolvedRequest) -> None:
         """Refuse values the upstream model would refuse, naming the parameter and model."""
         model = request.model
         self._check_size(model, request.size)
@@ -192,7 +188,7 @@ class OpenAIProvider(CloudProvider):
                 param=name,
             )
 
-    def _check_edit_only(self, model: str, request: ImageRequest) -> None:
+    def _check_edit_only(self, model: str, request: ResolvedRequest) -> None:
         if "input_fidelity" not in request.extras:
             return
         if not request.images:
@@ -207,7 +203,7 @@ class OpenAIProvider(CloudProvider):
                 param="input_fidelity",
             )
 
-    def fields(self, request: ImageRequest) -> dict[str, Any]:
+    def fields(self, request: ResolvedRequest) -> dict[str, Any]:
         """The JSON body of a generation, or the text fields of an edit."""
         fields: dict[str, Any] = {"model": self.upstream_model, "prompt": request.prompt}
         fields["n"] = request.n
@@ -226,7 +222,7 @@ class OpenAIProvider(CloudProvider):
             fields["response_format"] = "b64_json"  # gpt-image always answers b64_json
         return fields
 
-    def _files(self, request: ImageRequest) -> list[tuple[str, tuple[str, bytes, str]]]:
+    def _files(self, request: ResolvedRequest) -> list[tuple[str, tuple[str, bytes, str]]]:
         files = [
             (self.image_field, (_filename(f"image-{i}", image), image.data, image.mime))
             for i, image in enumerate(request.images)
@@ -245,10 +241,7 @@ class OpenAIProvider(CloudProvider):
                 f"{self.provider} answered without images (channel {self.name}).", retryable=True
             )
         images = await asyncio.gather(*(self._image(item) for item in items))
-        usage = body.get("usage")
-        return GenerationResult(
-            images=tuple(images), usage=usage if isinstance(usage, dict) else {}
-        )
+        return GenerationResult(images=tuple(images), usage=Usage.from_counts(body.get("usage")))
 
     async def _image(self, item: Any) -> GeneratedImage:
         if not isinstance(item, dict):
@@ -289,7 +282,7 @@ class OpenAIProvider(CloudProvider):
             )
 
 
-def _check_compression(model: str, request: ImageRequest) -> None:
+def _check_compression(model: str, request: ResolvedRequest) -> None:
     value = request.extras.get("output_compression")
     if value is None:
         return

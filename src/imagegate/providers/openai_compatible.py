@@ -14,13 +14,12 @@ import re
 from typing import Any, ClassVar, Literal
 
 import httpx
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, field_validator
 
-from imagegate.config import ChannelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, InvalidRequest
-from imagegate.providers.base import Capabilities, ProviderOptions
+from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
 from imagegate.providers.openai import OpenAIProvider
-from imagegate.types import ImageRequest, SizeKind
+from imagegate.types import ResolvedRequest, SizeKind
 
 DEFAULT_ACCEPTS = frozenset(
     {
@@ -71,28 +70,23 @@ class CompatibleOptions(ProviderOptions):
 
 class OpenAICompatibleProvider(OpenAIProvider):
     provider: ClassVar[str] = "openai_compatible"
-    key_setting: ClassVar[str] = "openai_api_key"
+    # No key or base URL from the environment: IMAGEGATE_OPENAI_API_KEY must never reach a
+    # third-party server, and each channel names its own upstream.
+    key_variable: ClassVar[str | None] = None
+    base_url_variable: ClassVar[str | None] = None
+    known_models: ClassVar[tuple[str, ...]] = ()
+    needs_key: ClassVar[bool] = False
     default_base_url: ClassVar[str] = ""
     Options: ClassVar[type[ProviderOptions]] = CompatibleOptions
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        options: dict[str, Any],
-        defaults: ModelDefaultsConfig,
-        settings: Settings,
-        channel: ChannelConfig | None = None,
-    ) -> None:
-        if channel is None or not channel.base_url:
+    def __init__(self, context: ProviderContext) -> None:
+        if not context.channel.base_url:
             raise ConfigError(
-                f"Channel {name} (provider openai_compatible) has no base_url: add the "
+                f"Channel {context.name} (provider openai_compatible) has no base_url: add the "
                 "upstream's address, e.g. base_url: http://10.0.0.5:8080/v1, to the channel "
                 "in imagegate.yaml."
             )
-        super().__init__(
-            name=name, options=options, defaults=defaults, settings=settings, channel=channel
-        )
+        super().__init__(context)
         opts = self.compat
         self.image_field = opts.image_field
         self.capabilities = Capabilities(
@@ -109,11 +103,7 @@ class OpenAICompatibleProvider(OpenAIProvider):
         assert isinstance(self.options, CompatibleOptions)
         return self.options
 
-    def _api_key(self, channel: ChannelConfig, settings: Settings) -> str:
-        key: SecretStr | None = channel.api_key
-        return key.get_secret_value() if key is not None else ""
-
-    def validate(self, request: ImageRequest) -> None:
+    def validate(self, request: ResolvedRequest) -> None:
         """Only what the wire itself needs; the upstream judges the values."""
         size = request.size
         if size is not None and size.kind is not SizeKind.PIXELS:
@@ -123,7 +113,7 @@ class OpenAICompatibleProvider(OpenAIProvider):
                 param="size",
             )
 
-    def fields(self, request: ImageRequest) -> dict[str, Any]:
+    def fields(self, request: ResolvedRequest) -> dict[str, Any]:
         accepts = self.compat.accepts
         fields: dict[str, Any] = {"model": self.upstream_model, "prompt": request.prompt}
         fields["n"] = request.n
@@ -137,7 +127,7 @@ class OpenAICompatibleProvider(OpenAIProvider):
             fields["sequential_image_generation"] = request.sequential
             if request.max_images is not None:
                 fields["sequential_image_generation_options"] = {"max_images": request.max_images}
-        # check_capabilities has refused any extra not in `accepts` already.
+        # The service's capability check has refused any extra not in `accepts` already.
         for name, value in request.extras.items():
             if value is not None:
                 fields[name] = value

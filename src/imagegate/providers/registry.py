@@ -3,15 +3,21 @@
 Nothing imports a provider module by name, so the gateway never imports torch unless a
 local model is configured. Third-party providers register through the entry-point group
 `imagegate.providers`; a model's `provider` may also be a "module:Class" path directly.
+A provider class declares its own environment variables and known models (`env_providers`),
+so adding one takes its module and one line here (docs/providers/README.md).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
 from imagegate.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 _BUILTIN: dict[str, str] = {
     "diffusers": "imagegate.providers.diffusers:DiffusersProvider",
@@ -21,6 +27,9 @@ _BUILTIN: dict[str, str] = {
     "seedream": "imagegate.providers.seedream:SeedreamProvider",
     "dashscope": "imagegate.providers.dashscope:DashScopeProvider",
 }
+# Never imported to read declarations: the local provider's module imports torch (seconds and
+# gigabytes), and it has no key to enable anything with.
+_LOCAL = frozenset({"diffusers"})
 _registered: dict[str, str] = {}
 
 
@@ -61,3 +70,42 @@ def load_class(name: str) -> Any:
         return getattr(module, attr)
     except AttributeError as exc:
         raise ConfigError(f"Provider {name!r}: {module_name} has no {attr}.") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class EnvProvider:
+    """What a registered provider class declares about the environment."""
+
+    name: str
+    key_variable: str
+    """e.g. "IMAGEGATE_GEMINI_API_KEY": setting it enables known_models."""
+    base_url_variable: str | None
+    known_models: tuple[str, ...]
+
+
+def env_providers() -> list[EnvProvider]:
+    """The registered providers (built-ins and plugins) that declare a key variable, in
+    registration order. One that cannot be imported is skipped (and logged at debug): a
+    broken plugin must not keep the others' models from being enabled."""
+    found: list[EnvProvider] = []
+    for name in available():
+        if name in _LOCAL:
+            continue
+        try:
+            cls = load_class(name)
+        except Exception as exc:
+            logger.debug("provider %s is skipped for environment keys: %s", name, exc)
+            continue
+        key = getattr(cls, "key_variable", None)
+        base = getattr(cls, "base_url_variable", None)
+        models = getattr(cls, "known_models", ())
+        if isinstance(key, str) and key:
+            found.append(
+                EnvProvider(
+                    name=name,
+                    key_variable=key,
+                    base_url_variable=base if isinstance(base, str) else None,
+                    known_models=tuple(str(m) for m in models),
+                )
+            )
+    return found

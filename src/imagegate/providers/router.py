@@ -17,7 +17,7 @@ from imagegate import metrics
 from imagegate.errors import ProviderError, ProviderTimeout
 from imagegate.providers.base import Capabilities, Provider
 from imagegate.timing import upstream_call
-from imagegate.types import GenerationResult, ImageRequest
+from imagegate.types import GenerationResult, ResolvedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Router:
         for channel in self.channels:
             await channel.provider.close()
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         last: ProviderError | None = None
         for channel in self.order():
             try:
@@ -147,7 +147,7 @@ class Router:
         rng = self.backoff.rng
         return sorted(channels, key=lambda c: rng.random() ** (1 / c.weight), reverse=True)
 
-    async def _try_channel(self, channel: Channel, request: ImageRequest) -> GenerationResult:
+    async def _try_channel(self, channel: Channel, request: ResolvedRequest) -> GenerationResult:
         error: ProviderError | None = None
         for attempt in range(channel.max_retries + 1):
             if not channel.breaker.allow():
@@ -171,7 +171,7 @@ class Router:
         )
 
     @staticmethod
-    async def _attempt(channel: Channel, request: ImageRequest) -> GenerationResult:
+    async def _attempt(channel: Channel, request: ResolvedRequest) -> GenerationResult:
         try:
             with upstream_call():
                 async with asyncio.timeout(channel.timeout):

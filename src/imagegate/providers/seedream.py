@@ -19,22 +19,24 @@ from typing import Any, Literal, cast
 import httpx
 import orjson
 
-from imagegate.config import Settings
 from imagegate.errors import (
     ConfigError,
     ContentBlocked,
     InvalidRequest,
     ProviderError,
 )
-from imagegate.providers.base import Capabilities, ProviderOptions, check_capabilities
+from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
+from imagegate.providers.fanout import merge_outcomes
 from imagegate.providers.http import CloudProvider, retry_after
 from imagegate.types import (
+    FailedImage,
     GeneratedImage,
     GenerationResult,
-    ImageRequest,
     InputImage,
+    ResolvedRequest,
     Size,
     SizeKind,
+    Usage,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,13 +135,20 @@ class SeedreamOptions(ProviderOptions):
 
 class SeedreamProvider(CloudProvider):
     provider = "seedream"
-    key_setting = "ark_api_key"
+    key_variable = "IMAGEGATE_ARK_API_KEY"
+    base_url_variable = "IMAGEGATE_ARK_BASE_URL"
+    known_models = (
+        "doubao-seedream-4-0-250828",
+        "doubao-seedream-4-5-251128",
+        "doubao-seedream-3-0-t2i-250415",
+        "doubao-seededit-3-0-i2i-250628",
+    )
     default_base_url = "https://ark.cn-beijing.volces.com/api/v3"
     Options = SeedreamOptions
 
-    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
-        super().__init__(settings=settings, **kwargs)
-        self.max_pixels = settings.max_image_pixels
+    def __init__(self, context: ProviderContext) -> None:
+        super().__init__(context)
+        self.max_pixels = context.limits.max_image_pixels
         self.opts = cast(SeedreamOptions, self.options)
         chosen = self.opts.family
         family = FAMILIES[chosen] if chosen else detect_family(self.upstream_model)
@@ -154,8 +163,7 @@ class SeedreamProvider(CloudProvider):
         self.client.headers["Authorization"] = f"Bearer {self.api_key}"
         self.client.event_hooks["response"] = [_raise_for_safety]
 
-    async def generate(self, request: ImageRequest) -> GenerationResult:
-        check_capabilities(request.model, self.capabilities, request)
+    async def generate(self, request: ResolvedRequest) -> GenerationResult:
         body = self._body(request)
         if self.family.group or request.n == 1:
             return await self._call(body)
@@ -163,9 +171,9 @@ class SeedreamProvider(CloudProvider):
         seeds = [None if request.seed is None else request.seed + i for i in range(request.n)]
         calls = [self._call(_with_seed(body, seed)) for seed in seeds]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        return _merge(outcomes)
+        return merge_outcomes("seedream", outcomes)
 
-    def _body(self, request: ImageRequest) -> dict[str, Any]:
+    def _body(self, request: ResolvedRequest) -> dict[str, Any]:
         family, model = self.family, request.model
         body: dict[str, Any] = {
             "model": self.upstream_model,
@@ -340,7 +348,7 @@ def _optimize(family: Family, model: str, options: Any) -> dict[str, Any]:
     return dict(options)
 
 
-def _group(family: Family, model: str, request: ImageRequest) -> dict[str, Any]:
+def _group(family: Family, model: str, request: ResolvedRequest) -> dict[str, Any]:
     """sequential_image_generation(+options) from n, sequential and max_images."""
     mode, max_images, n = request.sequential, request.max_images, request.n
     room = MAX_GROUP - len(request.images)
@@ -385,33 +393,11 @@ def _split_items(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     return good, failures
 
 
-def _usage(answer: dict[str, Any], failures: list[dict[str, Any]]) -> dict[str, Any]:
-    raw = answer.get("usage")
-    usage: dict[str, Any] = {}
-    if isinstance(raw, dict):
-        usage = {k: v for k, v in raw.items() if isinstance(v, int)}
-    if failures:
-        usage["failed_images"] = failures
-    return usage
-
-
-def _merge(outcomes: list[GenerationResult | BaseException]) -> GenerationResult:
-    """Fan-out results: keep every image made; fail only when every call failed."""
-    results = [o for o in outcomes if isinstance(o, GenerationResult)]
-    errors = [o for o in outcomes if not isinstance(o, GenerationResult)]
-    if not results:
-        raise errors[0]
-    usage: dict[str, Any] = {}
-    failed = [{"code": type(e).__name__, "message": str(e)[:500]} for e in errors]
-    for result in results:
-        failed += result.usage.get("failed_images", [])
-        for key, value in result.usage.items():
-            if isinstance(value, int):
-                usage[key] = usage.get(key, 0) + value
-    if failed:
-        usage["failed_images"] = failed
-        logger.warning("seedream: %d of %d calls failed", len(errors), len(outcomes))
-    return GenerationResult(images=tuple(i for r in results for i in r.images), usage=usage)
+def _usage(answer: dict[str, Any], failures: list[dict[str, Any]]) -> Usage:
+    """Seedream's usage object (generated_images, output_tokens, total_tokens) and the items
+    that failed."""
+    failed = tuple(FailedImage(f["code"], f["message"], f["index"]) for f in failures)
+    return Usage.from_counts(answer.get("usage"), failed)
 
 
 def _error(error: dict[str, Any], *, every_image: bool) -> ProviderError:

@@ -71,3 +71,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def pooled_client(*, base_url: str = "", timeout: float | None = None) -> httpx.AsyncClient:
+    """The HTTP client of one cloud channel: its own aiohttp pool, and no proxies from the
+    environment (a proxy would see the provider's key)."""
+    return httpx.AsyncClient(
+        base_url=base_url, timeout=timeout, trust_env=False, transport=AiohttpTransport()
+    )

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from imagegate import logs
+from imagegate.records import UsageRecord
 from imagegate.store.bulk import fit, insert_many
 from imagegate.store.models import Usage, utcnow
 
@@ -54,9 +55,9 @@ class UsageWriter:
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
-    def record(self, **row: Any) -> None:
-        row.setdefault("created_at", utcnow())
-        self._queue.put_nowait(row)
+    def record(self, record: UsageRecord) -> None:
+        """Queue `record`'s row, stamped with the time it was queued."""
+        self._queue.put_nowait({**record.row(), "created_at": utcnow()})
         if self._task is None or self._task.done():
             # A context of its own: a copy of the first recorder's would give every line the
             # writer logs that request's id.

@@ -5,26 +5,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from imagegate.accounting.limits import Subject
+from imagegate.auth.principal import Principal
+from imagegate.auth.service import Authenticator
+from imagegate.delivery import Delivery
 from imagegate.errors import ImagegateError, RateLimited
 from imagegate.progress import Reporter, reporting_to
-from imagegate.service import ImageService, Principal
+from imagegate.records import UsageRecord
+from imagegate.service import ImageService, Translate
 from imagegate.store.models import Task
 from imagegate.store.tasks import FAILED, SUCCEEDED
-from imagegate.types import ImageRequest
 
 DEFERRED = "deferred"
 """Not run: the owner's concurrency limit is reached; the task waits in the queue."""
 
 logger = logging.getLogger(__name__)
 
-Prepare = Callable[[], Awaitable[ImageRequest]]
-Parse = Callable[[dict[str, Any]], tuple[str, Prepare]]
-"""A stored request body -> (model name, how to build its ImageRequest)."""
+Parse = Callable[[Task], tuple[str, Translate]]
+"""A stored task -> (model name, how to translate its body into the request)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,32 +34,34 @@ class Outcome:
     status: str
     result: dict[str, Any] | None
     error: dict[str, Any] | None
-    usage: dict[str, Any] = field(default_factory=dict)
-    """What the service recorded of the generation (images, charge, channel, ...)."""
+    record: UsageRecord | None = None
+    """The service's record of the generation; None when it never started (a revoked key)."""
     wait_seconds: float = 0.0
     """DEFERRED: back to the queue for this long."""
 
-    def usage_row(self, task: Task) -> dict[str, Any]:
-        """The task's one usage row, written in the transaction that finishes it."""
-        row = {
-            "request_id": task.id,
-            "key_id": task.key_id,
-            "user_id": task.user_id,
-            "model": task.model,
-            "endpoint": task.endpoint,
-            "images": 0,
-            "latency_ms": 0.0,
-            "status": 200 if self.error is None else int(self.error["code"]),
-            "error": None if self.error is None else str(self.error["message"]),
-        }
-        row.update(self.usage)
-        row["request_id"] = task.id
-        return row
+    def usage(self, task: Task) -> UsageRecord:
+        """The task's one usage record, written in the transaction that finishes it: under
+        the task's id (each attempt generates under its own)."""
+        if self.record is not None:
+            return replace(self.record, request_id=task.id)
+        return UsageRecord(
+            request_id=task.id,
+            key_id=task.key_id,
+            user_id=task.user_id,
+            model=task.model,
+            endpoint=task.endpoint,
+            status=200 if self.error is None else int(self.error["code"]),
+            error=None if self.error is None else str(self.error["message"]),
+        )
 
 
 class TaskExecutor:
-    def __init__(self, service: ImageService, parse: Parse) -> None:
+    def __init__(
+        self, service: ImageService, auth: Authenticator, delivery: Delivery, parse: Parse
+    ) -> None:
         self.service = service
+        self.auth = auth
+        self.delivery = delivery
         self.parse = parse
 
     async def run(self, task: Task, report: Reporter) -> Outcome:
@@ -72,7 +76,7 @@ class TaskExecutor:
 
     async def _run(self, task: Task, report: Reporter) -> Outcome:
         try:
-            submitter = await self.service.principal_for(task.key_id, task.user_id)
+            submitter = await self.auth.principal_for(task.key_id, task.user_id)
         except ImagegateError as exc:
             return Outcome(FAILED, None, {"code": exc.status, "message": exc.message})
         # Counted against the per-minute limits when submitted; here only a slot is taken.
@@ -96,30 +100,34 @@ class TaskExecutor:
             logger.exception("could not give back a concurrency slot")
 
     async def _generate(self, task: Task, submitter: Principal, report: Reporter) -> Outcome:
-        usage: dict[str, Any] = {}
+        records: list[UsageRecord] = []
         principal = submitter.limited_to(per_minute=False, concurrency=False)
         try:
-            model, prepare = self.parse(task.request)
+            model, translate = self.parse(task)
             with reporting_to(report):
                 _, result = await self.service.generate(
                     principal,
                     model,
-                    prepare,
+                    translate,
                     endpoint=task.endpoint,
                     # One id per attempt: a reservation left by a crashed attempt stays
                     # distinguishable from the next attempt's (usage reconcile refunds it).
                     request_id=f"{task.id}.{task.attempts}",
-                    usage_row=usage,
+                    record=records.append,
                 )
-            kept = await self.service.keep(result.images)
+            kept = await self.delivery.keep(result.images)
         except ImagegateError as exc:
             error = {"code": exc.status, "message": exc.message}
-            return Outcome(FAILED, None, error, usage)
+            return Outcome(FAILED, None, error, _last(records))
         except Exception:  # a full disk, a bug, ...
             logger.exception("task %s failed", task.id)
-            return Outcome(FAILED, None, _internal_error(task), usage)
+            return Outcome(FAILED, None, _internal_error(task), _last(records))
         body = {"images": kept, "created": int(time.time()), "channel": result.channel}
-        return Outcome(SUCCEEDED, body, None, usage)
+        return Outcome(SUCCEEDED, body, None, _last(records))
+
+
+def _last(records: list[UsageRecord]) -> UsageRecord | None:
+    return records[-1] if records else None
 
 
 def _internal_error(task: Task) -> dict[str, Any]:

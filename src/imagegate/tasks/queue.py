@@ -191,7 +191,7 @@ class InProcessQueue:
         """Record the outcome. If that fails, record it without its usage row (logged instead),
         and failing that, record the task as failed: an error here is never left to the lease
         to expire, which would run the task again and take it for a crash of its worker."""
-        usage = outcome.usage_row(task)
+        usage = outcome.usage(task).row()
         try:
             done = await self._record(task, outcome, usage)
         except Exception:

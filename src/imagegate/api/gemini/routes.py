@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.responses import Response
 
-from imagegate.api.deps import Loader, Service, bearer_token, request_id
+from imagegate.api.deps import Auth, Service, bearer_token, request_id
 from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.errors import describe_validation
 from imagegate.api.gemini.models import page, to_model
@@ -25,9 +25,8 @@ from imagegate.api.gemini.protocol import ErrorResponse, GenerateContentRequest,
 from imagegate.api.gemini.translate import response_modalities, to_image_request, to_response
 from imagegate.api.nebula.render import channel_header
 from imagegate.api.responses import JSON
+from imagegate.auth.principal import Principal
 from imagegate.errors import AuthenticationFailed, ImagegateError, UnknownModel
-from imagegate.service import Principal
-from imagegate.types import ImageRequest
 
 _STATUS = {
     400: "INVALID_ARGUMENT",
@@ -81,7 +80,7 @@ class GeminiRoute(APIRoute):
         return handle
 
 
-async def _principal(request: Request, service: Service) -> Principal:
+async def _principal(request: Request, auth: Auth) -> Principal:
     secret = (
         request.headers.get("x-goog-api-key")
         or request.query_params.get("key")
@@ -92,7 +91,7 @@ async def _principal(request: Request, service: Service) -> Principal:
             "Missing API key: send it in the x-goog-api-key header, as ?key=, or as "
             "'Authorization: Bearer sk-...'. Create a key with `imagegate keys create`."
         )
-    return await service.authenticate(secret)
+    return await auth.authenticate(secret)
 
 
 GeminiKey = Annotated[Principal, Depends(_principal)]
@@ -105,19 +104,17 @@ async def generate_content(
     request: Request,
     principal: GeminiKey,
     service: Service,
-    loader: Loader,
 ) -> Response:
     modalities = response_modalities(body)
-
-    async def prepare() -> ImageRequest:
-        accepts = (await service.catalog.provider(model)).capabilities.accepts
-        return await to_image_request(model, body, loader, accepts=accepts, bounds=service.bounds)
-
     rid = request_id(request)
     image_request, result = await unless_client_leaves(
         request,
         service.generate(
-            principal, model, prepare, endpoint="gemini.generateContent", request_id=rid
+            principal,
+            model,
+            lambda: to_image_request(model, body, bounds=service.bounds),
+            endpoint="gemini.generateContent",
+            request_id=rid,
         ),
     )
     response = to_response(
@@ -135,11 +132,10 @@ async def stream_generate_content(
     request: Request,
     principal: GeminiKey,
     service: Service,
-    loader: Loader,
 ) -> Response:
     """Images arrive whole in Gemini's stream too: the answer is one chunk, as SSE with
     `?alt=sse` (what the SDKs ask for), else as a JSON array."""
-    answer = await generate_content(model, body, request, principal, service, loader)
+    answer = await generate_content(model, body, request, principal, service)
     headers = {k: v for k, v in answer.headers.items() if k.startswith("x-imagegate-")}
     if request.query_params.get("alt") == "sse":
         event = b"data: " + bytes(answer.body) + b"\r\n\r\n"

@@ -9,7 +9,11 @@ Any configured model answers in this dialect, local or cloud. The choices:
 - `temperature`, `topP`, `topK`, `personGeneration` and `systemInstruction` become provider
   extras: models that cannot honour them refuse them by name.
 - `responseModalities` must include IMAGE. ["IMAGE"] drops text parts from the answer here,
-  and is passed on to models that accept it (Gemini then spends no tokens on text).
+  and is passed on as the `response_modalities` extra, a request hint: models that accept it
+  get it (Gemini then spends no tokens on text), the capability check drops it for the others.
+
+Translation is synchronous and pure: `inlineData` images stay base64 `ImageRef`s, which the
+service decodes and verifies only after the request passed every check.
 """
 
 from __future__ import annotations
@@ -29,19 +33,30 @@ from imagegate.api.gemini.protocol import (
 )
 from imagegate.bounds import MAX_SEED, Bounds, short
 from imagegate.errors import InvalidRequest
-from imagegate.images import ImageLoader
-from imagegate.types import GenerationResult, ImageRequest, Role, Size, Turn
+from imagegate.types import (
+    GenerationResult,
+    ImageRef,
+    ImageRequest,
+    Role,
+    Size,
+    Turn,
+    UnresolvedRequest,
+    Usage,
+)
 from imagegate.types import Part as TurnPart
 
 MAX_REFERENCE_IMAGES = 16
 _OUTPUT_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+_DEFAULT_MODALITIES = ["TEXT", "IMAGE"]
+MODALITIES_HINT = "response_modalities"
+"""The extra a client's non-default responseModalities becomes, as a hint (see above)."""
 
 
 def response_modalities(body: GenerateContentRequest) -> list[str]:
     config = body.generation_config
     asked = config.response_modalities if config else None
     if asked is None:
-        return ["TEXT", "IMAGE"]
+        return list(_DEFAULT_MODALITIES)
     modalities = [m.upper() for m in asked]
     if "IMAGE" not in modalities or not set(modalities) <= {"TEXT", "IMAGE"}:
         raise InvalidRequest(
@@ -52,22 +67,16 @@ def response_modalities(body: GenerateContentRequest) -> list[str]:
     return [m for m in ("TEXT", "IMAGE") if m in modalities]
 
 
-async def to_image_request(
-    model: str,
-    body: GenerateContentRequest,
-    loader: ImageLoader,
-    *,
-    accepts: frozenset[str],
-    bounds: Bounds,
-) -> ImageRequest:
-    """`accepts` is what the model's provider accepts: hints it cannot take are not sent.
-    `bounds` are checked here to name the fields as this dialect does."""
+def to_image_request(
+    model: str, body: GenerateContentRequest, *, bounds: Bounds
+) -> UnresolvedRequest:
+    """`bounds` are checked here to name the fields as this dialect does."""
     _refuse_unsupported(body)
     _check_bounds(body, bounds)
-    turns = await _conversation(body.contents, loader)
+    turns = _conversation(body.contents)
     config = body.generation_config
     image = config.image_config if config else None
-    extras = _extras(body, accepts)
+    extras = _extras(body)
     size = None
     if image and image.aspect_ratio:
         size = _size(image.aspect_ratio, "generationConfig.imageConfig.aspectRatio")
@@ -86,6 +95,7 @@ async def to_image_request(
         output_format=_output_format(image.output_mime_type if image else None),
         response_format="b64_json",
         extras=extras,
+        hints=frozenset({MODALITIES_HINT}) if MODALITIES_HINT in extras else frozenset(),
     )
 
 
@@ -112,7 +122,7 @@ def _refuse_unsupported(body: GenerateContentRequest) -> None:
             )
 
 
-def _extras(body: GenerateContentRequest, accepts: frozenset[str]) -> dict[str, Any]:
+def _extras(body: GenerateContentRequest) -> dict[str, Any]:
     extras: dict[str, Any] = {}
     config = body.generation_config
     if config is not None:
@@ -126,8 +136,8 @@ def _extras(body: GenerateContentRequest, accepts: frozenset[str]) -> dict[str, 
         if config.image_config and config.image_config.person_generation:
             extras["person_generation"] = config.image_config.person_generation
     modalities = response_modalities(body)
-    if modalities != ["TEXT", "IMAGE"] and "response_modalities" in accepts:
-        extras["response_modalities"] = modalities
+    if modalities != _DEFAULT_MODALITIES:
+        extras[MODALITIES_HINT] = modalities
     if body.system_instruction is not None:
         extras["system_instruction"] = _system_text(body.system_instruction)
     return extras
@@ -144,16 +154,16 @@ def _system_text(content: Content) -> str:
     return text
 
 
-async def _conversation(contents: list[Content], loader: ImageLoader) -> tuple[Turn, ...]:
+def _conversation(contents: list[Content]) -> tuple[Turn[ImageRef], ...]:
     count = sum(1 for c in contents for p in c.parts if p.inline_data and not p.thought)
     if count > MAX_REFERENCE_IMAGES:
         raise InvalidRequest(
             f"Too many images in contents ({count}): send at most {MAX_REFERENCE_IMAGES}.",
             param="contents",
         )
-    turns = []
+    turns: list[Turn[ImageRef]] = []
     for index, content in enumerate(contents):
-        turn = await _turn(index, content, loader)
+        turn = _turn(index, content)
         if turn.parts:
             turns.append(turn)
     if not turns or turns[-1].role != "user":
@@ -165,7 +175,7 @@ async def _conversation(contents: list[Content], loader: ImageLoader) -> tuple[T
     return tuple(turns)
 
 
-async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
+def _turn(index: int, content: Content) -> Turn[ImageRef]:
     where = f"contents[{index}]"
     if content.role not in (None, "user", "model"):
         raise InvalidRequest(
@@ -177,15 +187,15 @@ async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
             f"{where}.parts is empty: give each turn at least one text or image part.",
             param=f"{where}.parts",
         )
-    parts = []
+    parts: list[TurnPart[ImageRef]] = []
     for j, part in enumerate(content.parts):
         if not part.thought:  # reasoning: not part of the conversation we pass on
-            parts.append(await _part(f"{where}.parts[{j}]", part, loader))
+            parts.append(_part(f"{where}.parts[{j}]", part))
     role: Role = "model" if content.role == "model" else "user"
     return Turn(role=role, parts=tuple(parts))
 
 
-async def _part(where: str, part: Part, loader: ImageLoader) -> TurnPart:
+def _part(where: str, part: Part) -> TurnPart[ImageRef]:
     if part.file_data is not None:
         raise InvalidRequest(
             f"{where}.fileData is not supported: the gateway cannot read Google's Files API; "
@@ -204,8 +214,8 @@ async def _part(where: str, part: Part, loader: ImageLoader) -> TurnPart:
                 f"{where}.inlineData is {short(mime)}: only images (PNG, JPEG, WEBP) are accepted.",
                 param=f"{where}.inlineData",
             )
-        image = await loader.load_base64(
-            part.inline_data.data, mime or None, label=f"{where}.inlineData"
+        image = ImageRef(
+            part.inline_data.data, label=f"{where}.inlineData", form="base64", mime=mime or None
         )
         return TurnPart(image=image, thought_signature=signature)
     if part.text is not None or signature is not None:
@@ -213,7 +223,7 @@ async def _part(where: str, part: Part, loader: ImageLoader) -> TurnPart:
     raise InvalidRequest(f"{where} is empty: give it text or inlineData.", param=where)
 
 
-def _prompt(turns: tuple[Turn, ...]) -> str:
+def _prompt(turns: tuple[Turn[ImageRef], ...]) -> str:
     for turn in reversed(turns):
         if turn.role == "user":
             texts = [p.text.strip() for p in turn.parts if p.text and p.text.strip()]
@@ -302,12 +312,8 @@ def to_response(
     )
 
 
-def _usage(usage: dict[str, Any]) -> UsageMetadata:
-    def count(name: str) -> int | None:
-        value = usage.get(name)
-        return value if isinstance(value, int) else None
-
-    prompt, output, total = count("input_tokens"), count("output_tokens"), count("total_tokens")
+def _usage(usage: Usage) -> UsageMetadata:
+    prompt, output, total = usage.input_tokens, usage.output_tokens, usage.total_tokens
     if total is None and prompt is not None and output is not None:
         total = prompt + output
     return UsageMetadata(

@@ -9,7 +9,7 @@ from starlette.responses import Response
 from imagegate.api.nebula.render import channel_header
 from imagegate.api.responses import JSON
 from imagegate.api.tasks import epoch
-from imagegate.service import DeliveredImage, ImageService
+from imagegate.delivery import DeliveredImage, Delivery
 from imagegate.store.models import Task
 from imagegate.store.tasks import SUCCEEDED
 
@@ -28,11 +28,11 @@ def task_submitted(task: Task) -> Response:
     return ok({"taskId": task.id, "status": task.status}, status=202)
 
 
-async def task_query_view(task: Task, service: ImageService, base_url: str) -> dict[str, Any]:
+async def task_query_view(task: Task, delivery: Delivery, base_url: str) -> dict[str, Any]:
     images: list[dict[str, str]] = []
     if task.status == SUCCEEDED and task.result is not None:
         fmt = task.request.get("response_format", "url")
-        kept = await service.deliver_kept(task.result["images"], fmt, base_url)
+        kept = await delivery.deliver_kept(task.result["images"], fmt, base_url)
         images = [_item(i) for i in kept]
     error = task.error["message"] if task.error else None
     return {

@@ -9,11 +9,21 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from starlette.responses import Response
 
-from imagegate.api.deps import Service, SettingsDep, base_url, bearer_token, service_of
+from imagegate.api.deps import (
+    Auth,
+    DeliveryDep,
+    Service,
+    SettingsDep,
+    TasksDep,
+    auth_of,
+    base_url,
+    bearer_token,
+)
 from imagegate.api.errors import renamed
 from imagegate.api.lab import protocol
 from imagegate.api.lab.render import ok, render_images, task_query_view, task_submitted
 from imagegate.api.lab.translate import (
+    LAB_HINTS,
     img2img_names,
     img2img_request,
     text2image_names,
@@ -21,9 +31,9 @@ from imagegate.api.lab.translate import (
     v1_body,
 )
 from imagegate.api.nebula.handle import handle
-from imagegate.api.tasks import TasksDep, prefers_async
+from imagegate.api.tasks import prefers_async
+from imagegate.auth.principal import Principal
 from imagegate.errors import AuthenticationFailed, ImagegateError
-from imagegate.service import ImageService, Principal
 
 router = APIRouter(prefix="/prod-api", tags=["lab"])
 
@@ -38,7 +48,7 @@ async def _lab_principal(request: Request) -> Principal:
             "(`imagegate users create`), or an API key: 'Authorization: Bearer sk-...' "
             "(`imagegate keys create`)."
         )
-    return await service_of(request).authenticate(secret)
+    return await auth_of(request).authenticate(secret)
 
 
 CurrentKey = Annotated[Principal, Depends(_lab_principal)]
@@ -46,9 +56,9 @@ RawBody = Body(..., media_type="application/json")
 
 
 @router.post("/v3/auth/getToken")
-async def get_token(request: Request, body: protocol.GetTokenBody, service: Service) -> Response:
+async def get_token(request: Request, body: protocol.GetTokenBody, auth: Auth) -> Response:
     address = request.client.host if request.client is not None else "unknown"
-    token = await service.login(body.username, body.password, address)
+    token = await auth.login(body.username, body.password, address)
     return ok(f"Bearer {token}")
 
 
@@ -63,8 +73,9 @@ async def img2img_submit(
     envelope, form = protocol.split_img2img(raw)
     with client_names(img2img_names(form)):
         model = _model_of(form, envelope, settings.lab_default_model)
-        accepts = await _accepts(service, principal, model)
-        body = img2img_request(envelope, form, settings.lab_default_model, accepts)
+        if model is not None:  # a model the caller may not use is refused before the body
+            service.authorize_model(principal, model)
+        body = img2img_request(envelope, form, settings.lab_default_model)
         return await _answer(request, principal, envelope, body, "lab.img2imgSubmit", None)
 
 
@@ -85,10 +96,14 @@ async def text2image_submit(
 
 @router.get("/nebula/v4/api/imageTaskQuery/{task_id}")
 async def image_task_query(
-    task_id: str, request: Request, principal: CurrentKey, tasks: TasksDep, service: Service
+    task_id: str,
+    request: Request,
+    principal: CurrentKey,
+    tasks: TasksDep,
+    delivery: DeliveryDep,
 ) -> Response:
     task = await tasks.find(principal, task_id)
-    return ok(await task_query_view(task, service, base_url(request)))
+    return ok(await task_query_view(task, delivery, base_url(request)))
 
 
 async def _answer(
@@ -108,6 +123,7 @@ async def _answer(
         wants_async=envelope.async_ or prefers_async(request),
         callback_url=envelope.callback_url,
         idempotency_key=idempotency_key,
+        hints=LAB_HINTS,
     )
     if handled.task is not None:
         return task_submitted(handled.task)
@@ -132,14 +148,3 @@ def _model_of(
     if isinstance(form, protocol.VolcImage):
         return form.model or envelope.model or default
     return form.model or envelope.model
-
-
-async def _accepts(
-    service: ImageService, principal: Principal, model: str | None
-) -> frozenset[str] | None:
-    """The parameters the model accepts (to leave out Lab's always-sent fields it ignores)."""
-    if model is None:
-        return None
-    service.authorize_model(principal, model)
-    provider = await service.catalog.provider(model)
-    return frozenset(provider.capabilities.accepts)

@@ -2,10 +2,11 @@
 
 Choices where the Lab documentation is silent or odd (docs/api.md, "Lab v4"):
 - `temperature` and `style` are sent by every Lab client (`temperature` is marked required):
-  they reach the model when it accepts them, and are ignored otherwise. `watermark`, `quality`,
-  `sequentialImageGeneration` and `optimizePrompt` go on as the v1 fields, whose "off" and
-  default values every model accepts and whose `watermark: true` every model honours
-  (providers/base.py fit_hints, docs/api.md).
+  they stay in the v1 body as request hints (`LAB_HINTS`): they reach the model when it
+  accepts them, and the capability check drops them otherwise (providers/base.py fit_hints).
+  `watermark`, `quality`, `sequentialImageGeneration` and `optimizePrompt` go on as the v1
+  fields, whose "off" and default values every model accepts and whose `watermark: true`
+  every model honours (providers/base.py fit_hints, docs/api.md).
 - `n`, `size`, `temperature` and `watermark`, marked required by the documentation, are
   optional (**choice**): Nebula's own site sends none of them (volcImageBo), and each has a
   plain default (1, the model's size, none, no mark).
@@ -33,6 +34,9 @@ from imagegate.api.lab.protocol import (
 from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.errors import InvalidRequest
 
+LAB_HINTS = frozenset({"temperature", "style"})
+"""Fields every Lab client sends whatever the model: the v1 body of a Lab request is translated
+with these as `ImageRequest.hints` (by the routes, and by a worker running a Lab task)."""
 _PROMPT_MODES = ("standard", "fast", "creative", "precise")
 _OFF = ("", "false", "0", "no", "off", "none", "disabled")
 _ON = ("true", "1", "yes", "on")
@@ -56,7 +60,6 @@ def img2img_request(
     envelope: Envelope,
     form: BatchImageGeneration | VolcImage,
     default_model: str,
-    accepts: frozenset[str] | None = None,
 ) -> dict[str, Any]:
     """The v1 body (a dict for ImageGenerationRequest) of an img2imgSubmit form."""
     if isinstance(form, VolcImage):
@@ -82,7 +85,7 @@ def img2img_request(
             "sequential_image_generation_options": form.sequential_options or None,
             "optimize_prompt_options": _prompt_options(form),
         }
-    return _fit(body, accepts)
+    return _fit(body)
 
 
 def text2image_request(
@@ -97,8 +100,7 @@ def text2image_request(
             "prompt": required(req.prompt, f"{where}.prompt"),
             "size": size,
             "response_format": "b64_json" if req.return_url is False else "url",
-        },
-        None,
+        }
     )
 
 
@@ -131,14 +133,9 @@ def v1_body(body: dict[str, Any]) -> ImageGenerationRequest:
     return ImageGenerationRequest.model_validate(body)
 
 
-def _fit(body: dict[str, Any], accepts: frozenset[str] | None) -> dict[str, Any]:
-    """Drop what is unset, and the always-sent fields the model has no use for."""
-    fitted = {k: v for k, v in body.items() if v is not None}
-    if accepts is not None:
-        for name in ("temperature", "style"):
-            if name not in accepts:
-                fitted.pop(name, None)
-    return fitted
+def _fit(body: dict[str, Any]) -> dict[str, Any]:
+    """Drop what is unset: the v1 request treats a missing field as its default."""
+    return {k: v for k, v in body.items() if v is not None}
 
 
 def _prompt_options(form: BatchImageGeneration) -> dict[str, Any] | None:

@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from imagegate.api.deps import base_url, loader_of, request_id, service_of
+from imagegate.api.deps import base_url, delivery_of, request_id, service_of, tasks_of
 from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.translate import check_body, to_image_request
-from imagegate.api.tasks import tasks_of
+from imagegate.api.tasks import idempotency_key_of, task_base_url
+from imagegate.auth.principal import Principal
+from imagegate.delivery import DeliveredImage
 from imagegate.errors import InvalidRequest
-from imagegate.providers.base import check_counts
-from imagegate.service import DeliveredImage, Principal
 from imagegate.store.models import Task
 
 
@@ -36,7 +36,10 @@ async def handle(
     wants_async: bool,
     callback_url: str | None,
     idempotency_key: str | None = None,
+    hints: frozenset[str] = frozenset(),
 ) -> Handled:
+    """`hints`: fields the dialect sends whatever the model (lab/translate.py LAB_HINTS); a
+    queued task's body is translated with the same hints when a worker runs it."""
     if callback_url is not None and not wants_async:
         name = "callbackUrl" if dialect == "lab" else "callback_url"
         raise InvalidRequest(
@@ -45,36 +48,56 @@ async def handle(
             param=name,
         )
     if wants_async:
-        service = service_of(request)
-        n, max_images = check_body(body, service.bounds)
-        # Counted against the per-minute limits at submission: judged against the model first.
-        service.authorize_model(principal, body.model)
-        caps = (await service.catalog.provider(body.model)).capabilities
-        check_counts(body.model, caps, n, max_images)
-        task = await tasks_of(request).submit(
-            request,
-            principal,
-            dialect=dialect,
-            endpoint=endpoint,
-            model=body.model,
-            body=body.task_body(),
-            callback_url=callback_url,
-            idempotency_key=idempotency_key,
-            images=max(n, max_images or 0),
+        return Handled(
+            task=await _submit(
+                body,
+                request,
+                principal,
+                dialect=dialect,
+                endpoint=endpoint,
+                callback_url=callback_url,
+                idempotency_key=idempotency_key,
+            )
         )
-        return Handled(task=task)
-    service, loader = service_of(request), loader_of(request)
+    service = service_of(request)
     image_request, result = await unless_client_leaves(
         request,
         service.generate(
             principal,
             body.model,
-            lambda: to_image_request(body, loader),
+            lambda: to_image_request(body, hints=hints),
             endpoint=endpoint,
             request_id=request_id(request),
         ),
     )
-    delivered = await service.deliver(
+    delivered = await delivery_of(request).deliver(
         result.images, image_request.response_format, base_url(request)
     )
     return Handled(images=delivered, channel=result.channel)
+
+
+async def _submit(
+    body: ImageGenerationRequest,
+    request: Request,
+    principal: Principal,
+    *,
+    dialect: str,
+    endpoint: str,
+    callback_url: str | None,
+    idempotency_key: str | None,
+) -> Task:
+    service = service_of(request)
+    n, max_images = check_body(body, service.bounds)
+    # Counted against the per-minute limits at submission: judged against the model first.
+    await service.check_submission(principal, body.model, n, max_images)
+    return await tasks_of(request).submit(
+        principal,
+        dialect=dialect,
+        endpoint=endpoint,
+        model=body.model,
+        body=body.task_body(),
+        base_url=task_base_url(request),
+        idempotency_key=idempotency_key_of(request, idempotency_key),
+        callback_url=callback_url,
+        images=max(n, max_images or 0),
+    )

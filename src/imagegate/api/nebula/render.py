@@ -10,8 +10,8 @@ from starlette.responses import Response
 from imagegate.api.responses import JSON
 from imagegate.api.tasks import epoch
 from imagegate.config import ModelConfig
+from imagegate.delivery import DeliveredImage, Delivery
 from imagegate.errors import ImagegateError
-from imagegate.service import DeliveredImage, ImageService
 from imagegate.store.models import Task
 from imagegate.store.tasks import SUCCEEDED
 
@@ -62,12 +62,12 @@ def render_accepted(task: Task) -> Response:
     return JSON(body, status_code=202)
 
 
-async def task_view(task: Task, service: ImageService, base_url: str) -> dict[str, Any]:
+async def task_view(task: Task, delivery: Delivery, base_url: str) -> dict[str, Any]:
     """GET /v1/images/tasks/{id}: `result` has the shape of a synchronous answer's `data`."""
     result = None
     if task.status == SUCCEEDED and task.result is not None:
         fmt = task.request.get("response_format", "url")
-        images = await service.deliver_kept(task.result["images"], fmt, base_url)
+        images = await delivery.deliver_kept(task.result["images"], fmt, base_url)
         result = {"data": [_nebula_item(i) for i in images], "created": task.result["created"]}
     return {
         "task_id": task.id,

@@ -7,12 +7,12 @@ import time
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from imagegate.api.deps import CurrentKey, Service, SettingsDep, base_url
+from imagegate.api.deps import CurrentKey, DeliveryDep, Service, SettingsDep, TasksDep, base_url
 from imagegate.api.nebula.handle import handle
 from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.render import render_accepted, render_images, render_models, task_view
 from imagegate.api.responses import JSON
-from imagegate.api.tasks import TasksDep, prefers_async
+from imagegate.api.tasks import prefers_async
 
 router = APIRouter(prefix="/v1", tags=["nebula"])
 ENDPOINT = "v1.images.generations"
@@ -41,19 +41,27 @@ async def generations(
 
 @router.get("/images/tasks/{task_id}")
 async def get_task(
-    task_id: str, request: Request, principal: CurrentKey, tasks: TasksDep, service: Service
+    task_id: str,
+    request: Request,
+    principal: CurrentKey,
+    tasks: TasksDep,
+    delivery: DeliveryDep,
 ) -> Response:
     task = await tasks.find(principal, task_id)
-    view = await task_view(task, service, base_url(request))
+    view = await task_view(task, delivery, base_url(request))
     return JSON({"code": 200, "msg": "Success", "data": view})
 
 
 @router.delete("/images/tasks/{task_id}")
 async def cancel_task(
-    task_id: str, request: Request, principal: CurrentKey, tasks: TasksDep, service: Service
+    task_id: str,
+    request: Request,
+    principal: CurrentKey,
+    tasks: TasksDep,
+    delivery: DeliveryDep,
 ) -> Response:
     task = await tasks.cancel(principal, task_id)
-    view = await task_view(task, service, base_url(request))
+    view = await task_view(task, delivery, base_url(request))
     return JSON({"code": 200, "msg": "Cancelled", "data": view})
 
 

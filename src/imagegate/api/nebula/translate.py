@@ -1,10 +1,11 @@
-"""Nebula v1 body -> ImageRequest.
+"""Nebula v1 body -> UnresolvedRequest: synchronous and pure (no I/O, no catalog).
 
 Reference images come from `contents[].parts[]` (`image` as data URI / URL / base64, or
 Gemini-style `inline_data`), from flat `image` (string or list) and from `images`. Flat images
 count as the first user turn's images. Qwen-style `parameters` / `extra.parameters` may carry
 the standard fields (size, n, seed, negative_prompt, watermark); anything else they carry is
-passed on as a provider extra.
+passed on as a provider extra. Images stay `ImageRef`s labelled with the field they came
+from; the service fetches and verifies them only after the request passed every check.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import Any
 from imagegate.api.nebula.protocol import Content, ContentPart, ImageGenerationRequest
 from imagegate.bounds import MAX_SEED, MAX_STEPS, Bounds, short
 from imagegate.errors import InvalidRequest
-from imagegate.images import ImageLoader
-from imagegate.types import ImageRequest, InputImage, Part, Role, Size, Turn
+from imagegate.types import ImageRef, ImageRequest, Part, Role, Size, Turn, UnresolvedRequest
 
 MAX_REFERENCE_IMAGES = 16
 _STANDARD_IN_PARAMETERS = ("size", "n", "seed", "negative_prompt", "watermark")
@@ -35,9 +35,13 @@ _OUTPUT_FORMATS = {"png": "png", "jpeg": "jpeg", "jpg": "jpeg", "webp": "webp"}
 _MAX_IMAGES = "sequential_image_generation_options.max_images"
 
 
-async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) -> ImageRequest:
+def to_image_request(
+    body: ImageGenerationRequest, *, hints: frozenset[str] = frozenset()
+) -> UnresolvedRequest:
+    """The request `body` asks for, its images still as the client sent them. `hints`: the
+    fields this body carries whether or not the model uses them (Lab's, see lab/translate.py)."""
     fields = _merge_parameters(body)
-    turns = await _conversation(body, loader)
+    turns = _conversation(body)
     extra_text = _extra_input_text(body)  # judged even when a prompt makes it unused
     prompt = _resolve_prompt(turns, body.prompt or extra_text)
     images = tuple(p.image for t in turns for p in t.parts if p.image is not None)
@@ -62,6 +66,7 @@ async def to_image_request(body: ImageGenerationRequest, loader: ImageLoader) ->
         sequential=body.sequential_image_generation,
         max_images=_max_images(body),
         extras=fields["extras"],
+        hints=hints,
     )
 
 
@@ -136,21 +141,19 @@ def _typed(value: Any, kind: type[dict[str, Any]] | type[list[Any]], name: str) 
     return value
 
 
-async def _conversation(body: ImageGenerationRequest, loader: ImageLoader) -> tuple[Turn, ...]:
+def _conversation(body: ImageGenerationRequest) -> tuple[Turn[ImageRef], ...]:
     flat = [body.image] if isinstance(body.image, str) else list(body.image or [])
     flat += body.images or []
     if len(flat) + _count_images(body.contents or []) > MAX_REFERENCE_IMAGES:
         raise InvalidRequest(
             f"Too many reference images: send at most {MAX_REFERENCE_IMAGES}.", param="image"
         )
-    turns: list[Turn] = []
+    turns: list[Turn[ImageRef]] = []
     if flat:
-        parts = [
-            Part(image=await loader.load(ref, label=f"image[{i}]")) for i, ref in enumerate(flat)
-        ]
+        parts = [Part(image=ImageRef(ref, label=f"image[{i}]")) for i, ref in enumerate(flat)]
         turns.append(Turn(role="user", parts=tuple(parts)))
     for index, content in enumerate(body.contents or []):
-        turns.append(await _turn(index, content, loader))
+        turns.append(_turn(index, content))
     _check_turns(turns, body)
     return _merge_leading_user_turns(turns, bool(flat))
 
@@ -159,7 +162,7 @@ def _count_images(contents: list[Content]) -> int:
     return sum(1 for c in contents for p in c.parts if p.image or p.inline_data)
 
 
-async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
+def _turn(index: int, content: Content) -> Turn[ImageRef]:
     if content.role not in ("user", "model"):
         raise InvalidRequest(
             f"Invalid contents[{index}].role {short(content.role)}: use 'user' or 'model'.",
@@ -170,15 +173,12 @@ async def _turn(index: int, content: Content, loader: ImageLoader) -> Turn:
             f"contents[{index}].parts is empty: give each turn at least one text or image part.",
             param=f"contents[{index}].parts",
         )
-    parts = [
-        await _part(f"contents[{index}].parts[{j}]", part, loader)
-        for j, part in enumerate(content.parts)
-    ]
+    parts = [_part(f"contents[{index}].parts[{j}]", part) for j, part in enumerate(content.parts)]
     role: Role = "user" if content.role == "user" else "model"
     return Turn(role=role, parts=tuple(parts))
 
 
-async def _part(label: str, part: ContentPart, loader: ImageLoader) -> Part:
+def _part(label: str, part: ContentPart) -> Part[ImageRef]:
     given = [name for name in ("text", "image", "inline_data") if getattr(part, name) is not None]
     if len(given) > 1:
         raise InvalidRequest(
@@ -186,11 +186,12 @@ async def _part(label: str, part: ContentPart, loader: ImageLoader) -> Part:
         )
     signature = part.thought_signature
     if part.image is not None:
-        image = await loader.load(part.image, label=f"{label}.image")
+        image = ImageRef(part.image, label=f"{label}.image")
         return Part(image=image, thought_signature=signature)
     if part.inline_data is not None:
-        image = await loader.load_base64(
-            part.inline_data.data, part.inline_data.mime_type, label=f"{label}.inline_data"
+        inline = part.inline_data
+        image = ImageRef(
+            inline.data, label=f"{label}.inline_data", form="base64", mime=inline.mime_type
         )
         return Part(image=image, thought_signature=signature)
     if part.text is not None:
@@ -202,7 +203,7 @@ async def _part(label: str, part: ContentPart, loader: ImageLoader) -> Part:
     )
 
 
-def _check_turns(turns: list[Turn], body: ImageGenerationRequest) -> None:
+def _check_turns(turns: list[Turn[ImageRef]], body: ImageGenerationRequest) -> None:
     if body.contents and turns[-1].role != "user":
         raise InvalidRequest(
             "The last turn in contents must have role 'user': it holds the "
@@ -211,14 +212,16 @@ def _check_turns(turns: list[Turn], body: ImageGenerationRequest) -> None:
         )
 
 
-def _merge_leading_user_turns(turns: list[Turn], has_flat: bool) -> tuple[Turn, ...]:
+def _merge_leading_user_turns(
+    turns: list[Turn[ImageRef]], has_flat: bool
+) -> tuple[Turn[ImageRef], ...]:
     if has_flat and len(turns) > 1 and turns[1].role == "user":
         merged = Turn(role="user", parts=turns[0].parts + turns[1].parts)
         return (merged, *turns[2:])
     return tuple(turns)
 
 
-def _resolve_prompt(turns: tuple[Turn, ...], prompt: str | None) -> str:
+def _resolve_prompt(turns: tuple[Turn[ImageRef], ...], prompt: str | None) -> str:
     """The latest user text in the conversation, else the top-level prompt."""
     for turn in reversed(turns):
         if turn.role != "user":
@@ -333,4 +336,4 @@ def _response_format(value: str) -> Any:
     return value
 
 
-__all__ = ["InputImage", "to_image_request"]
+__all__ = ["check_body", "to_image_request"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from starlette.responses import Response
 
@@ -17,6 +18,7 @@ from imagegate.api.openai.protocol import (
 )
 from imagegate.api.responses import JSON
 from imagegate.config import ModelConfig
+from imagegate.delivery import DeliveredImage
 from imagegate.errors import (
     AuthenticationFailed,
     ContentBlocked,
@@ -24,21 +26,32 @@ from imagegate.errors import (
     ProviderError,
     UnknownModel,
 )
-from imagegate.service import DeliveredImage
-from imagegate.types import GenerationResult
+from imagegate.types import GenerationResult, Usage
 
 CHANNEL_HEADER = "x-imagegate-channel"
-_USAGE_KEYS = frozenset({"input_tokens", "output_tokens", "total_tokens"})
 
 
 def render_images(images: list[DeliveredImage], result: GenerationResult) -> Response:
     body = ImagesResponse.model_construct(
         created=int(time.time()),
         data=[_image(i) for i in images],
-        usage=result.usage if result.usage.keys() >= _USAGE_KEYS else None,
+        usage=_usage(result.usage),
     )
     headers = {CHANNEL_HEADER: result.channel} if result.channel else None
     return JSON(body.model_dump(exclude_none=True), headers=headers)
+
+
+def _usage(usage: Usage) -> dict[str, Any] | None:
+    """OpenAI's usage object, when the provider counted all three token totals (as gpt-image
+    does): the counts, then whatever else the upstream counted (input_tokens_details...)."""
+    tokens = usage.input_tokens, usage.output_tokens, usage.total_tokens
+    if None in tokens:
+        return None
+    return {
+        **dict(zip(("input_tokens", "output_tokens", "total_tokens"), tokens, strict=True)),
+        **usage.upstream,
+        **{group: dict(counts) for group, counts in usage.details.items()},
+    }
 
 
 def _image(image: DeliveredImage) -> Image:

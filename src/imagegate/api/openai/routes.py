@@ -7,15 +7,16 @@ Any configured model answers here, local or cloud: the official `openai` SDK wit
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from imagegate.api.deps import CurrentKey, Loader, Service, base_url, request_id
+from imagegate.api.deps import CurrentKey, Service, base_url, delivery_of, request_id
 from imagegate.api.disconnect import unless_client_leaves
+from imagegate.api.openai.forms import read_form, read_variation_form
 from imagegate.api.openai.protocol import ImageEditRequest, ImageGenerateRequest
 from imagegate.api.openai.render import render_error, render_images, render_model, render_models
 from imagegate.api.openai.translate import (
@@ -23,12 +24,11 @@ from imagegate.api.openai.translate import (
     from_edit_json,
     from_generate,
     from_variation,
-    read_form,
-    read_variation_form,
 )
+from imagegate.auth.principal import Principal
 from imagegate.errors import InvalidRequest
-from imagegate.service import ImageService, Principal
-from imagegate.types import ImageRequest
+from imagegate.service import ImageService
+from imagegate.types import UnresolvedRequest
 
 router = APIRouter(prefix="/openai/v1", tags=["openai"])
 
@@ -37,29 +37,26 @@ router = APIRouter(prefix="/openai/v1", tags=["openai"])
 async def generations(
     body: ImageGenerateRequest, request: Request, principal: CurrentKey, service: Service
 ) -> Response:
-    async def prepare() -> ImageRequest:
-        return from_generate(body)
-
-    return await _run(service, principal, request, body.model, prepare, "generations")
+    return await _run(
+        service, principal, request, body.model, lambda: from_generate(body), "generations"
+    )
 
 
 @router.post("/images/edits")
-async def edits(
-    request: Request,
-    principal: CurrentKey,
-    service: Service,
-    loader: Loader,
-) -> Response:
+async def edits(request: Request, principal: CurrentKey, service: Service) -> Response:
     """Multipart (`image` / `image[]` files, `mask`) as the SDK sends, or JSON with `images`."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
         async with request.form(max_files=32) as form:
             body, uploads, mask = await read_form(form)
-
-        async def prepare() -> ImageRequest:
-            return await from_edit_form(body, uploads, mask, loader)
-
-        return await _run(service, principal, request, body.model, prepare, "edits")
+        return await _run(
+            service,
+            principal,
+            request,
+            body.model,
+            lambda: from_edit_form(body, uploads, mask),
+            "edits",
+        )
     if media_type == "application/json":
         json_body = _edit_json(await request.body())
         return await _run(
@@ -67,7 +64,7 @@ async def edits(
             principal,
             request,
             json_body.model,
-            lambda: from_edit_json(json_body, loader),
+            lambda: from_edit_json(json_body),
             "edits",
         )
     raise InvalidRequest(
@@ -77,9 +74,7 @@ async def edits(
 
 
 @router.post("/images/variations")
-async def variations(
-    request: Request, principal: CurrentKey, service: Service, loader: Loader
-) -> Response:
+async def variations(request: Request, principal: CurrentKey, service: Service) -> Response:
     """Multipart: one `image` file, `model`, `n`, `size`, `response_format`, `user`."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "multipart/form-data":
@@ -89,11 +84,14 @@ async def variations(
         )
     async with request.form(max_files=2) as form:
         body, upload = await read_variation_form(form)
-
-    async def prepare() -> ImageRequest:
-        return await from_variation(body, upload, loader)
-
-    return await _run(service, principal, request, body.model, prepare, "variations")
+    return await _run(
+        service,
+        principal,
+        request,
+        body.model,
+        lambda: from_variation(body, upload),
+        "variations",
+    )
 
 
 @router.get("/models")
@@ -114,7 +112,7 @@ async def _run(
     principal: Principal,
     request: Request,
     model: str,
-    prepare: Callable[[], Awaitable[ImageRequest]],
+    translate: Callable[[], UnresolvedRequest],
     endpoint: str,
 ) -> Response:
     image_request, result = await unless_client_leaves(
@@ -122,12 +120,12 @@ async def _run(
         service.generate(
             principal,
             model,
-            prepare,
+            translate,
             endpoint=f"openai.images.{endpoint}",
             request_id=request_id(request),
         ),
     )
-    delivered = await service.deliver(
+    delivered = await delivery_of(request).deliver(
         result.images, image_request.response_format, base_url(request)
     )
     return render_images(delivered, result)

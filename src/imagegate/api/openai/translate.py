@@ -1,4 +1,4 @@
-"""OpenAI images bodies -> ImageRequest.
+"""OpenAI images bodies -> UnresolvedRequest: synchronous and pure (files are read by forms.py).
 
 "auto" (size, quality, background, moderation) means "the model's default" and is sent as
 unset, so a model without that parameter still serves a request that leaves it to the model.
@@ -12,13 +12,7 @@ capabilities, the others refuse it with a 400 saying why.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
-from starlette.datastructures import FormData, UploadFile
+from typing import Any
 
 from imagegate.api.openai.protocol import (
     ImageEditForm,
@@ -29,106 +23,30 @@ from imagegate.api.openai.protocol import (
 )
 from imagegate.bounds import short
 from imagegate.errors import InvalidRequest
-from imagegate.images import ImageLoader
-from imagegate.types import ImageRequest, InputImage, ResponseFormat, Size
+from imagegate.types import ImageRef, ImageRequest, ResponseFormat, Size, UnresolvedRequest
 
 MAX_IMAGES = 16
 DEFAULT_RESPONSE_FORMAT: ResponseFormat = "b64_json"
 _AUTO = "auto"
-_INDEXED_IMAGE = re.compile(r"^image\[\d+\]$")
-FormT = TypeVar("FormT", ImageEditForm, ImageVariationForm)
 
 
-@dataclass(frozen=True, slots=True)
-class Upload:
-    """A file part of a multipart edit, not yet verified."""
-
-    label: str
-    data: bytes
-
-
-async def read_form(form: FormData) -> tuple[ImageEditForm, list[Upload], Upload | None]:
-    """Split a multipart edit into its text fields and its files (`image`, `image[]`,
-    `image[N]` in the order sent, and `mask`)."""
-    fields: dict[str, str] = {}
-    uploads: list[Upload] = []
-    mask: Upload | None = None
-    for name, value in form.multi_items():
-        is_image = name in ("image", "image[]") or _INDEXED_IMAGE.match(name) is not None
-        if is_image or name == "mask":
-            if not isinstance(value, UploadFile):
-                raise InvalidRequest(
-                    f"Parameter {name} must be a file upload; to pass images by URL, send "
-                    "JSON with images[].image_url instead.",
-                    param="mask" if name == "mask" else "image",
-                )
-            data = await value.read()
-            if name == "mask":
-                mask = Upload("mask", data)
-            else:
-                uploads.append(Upload(f"image[{len(uploads)}]", data))
-        elif isinstance(value, UploadFile):
-            raise InvalidRequest(f"Parameter {name} must be a text field, not a file.", param=name)
-        else:
-            fields[name] = value
-    return _validate_form(ImageEditForm, fields), uploads, mask
-
-
-async def read_variation_form(form: FormData) -> tuple[ImageVariationForm, Upload]:
-    """Split a multipart variation into its text fields and its one `image` file."""
-    fields: dict[str, str] = {}
-    uploads: list[Upload] = []
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if name != "image":
-                raise InvalidRequest(
-                    f"Unexpected file {name}: a variation takes one image file, as 'image'.",
-                    param=name,
-                )
-            uploads.append(Upload("image", await value.read()))
-        else:
-            fields[name] = value
-    if "image" in fields:
-        raise InvalidRequest("Parameter image must be a file upload.", param="image")
-    body = _validate_form(ImageVariationForm, fields)
-    if len(uploads) != 1:
-        raise InvalidRequest(
-            f"A variation takes exactly one image file, as 'image'; got {len(uploads)}.",
-            param="image",
-        )
-    return body, uploads[0]
-
-
-def _validate_form(model: type[FormT], fields: dict[str, str]) -> FormT:
-    try:
-        return model.model_validate(fields, strict=False)  # form fields are all text
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-
-
-def from_generate(body: ImageGenerateRequest) -> ImageRequest:
+def from_generate(body: ImageGenerateRequest) -> UnresolvedRequest:
     extras = _extras(body, style=body.style)
     return _request(body, images=(), extras=extras)
 
 
-async def from_edit_json(body: ImageEditRequest, loader: ImageLoader) -> ImageRequest:
+def from_edit_json(body: ImageEditRequest) -> UnresolvedRequest:
     _check_count(len(body.images))
-    images = tuple(
-        [
-            await loader.load(_reference(ref, f"images[{i}]"), label=f"images[{i}].image_url")
-            for i, ref in enumerate(body.images)
-        ]
-    )
-    mask = None
-    if body.mask is not None:
-        mask = await loader.load(_reference(body.mask, "mask"), label="mask.image_url")
+    images = tuple(_reference(ref, f"images[{i}]") for i, ref in enumerate(body.images))
+    mask = _reference(body.mask, "mask") if body.mask is not None else None
     extras = _extras(body, input_fidelity=body.input_fidelity)
     return _request(body, images=images, mask=mask, extras=extras)
 
 
-async def from_edit_form(
-    body: ImageEditForm, uploads: list[Upload], mask: Upload | None, loader: ImageLoader
-) -> ImageRequest:
+def from_edit_form(
+    body: ImageEditForm, uploads: list[ImageRef], mask: ImageRef | None
+) -> UnresolvedRequest:
+    """`uploads` and `mask`: the files as forms.read_form read them (`form="bytes"`)."""
     _check_count(len(uploads))
     if not uploads:
         raise InvalidRequest(
@@ -136,20 +54,15 @@ async def from_edit_form(
             "or 'image[]'.",
             param="image",
         )
-    images = tuple([await loader.verify(u.data, label=u.label) for u in uploads])
-    verified_mask = await loader.verify(mask.data, label=mask.label) if mask is not None else None
     extras = _extras(body, input_fidelity=body.input_fidelity)
-    return _request(body, images=images, mask=verified_mask, extras=extras)
+    return _request(body, images=tuple(uploads), mask=mask, extras=extras)
 
 
-async def from_variation(
-    body: ImageVariationForm, upload: Upload, loader: ImageLoader
-) -> ImageRequest:
-    image = await loader.verify(upload.data, label=upload.label)
+def from_variation(body: ImageVariationForm, upload: ImageRef) -> UnresolvedRequest:
     return ImageRequest(
         model=body.model,
         prompt="",
-        images=(image,),
+        images=(upload,),
         n=_n(body.n),
         size=_size(body.size),
         response_format=body.response_format or DEFAULT_RESPONSE_FORMAT,
@@ -159,10 +72,10 @@ async def from_variation(
 def _request(
     body: ImageGenerateRequest | ImageEditForm,
     *,
-    images: tuple[InputImage, ...],
+    images: tuple[ImageRef, ...],
     extras: dict[str, Any],
-    mask: InputImage | None = None,
-) -> ImageRequest:
+    mask: ImageRef | None = None,
+) -> UnresolvedRequest:
     _check_unsupported(body)
     prompt = body.prompt.strip()
     if not prompt:
@@ -229,7 +142,7 @@ def _check_count(count: int) -> None:
         )
 
 
-def _reference(ref: ImageReference, label: str) -> str:
+def _reference(ref: ImageReference, label: str) -> ImageRef:
     if ref.file_id is not None:
         raise InvalidRequest(
             f"{label}.file_id is not supported (imagegate keeps no OpenAI files): send "
@@ -241,4 +154,4 @@ def _reference(ref: ImageReference, label: str) -> str:
             f"Missing {label}.image_url: give a data URL or an https URL.",
             param=f"{label}.image_url",
         )
-    return ref.image_url
+    return ImageRef(ref.image_url, label=f"{label}.image_url")

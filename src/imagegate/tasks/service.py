@@ -1,0 +1,103 @@
+"""Async tasks as a client sees them: submit (checked, counted, queued), find, cancel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from imagegate.auth.principal import Principal
+from imagegate.errors import Conflict, InvalidRequest, NotFound
+from imagegate.fetch import Fetcher
+from imagegate.service import ImageService
+from imagegate.store import tasks as task_store
+from imagegate.store.models import Task
+from imagegate.tasks.queue import TaskQueue
+
+
+@dataclass(frozen=True, slots=True)
+class TaskService:
+    """The task operations, whichever dialect asks (v1 and Lab v4 share them)."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    service: ImageService
+    queue: TaskQueue
+    fetcher: Fetcher
+
+    async def submit(
+        self,
+        principal: Principal,
+        *,
+        dialect: str,
+        endpoint: str,
+        model: str,
+        body: dict[str, Any],
+        base_url: str,
+        idempotency_key: str | None,
+        callback_url: str | None,
+        images: int = 1,
+    ) -> Task:
+        """Commit a task row and wake a worker; the caller answers only after this returns.
+        `base_url`: where the client reaches us (its links are signed for it); `images`: the
+        most it may make, for the images-per-minute limit."""
+        self.service.authorize_model(principal, model)
+        await self._check_callback(callback_url)
+        new = task_store.NewTask(
+            owner=principal.owner,
+            key_id=principal.key_id,
+            user_id=principal.user_id,
+            dialect=dialect,
+            endpoint=endpoint,
+            model=model,
+            request=body,
+            base_url=base_url,
+            idempotency_key=idempotency_key,
+            callback_url=callback_url,
+        )
+        try:
+            async with self.sessions() as session:
+                # A retry of a submitted task gets it back without counting as a new request.
+                if (task := await task_store.existing_task(session, new)) is not None:
+                    return task
+                await self.service.count_submission(principal, images)
+                task, created = await task_store.create_task(session, new)
+        except task_store.IdempotencyConflict as exc:
+            raise Conflict(str(exc)) from None
+        if created:
+            self.queue.submitted(task.id)
+        return task
+
+    async def find(self, principal: Principal, task_id: str) -> Task:
+        """The caller's task; someone else's is as unknown as a missing one."""
+        async with self.sessions() as session:
+            owner = None if principal.is_admin else principal.owner
+            task = await task_store.get_task(session, task_id, owner)
+        if task is None:
+            raise NotFound(
+                f"No task {task_id!r} for this API key: check the id returned when it was "
+                "submitted (tasks are visible only to the key or user that submitted them)."
+            )
+        return task
+
+    async def cancel(self, principal: Principal, task_id: str) -> Task:
+        task = await self.find(principal, task_id)
+        async with self.sessions() as session:
+            cancelled = await task_store.cancel(session, task.id)
+        if not cancelled:
+            raise Conflict(
+                f"Task {task_id} already ended ({task.status}); only queued or running tasks "
+                "can be cancelled."
+            )
+        self.queue.cancelled(task.id)
+        return await self.find(principal, task_id)
+
+    async def _check_callback(self, callback_url: str | None) -> None:
+        if callback_url is None:
+            return
+        try:
+            await self.fetcher.check(callback_url)
+        except InvalidRequest as exc:
+            raise InvalidRequest(
+                f"Invalid callback_url: {exc.message}", param="callback_url"
+            ) from None
