@@ -26,6 +26,7 @@ _BUILTIN: dict[str, str] = {
     "openai_compatible": "imagegate.providers.openai_compatible:OpenAICompatibleProvider",
     "seedream": "imagegate.providers.seedream:SeedreamProvider",
     "dashscope": "imagegate.providers.dashscope:DashScopeProvider",
+    "bfl": "imagegate.providers.bfl:BFLProvider",
 }
 # Never imported to read declarations: the local provider's module imports torch (seconds and
 # gigabytes), and it has no key to enable anything with.
