@@ -7,6 +7,7 @@ the prompt, the seed and n reached the provider without inspecting any call.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import random
 
@@ -131,11 +132,4 @@ class FlakyProvider(FakeProvider):
 class ManyImagesProvider(FakeProvider):
     """The fake, taking up to 16 reference images: for tests of requests that send many."""
 
-    capabilities = Capabilities(
-        text_to_image=True,
-        image_edit=True,
-        multi_turn=True,
-        max_n=4,
-        max_input_images=16,
-        accepts=frozenset({"seed", "size", "negative_prompt"}),
-    )
+    capabilities = dataclasses.replace(FakeProvider.capabilities, max_input_images=16)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
@@ -15,35 +15,39 @@ from imagegate.images import ImageLoader
 from imagegate.service import ImageService
 from imagegate.tasks.service import TaskService
 
+T = TypeVar("T")
+
+
+def _state(request: Request, name: str, kind: type[T]) -> T:
+    """What the app factory put on app.state under `name`."""
+    value = getattr(request.app.state, name)
+    if not isinstance(value, kind):
+        raise TypeError(f"app.state.{name} is {type(value).__name__}, not {kind.__name__}")
+    return value
+
 
 def service_of(request: Request) -> ImageService:
-    service: ImageService = request.app.state.service
-    return service
+    return _state(request, "service", ImageService)
 
 
 def auth_of(request: Request) -> Authenticator:
-    auth: Authenticator = request.app.state.auth
-    return auth
+    return _state(request, "auth", Authenticator)
 
 
 def delivery_of(request: Request) -> Delivery:
-    delivery: Delivery = request.app.state.delivery
-    return delivery
+    return _state(request, "delivery", Delivery)
 
 
 def tasks_of(request: Request) -> TaskService:
-    tasks: TaskService = request.app.state.tasks
-    return tasks
+    return _state(request, "tasks", TaskService)
 
 
 def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    return _state(request, "settings", Settings)
 
 
 def loader_of(request: Request) -> ImageLoader:
-    loader: ImageLoader = request.app.state.loader
-    return loader
+    return _state(request, "loader", ImageLoader)
 
 
 def bearer_token(request: Request) -> str | None:
