@@ -9,8 +9,12 @@ Retry-After 2, then succeed. A request that breaks a rule gets OpenAI's 400 and 
 
 Outcomes: ok, url (the image served by URL on this server), 500, 429[:retry-after],
 slow:<seconds>, truncated (a JSON body cut short), cut (the connection drops mid-body),
+stream_error (with stream: true: one partial image, then an `error` event),
 html (wrong content type), moderation (400 moderation_blocked), content_policy (400
 content_policy_violation), empty (no images), bad_b64.
+
+With `stream: true` (gpt-image only, validated against the SDK's streaming parameter types) it
+answers OpenAI's event stream: `partial_images` partial images, then the completed image(s).
 
 Images are drawn at 1/16 of the requested size to keep tests fast; their colour comes from the
 prompt ("red", "green", "blue").
@@ -29,8 +33,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
 
-from openai.types.image_edit_params import ImageEditParamsNonStreaming
-from openai.types.image_generate_params import ImageGenerateParamsNonStreaming
+from openai.types.image_edit_params import ImageEditParamsNonStreaming, ImageEditParamsStreaming
+from openai.types.image_generate_params import (
+    ImageGenerateParamsNonStreaming,
+    ImageGenerateParamsStreaming,
+)
 from PIL import Image
 from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
@@ -44,6 +51,8 @@ from tests.loopback import LoopbackServer
 
 GENERATE_TYPES: dict[str, Any] = get_type_hints(ImageGenerateParamsNonStreaming)
 EDIT_TYPES: dict[str, Any] = get_type_hints(ImageEditParamsNonStreaming)
+GENERATE_STREAM_TYPES: dict[str, Any] = get_type_hints(ImageGenerateParamsStreaming)
+EDIT_STREAM_TYPES: dict[str, Any] = get_type_hints(ImageEditParamsStreaming)
 FILE_FIELDS = frozenset({"image", "image[]", "mask", "markup"})
 STANDARD_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024", "auto"})
 GPT_QUALITIES = frozenset({"low", "medium", "high", "auto"})
@@ -170,7 +179,8 @@ class FakeOpenAI:
             self._check_auth(request)
             body = await self._json_body(request)
             recorded.json = body
-            self._check_fields(body, GENERATE_TYPES, strict=True)
+            types = GENERATE_STREAM_TYPES if body.get("stream") is True else GENERATE_TYPES
+            self._check_fields(body, types, strict=True)
             self._check_gpt_image(body, edit=False)
         except Violation as exc:
             return self._invalid(exc)
@@ -187,7 +197,10 @@ class FakeOpenAI:
             self._check_auth(request)
             await self._read_form(request, recorded)
             fields: dict[str, Any] = dict(recorded.form)
-            self._check_fields(fields, EDIT_TYPES, strict=False)
+            if "stream" in fields:  # the SDK writes booleans in a form as "true" / "false"
+                fields["stream"] = {"true": True, "false": False}.get(fields["stream"], "?")
+            types = EDIT_STREAM_TYPES if fields.get("stream") is True else EDIT_TYPES
+            self._check_fields(fields, types, strict=False)
             self._check_files(recorded.files)
             fields = {k: _lax(EDIT_TYPES.get(k), v) for k, v in fields.items()}
             self._check_gpt_image(fields, edit=True)
@@ -197,7 +210,7 @@ class FakeOpenAI:
             return _error(
                 401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key"
             )
-        return await self._answer(fields)
+        return await self._answer(fields, edit=True)
 
     async def _file(self, request: Request) -> Response:
         self.requests.append(Recorded(request.method, request.url.path, dict(request.headers)))
@@ -301,6 +314,9 @@ class FakeOpenAI:
             raise Violation("transparent background needs png or webp", "background")
         if "input_fidelity" in body and not edit:
             raise Violation("input_fidelity is for edits", "input_fidelity")
+        partials = body.get("partial_images")
+        if partials is not None and (not body.get("stream") or not 0 <= partials <= 3):
+            raise Violation("partial_images is 0..3 and only with stream: true", "partial_images")
 
     def _invalid(self, exc: Violation) -> Response:
         self.violations.append(exc.message)
@@ -308,7 +324,7 @@ class FakeOpenAI:
 
     # ---------------------------------------------------------------- answers
 
-    async def _answer(self, body: dict[str, Any]) -> Response:
+    async def _answer(self, body: dict[str, Any], *, edit: bool = False) -> Response:
         outcome = self._next()
         kind, _, arg = outcome.partition(":")
         if kind == "slow":
@@ -328,12 +344,44 @@ class FakeOpenAI:
             return JSONResponse({"created": int(time.time()), "data": []})
         if kind == "bad_b64":
             return JSONResponse({"created": 1, "data": [{"b64_json": "not*base64!"}]})
+        if body.get("stream") is True:
+            return self._stream(body, edit=edit, fail=kind == "stream_error")
         payload = json.dumps(self._images(body, by_url=kind == "url")).encode()
         if kind == "truncated":
             return Response(payload[: len(payload) // 2], media_type="application/json")
         if kind == "cut":
             return _CutResponse(payload)
         return Response(payload, media_type="application/json")
+
+    def _stream(self, body: dict[str, Any], *, edit: bool, fail: bool) -> Response:
+        """OpenAI's event stream: `partial_images` partial images, then one completed event
+        per image (`stream_error`: one partial image, then an error event)."""
+        prefix = "image_edit" if edit else "image_generation"
+        width, height = _dimensions(str(body.get("size") or "auto"))
+        fmt = str(body.get("output_format") or "png")
+        common = {
+            "size": str(body.get("size") or "1024x1024").replace("auto", "1024x1024"),
+            "quality": str(body.get("quality") or "high"),
+            "background": str(body.get("background") or "opaque"),
+            "output_format": fmt,
+        }
+        final = self._images(body, by_url=False)
+        frames = []
+        for index in range(1 if fail else int(body.get("partial_images") or 0)):
+            shade = 60 * (index + 1)
+            partial = _encoded((width, height), (shade, shade, shade), fmt)
+            frames.append(_event(f"{prefix}.partial_image", b64_json=partial, **common,
+                                 partial_image_index=index))  # fmt: skip
+        if fail:
+            error = {"type": "server_error", "code": None, "message": "stream broke", "param": None}
+            frames.append(
+                f"event: error\ndata: {json.dumps({'type': 'error', 'error': error})}\n\n"
+            )
+        else:
+            for item in final["data"]:
+                frames.append(_event(f"{prefix}.completed", b64_json=item["b64_json"], **common,
+                                     usage=USAGE))  # fmt: skip
+        return Response("".join(frames), media_type="text/event-stream; charset=utf-8")
 
     def _refusal(self, kind: str) -> Response:
         if kind == "moderation":
@@ -417,6 +465,16 @@ def _lax(annotation: Any, value: str) -> Any:
         return _adapter(annotation).validate_python(value)
     except ValidationError:
         return value
+
+
+def _event(kind: str, **fields: Any) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields})}\n\n"
+
+
+def _encoded(size: tuple[int, int], colour: tuple[int, int, int], fmt: str) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=_FORMATS[fmt][0])
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _sniff(data: bytes) -> str | None:

@@ -4,7 +4,8 @@ It runs a real HTTP server (uvicorn in a thread), checks every request against w
 accepts per model family (reference/providers.md §3.2) and records any violation, makes
 solid-colour JPEGs (PNG when asked), serves `url` results from itself, and can be scripted
 to fail: 429 with Retry-After, 500, slow answers, truncated or cut bodies, a wrong content
-type, safety refusals and per-image errors. Images are made at 1/SCALE of the asked size.
+type, safety refusals and per-image errors. With `stream: true` (4.x/5.x) it answers Ark's
+event stream. Images are made at 1/SCALE of the asked size.
 
 Its helpers (`Received`, `solid_image`, `json_response`, ...) are shared with
 tests/fake_dashscope.py.
@@ -174,6 +175,8 @@ class FakeArk(LoopbackFake):
         if problems:
             self.violations += problems
             return _error(400, "InvalidParameter", "; ".join(problems))
+        if body.get("stream") is True:
+            return _stream(self._answer(body))
         return json_response(self._answer(body))
 
     def _check(self, request: Request, body: Any) -> list[str]:
@@ -187,8 +190,10 @@ class FakeArk(LoopbackFake):
             return [*problems, f"unknown model {body.get('model')!r}"]
         if not isinstance(body.get("prompt"), str) or not body["prompt"]:
             problems.append("prompt must be a non-empty string")
-        if body.get("stream") not in (None, False):
-            problems.append("stream must be false")
+        if body.get("stream") not in (None, False, True):
+            problems.append("stream must be a boolean")
+        if body.get("stream") is True and family not in ("4.0", "4.5", "5.0"):
+            problems.append(f"stream is for 4.x/5.x models, not {family}")
         if body.get("response_format", "url") not in ("url", "b64_json"):
             problems.append("bad response_format")
         if "watermark" in body and not isinstance(body["watermark"], bool):
@@ -226,6 +231,19 @@ class FakeArk(LoopbackFake):
         name = f"{next(self._ids)}.{fmt.lower()}"
         self.files[name] = (data, f"image/{fmt.lower()}")
         return {"url": self.url(f"/files/{name}")}
+
+
+def _stream(answer: dict[str, Any]) -> Response:
+    """An answer as Ark streams it: one event per image (`partial_succeeded` or
+    `partial_failed`), then `completed` with the usage, then `data: [DONE]`."""
+    common = {"model": answer["model"], "created": answer["created"]}
+    events = []
+    for index, item in enumerate(answer["data"]):
+        kind = "partial_failed" if "error" in item else "partial_succeeded"
+        events.append({"type": f"image_generation.{kind}", **common, "image_index": index, **item})
+    events.append({"type": "image_generation.completed", **common, "usage": answer["usage"]})
+    frames = [f"event: {e['type']}\ndata: {orjson.dumps(e).decode()}\n\n" for e in events]
+    return Response("".join(frames) + "data: [DONE]\n\n", media_type="text/event-stream")
 
 
 def _check_images(family: str, body: dict[str, Any]) -> list[str]:

@@ -81,7 +81,7 @@ class FakeProvider:
         for step in range(10):
             await asyncio.sleep(seconds / 10)
             if reporter is not None:
-                reporter((step + 1) / 10)
+                reporter.progress((step + 1) / 10)
 
     def _image(
         self, request: ResolvedRequest, width: int, height: int, seed: int

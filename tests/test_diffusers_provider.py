@@ -29,7 +29,7 @@ from PIL import Image
 from imagegate.catalog import provider_context
 from imagegate.config import ModelConfig, ModelDefaultsConfig, Settings
 from imagegate.errors import ConfigError, InvalidRequest, ProviderError
-from imagegate.progress import reporting_to
+from imagegate.progress import FractionReporter, reporting_to
 from imagegate.providers.base import Provider
 from imagegate.providers.diffusers import DiffusersProvider
 from imagegate.types import ImageRequest, InputImage, Part, Size, Turn
@@ -597,14 +597,14 @@ async def test_progress_is_reported_to_each_job_of_a_batch(tiny_sd: Path) -> Non
     seen: dict[str, list[float]] = {"a": [], "b": []}
 
     async def generate(label: str, seed: int) -> None:
-        with reporting_to(seen[label].append):
+        with reporting_to(FractionReporter(seen[label].append)):
             await checked(provider, request(seed=seed, num_inference_steps=4))
 
     def broken(progress: float) -> None:
         raise RuntimeError("a broken reporter must not fail the batch")
 
     async def generate_broken() -> None:
-        with reporting_to(broken):
+        with reporting_to(FractionReporter(broken)):
             await checked(provider, request(seed=3, num_inference_steps=4))
 
     await asyncio.gather(generate("a", 1), generate("b", 2), generate_broken())

@@ -392,6 +392,12 @@ def nebula_shape(response: Any) -> None:
 def openai_shape(response: Any) -> None:
     event(f"HTTP {response.status_code}")
     assert response.status_code < 500, response.text
+    if response.headers["content-type"].startswith("text/event-stream"):  # stream: true
+        last = response.text.rstrip("\n").rsplit("\n\n", 1)[-1]
+        assert last.startswith(
+            ("event: image_generation.completed", "event: image_edit.completed")
+        ), last
+        return
     answer = response.json()
     if response.status_code >= 400:
         error = answer["error"]

@@ -119,11 +119,12 @@ async def _later(call: Any) -> Any:
 
 
 async def test_expired_keys_and_model_lists(limited: Api) -> None:
-    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    # Seconds enough for two requests on a loaded machine (one expired a key at 1 s).
+    soon = (datetime.now(UTC) + timedelta(seconds=3)).isoformat()
     key = await key_with(limited, expires_at=soon, allowed_models=["fake-model"])
     assert (await generate(limited, key)).status_code == 200
     assert (await generate(limited, key, "slow")).status_code == 403
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(3.2)
     limited.app.state.auth._keys.clear()  # as the 5 s key cache would, later
     expired = await generate(limited, key)
     assert expired.status_code == 401 and "expired" in expired.json()["msg"]

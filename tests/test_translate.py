@@ -399,11 +399,27 @@ def test_openai_edit_form_without_files_is_refused() -> None:
     assert caught.value.param == "image"
 
 
-def test_openai_refuses_stream_and_an_empty_prompt() -> None:
-    streamed = ImageGenerateRequest.model_validate({"model": "m", "prompt": "p", "stream": True})
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stream": True, "partial_images": 4}, "partial_images"),
+        ({"partial_images": 2}, "partial_images"),  # partial images need stream: true
+        ({"stream": True, "response_format": "url"}, "response_format"),
+    ],
+)
+def test_openai_refuses_stream_parameters_that_do_not_fit(
+    fields: dict[str, object], param: str
+) -> None:
+    body = ImageGenerateRequest.model_validate({"model": "m", "prompt": "p", **fields})
     with pytest.raises(InvalidRequest) as caught:
-        openai.from_generate(streamed)
-    assert caught.value.param == "stream"
+        openai.from_generate(body)
+    assert caught.value.param == param
+
+
+def test_openai_translates_a_stream_and_refuses_an_empty_prompt() -> None:
+    fields = {"stream": True, "partial_images": 3}
+    streamed = ImageGenerateRequest.model_validate({"model": "m", "prompt": "p", **fields})
+    assert openai.from_generate(streamed).prompt == "p"
     blank = ImageGenerateRequest.model_validate({"model": "m", "prompt": "  "})
     with pytest.raises(InvalidRequest) as caught:
         openai.from_generate(blank)

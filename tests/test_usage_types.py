@@ -136,7 +136,7 @@ def test_openai_usage_keeps_its_details() -> None:
 def test_seedream_usage_and_its_failed_items() -> None:
     answer = {"usage": {"generated_images": 2, "output_tokens": 32768, "total_tokens": 32768}}
     failures = [{"index": 1, "code": "OutputImageSensitiveContentDetected", "message": "no"}]
-    usage = seedream._usage(answer, failures)
+    usage = seedream._usage(answer["usage"], failures)
     assert usage == Usage(
         output_tokens=32768,
         total_tokens=32768,

@@ -42,6 +42,20 @@ _MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>"]
 
 def build_tiny_sd(path: Path) -> Path:
     """Build a tiny random StableDiffusionPipeline, save it to `path` and return `path`."""
+    return build_random_sd(path)
+
+
+def build_random_sd(
+    path: Path,
+    *,
+    unet_channels: tuple[int, int] = (4, 8),
+    vae_channels: tuple[int, ...] = (4, 8),
+    width: int = 8,
+    sample_size: int = 32,
+) -> Path:
+    """A random StableDiffusionPipeline of the given widths, saved to `path`: the tiny one of the
+    tests by default; bench/progress.py builds a larger one (its VAE's blocks set the latent
+    scale: 2 ** (len(vae_channels) - 1), 8 with four blocks as in Stable Diffusion)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -53,14 +67,14 @@ def build_tiny_sd(path: Path) -> Path:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        block_out_channels=(4, 8),
+        block_out_channels=unet_channels,
         layers_per_block=1,
-        sample_size=32,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
+        cross_attention_dim=width,
         norm_num_groups=2,
     )
     scheduler = DDIMScheduler(
@@ -73,11 +87,11 @@ def build_tiny_sd(path: Path) -> Path:
     )
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        block_out_channels=[4, 8],
+        block_out_channels=list(vae_channels),
         in_channels=3,
         out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        down_block_types=["DownEncoderBlock2D"] * len(vae_channels),
+        up_block_types=["UpDecoderBlock2D"] * len(vae_channels),
         latent_channels=4,
         norm_num_groups=2,
     )
@@ -86,8 +100,8 @@ def build_tiny_sd(path: Path) -> Path:
         CLIPTextConfig(
             bos_token_id=0,
             eos_token_id=2,
-            hidden_size=8,
-            intermediate_size=16,
+            hidden_size=width,
+            intermediate_size=2 * width,
             layer_norm_eps=1e-05,
             num_attention_heads=2,
             num_hidden_layers=2,

@@ -7,6 +7,8 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -52,6 +54,7 @@ from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings, load_models
 from imagegate.delivery import Delivery
 from imagegate.errors import AuthenticationFailed
+from imagegate.events.log import EventLog
 from imagegate.fetch import Fetcher
 from imagegate.images import ImageLoader
 from imagegate.memory import tune_allocator
@@ -62,9 +65,11 @@ from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import Task
 from imagegate.store.usage import UsageWriter
 from imagegate.tasks.callbacks import CallbackSender
+from imagegate.tasks.events import TaskEvents
 from imagegate.tasks.execute import TaskExecutor
 from imagegate.tasks.queue import InProcessQueue, QueueSettings
 from imagegate.tasks.service import TaskService
+from imagegate.tasks.webhooks import WebhookDispatcher
 from imagegate.watermark import Watermark
 
 logger = logging.getLogger(__name__)
@@ -123,23 +128,41 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             usage_log=settings.usage_log,
             request_timeout_seconds=settings.request_timeout_seconds,
         )
-        queue = _task_queue(settings, sessions, service, auth, delivery, fetcher)
+        events = EventLog(engine, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix)
+        task_events = TaskEvents(events, delivery, partial(task_data, delivery=delivery))
+        events.settle = task_events.settle  # a task that ended without its final event
+        queue = _task_queue(settings, sessions, service, auth, delivery, fetcher, task_events)
+        webhooks = WebhookDispatcher(
+            sessions,
+            queue.callbacks,
+            queue.render,
+            poll_seconds=max(5.0, settings.task_poll_seconds),
+            hold_seconds=2 * settings.fetch_timeout_seconds + 5,
+        )
+        events.add_hook(webhooks.hook)
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.loader = loader
         app.state.service = service
         app.state.auth = auth
         app.state.delivery = delivery
-        app.state.tasks = TaskService(sessions, service, queue, fetcher)
+        app.state.tasks = TaskService(sessions, service, queue, fetcher, task_events)
+        app.state.events = events
+        app.state.webhooks = webhooks
+        app.state.task_events = task_events
         app.state.engine = engine
         if settings.preload_models:
             await catalog.start_all()
         billing.start()
+        await events.start()
+        await webhooks.start(retry=settings.task_workers > 0)
         await queue.start()
         try:
             yield
         finally:
             await queue.close()
+            await webhooks.close()
+            await events.close()
             await billing.close()
             await usage.close()
             await limiter.close()
@@ -181,20 +204,23 @@ def _task_queue(
     auth: Authenticator,
     delivery: Delivery,
     fetcher: Fetcher,
+    events: TaskEvents | None = None,
 ) -> InProcessQueue:
     async def render(task: Task) -> bytes:
         """A finished task as its callback receives it: what a query of it would answer."""
-        if task.dialect == "lab":
-            data = await task_query_view(task, delivery, task.base_url)
-            return fastjson.dumps({"code": 200, "msg": LAB_OK, "data": data})
-        view = await task_view(task, delivery, task.base_url)
-        return fastjson.dumps({"code": 200, "msg": "Success", "data": view})
+        msg = LAB_OK if task.dialect == "lab" else "Success"
+        data = await task_data(task, delivery=delivery)
+        return fastjson.dumps({"code": 200, "msg": msg, "data": data})
 
     return InProcessQueue(
         sessions,
         TaskExecutor(service, auth, delivery, parse_task),
         CallbackSender(
-            fetcher, settings.callback_key(), retry_seconds=settings.callback_retry_seconds
+            fetcher,
+            settings.callback_key(),
+            retry_seconds=settings.callback_retry_seconds,
+            sessions=sessions,
+            max_attempts=settings.callback_max_attempts,
         ),
         render,
         QueueSettings(
@@ -204,7 +230,16 @@ def _task_queue(
             max_attempts=settings.task_max_attempts,
             callback_max_attempts=settings.callback_max_attempts,
         ),
+        events,
     )
+
+
+async def task_data(task: Task, *, delivery: Delivery) -> dict[str, Any]:
+    """A task as a query of it answers in `data` (the Lab view for Lab tasks): what its
+    callback and its `succeeded` event carry. Links are signed for the task's base_url."""
+    if task.dialect == "lab":
+        return await task_query_view(task, delivery, task.base_url)
+    return await task_view(task, delivery, task.base_url)
 
 
 def parse_task(task: Task) -> tuple[str, Translate]:

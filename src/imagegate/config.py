@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     task_poll_seconds: float = Field(default=1.0, gt=0)
     task_max_attempts: int = Field(default=3, ge=1)
     """A task whose worker died this many times fails instead of running again."""
+    event_heartbeat_seconds: float = Field(default=15.0, gt=0)
+    """A task's event stream sends a `: heartbeat` comment when no event went out this long."""
     callback_secret: SecretStr | None = None
     """HMAC key for the X-Imagegate-Signature of task callbacks (share it with receivers);
     default: derived from secret_key."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
@@ -18,11 +18,13 @@ from imagegate.auth.service import Authenticator
 from imagegate.config import load_models
 from imagegate.errors import ConfigError, Conflict, InvalidRequest, NotFound
 from imagegate.store import audit, ledger
+from imagegate.store import deliveries as delivery_store
 from imagegate.store import keys as key_store
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, User, to_utc
+from imagegate.store.models import ApiKey, User, WebhookDelivery, to_utc
+from imagegate.tasks.webhooks import WebhookDispatcher
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 
@@ -368,6 +370,62 @@ async def reload_models(
     async with auth.sessions.begin() as session:
         await _audit(session, admin, "models.reload", "catalog", changes)
     return ok(changes)
+
+
+async def _webhooks_dep(request: Request) -> WebhookDispatcher:
+    webhooks = request.app.state.webhooks
+    if not isinstance(webhooks, WebhookDispatcher):
+        raise TypeError(f"app.state.webhooks is {type(webhooks).__name__}")
+    return webhooks
+
+
+Webhooks = Annotated[WebhookDispatcher, Depends(_webhooks_dep)]
+
+
+def delivery_view(row: WebhookDelivery) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "task_id": row.task_id,
+        "event": row.event,
+        "event_id": row.event_id,
+        "webhook_id": row.message_id,
+        "status": row.status,
+        "attempts": row.attempts,
+        "response_status": row.response_status,
+        "last_error": row.last_error,
+        "created_at": _utc_text(row.created_at),
+        "last_attempt_at": _utc_text(row.last_attempt_at),
+        "next_attempt_at": _utc_text(row.next_attempt_at) if row.status == "pending" else None,
+    }
+
+
+@router.get("/webhooks/deliveries")
+async def webhook_deliveries(
+    admin: AdminKey,
+    auth: Auth,
+    task_id: str | None = None,
+    status: Literal["pending", "delivered", "failed"] | None = None,
+    before: int | None = Query(default=None, ge=1),
+    limit: int = Query(default=100, ge=1, le=10_000),
+) -> Response:
+    """Webhook deliveries, newest first; the next page: `before=<the last id seen>`."""
+    async with auth.sessions() as session:
+        rows = await delivery_store.list_deliveries(
+            session, task_id=task_id, status=status, before=before, limit=limit
+        )
+    return ok([delivery_view(row) for row in rows])
+
+
+@router.post("/webhooks/deliveries/{delivery_id}/redeliver")
+async def redeliver_webhook(
+    delivery_id: int, admin: AdminKey, auth: Auth, webhooks: Webhooks
+) -> Response:
+    """Send the delivery again now (the same webhook-id; a new attempt recorded)."""
+    row = await webhooks.redeliver(delivery_id)
+    async with auth.sessions.begin() as session:
+        detail = {"status": row.status, "response_status": row.response_status}
+        await _audit(session, admin, "webhook.redeliver", f"delivery:{delivery_id}", detail)
+    return ok(delivery_view(row))
 
 
 async def _user(session: AsyncSession, username: str) -> User:

@@ -262,7 +262,7 @@ def _surface_progress(status: Any) -> None:
     reporter = current_reporter()
     fraction = _STATUS_PROGRESS.get(str(status))
     if reporter is not None and fraction is not None:
-        reporter(fraction)
+        reporter.progress(fraction)
 
 
 def _capabilities(family: Family) -> Capabilities:

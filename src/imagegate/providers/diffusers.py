@@ -98,6 +98,9 @@ class DiffusersOptions(ProviderOptions):
     """Most num_inference_steps one request may ask for (400 above): time grows with steps."""
     max_pixels: int = Field(default=4 * 1024 * 1024, ge=64)
     """Most pixels one request may ask for, width x height x n (400 above): four 1024x1024."""
+    preview_every: int = Field(default=5, ge=0, le=MAX_STEPS)
+    """Steps between two previews of each image, sent only to a caller whose reporter wants
+    previews (a stream asked); 0: never. Each costs a cheap decode and a small WEBP."""
 
     @model_validator(mode="after")
     def _sides(self) -> DiffusersOptions:
@@ -189,7 +192,8 @@ class DiffusersProvider:
         self._planner.defaults = value
 
     async def generate(self, request: ResolvedRequest) -> GenerationResult:
-        """Generate images; progress goes to the `progress.current_reporter()` of the caller.
+        """Generate images; progress goes to the `progress.current_reporter()` of the caller:
+        each step, and every `preview_every` steps a preview of each image when it wants them.
 
         Cancelling the awaiting task cancels the job: a queued job never runs, a running one's
         images are dropped (its batch stops early when no other job in it is still awaited).
@@ -362,7 +366,7 @@ class DiffusersProvider:
         """Run one batch (runner thread) on the pipeline its kind needs."""
         loaded, jobs = batch.jobs[0].loaded, [work.job for work in batch.jobs]
         pipes = {"text": loaded.pipe, "edit": loaded.edit_pipe, "inpaint": loaded.inpaint_pipe}
-        return run_batch(pipes[jobs[0].kind], jobs, batch)
+        return run_batch(pipes[jobs[0].kind], jobs, batch, self.options.preview_every)
 
 
 def _parse_options(name: str, options: dict[str, Any]) -> DiffusersOptions:

@@ -7,29 +7,42 @@ lists.
 Masked edits: OpenAI's mask (alpha 0: redraw) becomes diffusers' `mask_image` (white: redraw), and
 each result is composited over its init image outside the mask, so the pixels a client asked to
 keep are kept exactly (a VAE round trip or the demo model's upscaling would blur them).
+
+Progress and previews: the step callback reports `step` of `steps` to every job still awaited
+and, every `preview_every` steps, sends a cheap preview of each image (diffusers_preview.py) to
+the jobs whose reporter wants previews. When every job of the batch is cancelled, it sets the
+pipeline's interrupt flag: the call stops after the step running when the cancel arrived.
 """
 
 from __future__ import annotations
 
 import inspect
 import io
+import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
 from PIL import Image
 
+from imagegate.progress import Preview
 from imagegate.providers.diffusers_plan import FORMATS, Job
-from imagegate.providers.runner import Batch
+from imagegate.providers.diffusers_preview import encode_webp, preview_size, to_rgb
+from imagegate.providers.runner import Batch, Ticket
 from imagegate.types import GeneratedImage, InputImage
 
+logger = logging.getLogger(__name__)
 J = TypeVar("J")
 Images = tuple[GeneratedImage, ...]
 
 
-def run_batch(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> list[Images]:
-    """Call `pipe` once for every image of `jobs`; report progress to the batch's jobs."""
-    kwargs = _call_kwargs(pipe, jobs, batch)
+def run_batch(
+    pipe: Any, jobs: Sequence[Job], batch: Batch[J], preview_every: int = 0
+) -> list[Images]:
+    """Call `pipe` once for every image of `jobs`; report progress (and previews every
+    `preview_every` steps, 0: never) to the batch's jobs."""
+    kwargs = _call_kwargs(pipe, jobs, batch, preview_every)
     batch.report(0.0)
     with torch.no_grad():
         output = pipe(**kwargs)
@@ -43,7 +56,9 @@ def run_batch(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> list[Images]:
     return _split(images, jobs, batch)
 
 
-def _call_kwargs(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> dict[str, Any]:
+def _call_kwargs(
+    pipe: Any, jobs: Sequence[Job], batch: Batch[J], preview_every: int
+) -> dict[str, Any]:
     """The call's arguments: per-image lists, and the first job's shared parameters."""
     head = jobs[0]
     kwargs: dict[str, Any] = {
@@ -66,21 +81,77 @@ def _call_kwargs(pipe: Any, jobs: Sequence[Job], batch: Batch[J]) -> dict[str, A
     if head.mask is not None:
         kwargs["mask_image"] = _masks(jobs)
     if accepts(pipe, "callback_on_step_end"):
-        kwargs["callback_on_step_end"] = _step_callback(head.steps, batch)
+        kwargs["callback_on_step_end"] = _step_callback(jobs, batch, preview_every)
     return kwargs
 
 
-def _step_callback(steps: int, batch: Batch[J]) -> Callable[..., dict[str, Any]]:
+def _step_callback(
+    jobs: Sequence[Job], batch: Batch[J], preview_every: int
+) -> Callable[..., dict[str, Any]]:
     def on_step_end(
         pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        total = getattr(pipe, "num_timesteps", None) or steps
-        batch.report(min(1.0, (step + 1) / total))
+        # img2img runs steps x strength of the steps asked for: the pipeline knows how many.
+        total = getattr(pipe, "num_timesteps", None) or jobs[0].steps
+        done = min(step + 1, total)
+        batch.report(done / total, done, total)
         if batch.abandoned:
             pipe._interrupt = True  # diffusers pipelines skip the remaining steps
+        elif preview_every:
+            latents = callback_kwargs.get("latents")
+            if isinstance(latents, torch.Tensor):
+                _previews(pipe, latents, jobs, batch, (done, total, preview_every))
         return callback_kwargs
 
     return on_step_end
+
+
+def _previews(
+    pipe: Any,
+    latents: torch.Tensor,
+    jobs: Sequence[Job],
+    batch: Batch[J],
+    when: tuple[int, int, int],
+) -> None:
+    """Send a preview of each image to each job that wants one at this step; a failing
+    decode or reporter is logged and never fails the generation."""
+    step, steps, every = when
+    first = 0
+    for job, ticket in zip(jobs, batch.tickets, strict=True):
+        count = len(job.seeds)
+        try:
+            if _preview_due(ticket, step, steps, every):
+                _send_previews(pipe, latents[first : first + count], job, ticket, step, steps)
+        except Exception:
+            logger.exception("preview failed")
+        first += count
+
+
+def _preview_due(ticket: Ticket[J], step: int, steps: int, every: int) -> bool:
+    """Every `every` steps, the last step excepted (the image itself follows). A reporter with
+    `max_previews` k gets at most k, spread over the steps rather than the first k."""
+    reporter = ticket.reporter
+    if reporter is None or ticket.cancelled or step >= steps or not reporter.wants_previews:
+        return False
+    most = reporter.max_previews
+    if most is not None:
+        if most <= 0:
+            return False
+        every = max(every, math.ceil(steps / (most + 1)))
+    return step % every == 0
+
+
+def _send_previews(
+    pipe: Any, latents: torch.Tensor, job: Job, ticket: Ticket[J], step: int, steps: int
+) -> None:
+    rgb = to_rgb(pipe, latents, job.width, job.height)
+    if rgb is None or ticket.reporter is None:
+        return
+    width, height = preview_size(job.width, job.height)
+    for index, image in enumerate(rgb):
+        data = encode_webp(image, (width, height))
+        preview = Preview(index, data, "image/webp", width, height, step, steps)
+        ticket.reporter.preview(preview)
 
 
 def _init_images(jobs: Sequence[Job]) -> list[Image.Image]:

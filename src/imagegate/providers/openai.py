@@ -6,11 +6,16 @@ carries one (`ImageRequest.mask`, checked by the service first). Every option is
 against the model family's allowed values before anything is sent, so a bad value is our 400
 naming the parameter and the model, not an upstream round trip. docs/providers/openai.md has
 the rules.
+
+When the caller shows previews (a `stream: true` client: progress.Reporter), a gpt-image call
+for one image is streamed upstream with `partial_images`, and the upstream's partial images
+are passed on as previews.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -20,8 +25,10 @@ import orjson
 
 from imagegate.errors import ContentBlocked, InvalidRequest, ProviderError
 from imagegate.images import sniff_b64
+from imagegate.progress import Preview, Reporter, current_reporter
 from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
-from imagegate.providers.http import CloudProvider
+from imagegate.providers.http import CloudProvider, parse_json
+from imagegate.providers.sse import events, is_event_stream, streaming
 from imagegate.types import (
     GeneratedImage,
     GenerationResult,
@@ -41,6 +48,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "input_fidelity": ("high", "low"),
 }
 # The upstream's error codes for a safety refusal: gpt-image, then the dall-e era.
+MAX_PARTIAL_IMAGES = 3
 SAFETY_CODES = frozenset({"moderation_blocked", "content_policy_violation"})
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
@@ -83,6 +91,9 @@ class OpenAIProvider(CloudProvider):
         ),
     )
     image_field: str = "image[]"
+    streams_partial_images: ClassVar[bool] = True
+    """Asks the upstream to stream partial images when the caller shows previews; servers
+    that only speak OpenAI's non-streaming wire (openai_compatible) say False."""
 
     def __init__(self, context: ProviderContext) -> None:
         super().__init__(context)
@@ -106,18 +117,88 @@ class OpenAIProvider(CloudProvider):
         request = self._with_defaults(request)
         self.validate(request)
         fields = self.fields(request)
+        reporter = current_reporter()
+        partials = self._partials_wanted(request, reporter)
+        if partials:
+            fields |= {"stream": True, "partial_images": partials}
         if request.images:
-            body = await self.send_json(
-                "POST", "/images/edits", data=_form(fields), files=self._files(request)
-            )
+            path = "/images/edits"
+            call: dict[str, Any] = {"data": _form(fields), "files": self._files(request)}
         else:
-            body = await self.send_json(
-                "POST",
-                "/images/generations",
-                content=orjson.dumps(fields),
-                headers={"Content-Type": "application/json"},
+            path = "/images/generations"
+            call = {
+                "content": orjson.dumps(fields),
+                "headers": {"Content-Type": "application/json"},
+            }
+        if partials and reporter is not None:
+            return await self._streamed(path, reporter, partials, call)
+        return await self.parse(await self.send_json("POST", path, **call))
+
+    # ---------------------------------------------------------------- streaming
+
+    def _partials_wanted(self, request: ResolvedRequest, reporter: Reporter | None) -> int:
+        """How many partial images to ask the upstream for: those the reporter shows, when
+        it shows any, for one gpt-image image (OpenAI's events carry no image index)."""
+        if (
+            reporter is None
+            or not reporter.wants_previews
+            or not self.streams_partial_images
+            or request.n != 1
+            or not self.upstream_model.startswith("gpt-image")
+        ):
+            return 0
+        return min(reporter.max_previews or MAX_PARTIAL_IMAGES, MAX_PARTIAL_IMAGES)
+
+    async def _streamed(
+        self, path: str, reporter: Reporter, partials: int, call: dict[str, Any]
+    ) -> GenerationResult:
+        """`stream: true` upstream: each partial image goes to the reporter as a preview
+        (the k-th as step k of partials+1), the completed images are the result."""
+        images: list[GeneratedImage] = []
+        usage: Any = None
+        async with streaming(self, "POST", path, **call) as response:
+            if not is_event_stream(response):  # answered in one body after all
+                await response.aread()
+                return await self.parse(parse_json(self.provider, response))
+            async for name, data in events(self.provider, response):
+                kind = str(data.get("type") or name) if isinstance(data, dict) else name
+                if kind == "error" or (isinstance(data, dict) and "error" in data):
+                    raise self._stream_error(data)
+                if kind.endswith(".partial_image"):
+                    reporter.preview(self._partial(data, partials))
+                elif kind.endswith(".completed"):
+                    images.append(await self._image(data))
+                    usage = data.get("usage")
+        if not images:
+            raise self._malformed("the event stream ended without a completed image")
+        return GenerationResult(images=tuple(images), usage=Usage.from_counts(usage))
+
+    def _partial(self, data: Any, partials: int) -> Preview:
+        b64, index = data.get("b64_json"), data.get("partial_image_index")
+        sniffed = sniff_b64(b64) if isinstance(b64, str) else None
+        if sniffed is None or not isinstance(index, int) or not 0 <= index < partials:
+            raise self._malformed("a partial image event is not a base64 image with its index")
+        mime, width, height = sniffed
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except ValueError as exc:
+            raise self._malformed("a partial image is not valid base64") from exc
+        return Preview(0, raw, mime, width, height, step=index + 1, steps=partials + 1)
+
+    def _stream_error(self, data: Any) -> ProviderError:
+        """An `error` event: `{"error": {...}}` or the error's fields at the top level."""
+        error = data.get("error", data) if isinstance(data, dict) else {}
+        error = error if isinstance(error, dict) else {"message": str(error)}
+        code, message = error.get("code"), str(error.get("message") or "no details")[:500]
+        if code in SAFETY_CODES:
+            return ContentBlocked(
+                f"{self.provider} refused the request on safety grounds ({code}): {message}"
             )
-        return await self.parse(body)
+        return ProviderError(
+            f"{self.provider} failed while streaming (channel {self.name}): {message}",
+            retryable=True,
+            code=str(code) if code is not None else None,
+        )
 
     def _with_defaults(self, request: ResolvedRequest) -> ResolvedRequest:
         if request.size is None and self.defaults.size:

@@ -70,6 +70,7 @@ class CompatibleOptions(ProviderOptions):
 
 class OpenAICompatibleProvider(OpenAIProvider):
     provider: ClassVar[str] = "openai_compatible"
+    streams_partial_images: ClassVar[bool] = False  # many such servers have no stream: true
     # No key or base URL from the environment: IMAGEGATE_OPENAI_API_KEY must never reach a
     # third-party server, and each channel names its own upstream.
     key_variable: ClassVar[str | None] = None

@@ -88,14 +88,15 @@ class Batch(Generic[J]):
         """Every caller has given up: the rest of the work is wasted."""
         return all(ticket.cancelled for ticket in self.tickets)
 
-    def report(self, progress: float) -> None:
-        """Tell every job still awaited how far the batch is, 0..1."""
+    def report(self, progress: float, step: int | None = None, steps: int | None = None) -> None:
+        """Tell every job still awaited how far the batch is, 0..1 (`step` of `steps` when
+        counted). Reporters are called from the worker thread; one that fails is logged."""
         self.progress = progress
         for ticket in self.tickets:
             if ticket.reporter is None or ticket.cancelled:
                 continue
             try:
-                ticket.reporter(progress)
+                ticket.reporter.progress(progress, step, steps)
             except Exception:
                 logger.exception("progress reporter failed")
 

@@ -5,6 +5,9 @@ Ark has no `n`: the 4.x/5.x models make several images in one call in "group" mo
 make one image per call, so n>1 fans out n concurrent calls. Images come back per item, and one
 item may carry an `error` instead of an image: such failures are logged and reported in the
 usage while the other images are kept (docs/providers/seedream-dashscope.md).
+
+When the caller shows previews (a `stream: true` client), 4.x/5.x calls use Ark's own
+`stream: true`: each image is passed on as soon as Ark sends it, as its preview.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ from imagegate.errors import (
     InvalidRequest,
     ProviderError,
 )
+from imagegate.progress import Preview, Reporter, current_reporter
 from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
 from imagegate.providers.fanout import merge_outcomes
-from imagegate.providers.http import CloudProvider, retry_after
+from imagegate.providers.http import CloudProvider, parse_json, retry_after
+from imagegate.providers.sse import events, is_event_stream, streaming
 from imagegate.types import (
     FailedImage,
     GeneratedImage,
@@ -202,12 +207,13 @@ class SeedreamProvider(CloudProvider):
         return body
 
     async def _call(self, body: dict[str, Any]) -> GenerationResult:
-        answer = await self.send_json(
-            "POST",
-            "/images/generations",
-            content=orjson.dumps(body),
-            headers={"Content-Type": "application/json"},
-        )
+        reporter = current_reporter()
+        if self.family.group and reporter is not None and reporter.wants_previews:
+            return await self._streamed({**body, "stream": True}, reporter)
+        answer = await self.send_json("POST", "/images/generations", **_json_call(body))
+        return await self._answered(answer)
+
+    async def _answered(self, answer: Any) -> GenerationResult:
         if not isinstance(answer, dict):
             raise ProviderError("seedream answered with an unexpected body.", retryable=True)
         if isinstance(answer.get("error"), dict):
@@ -216,16 +222,48 @@ class SeedreamProvider(CloudProvider):
         if not isinstance(items, list):
             raise ProviderError("seedream answered without a data list.", retryable=True)
         good, failures = _split_items(items)
+        images = await asyncio.gather(*(self._image(item) for item in good))
+        return self._result(list(images), failures, answer.get("usage"))
+
+    async def _streamed(self, body: dict[str, Any], reporter: Reporter) -> GenerationResult:
+        """Ark's `stream: true`: each image comes in its own `partial_succeeded` event as soon
+        as it is made, and goes to the reporter then, as the (only) preview of that image."""
+        images: list[GeneratedImage] = []
+        failures: list[dict[str, Any]] = []
+        usage: Any = None
+        call = _json_call(body)
+        async with streaming(self, "POST", "/images/generations", **call) as response:
+            if not is_event_stream(response):  # validation errors come as plain JSON
+                await response.aread()
+                return await self._answered(parse_json(self.provider, response))
+            async for name, data in events(self.provider, response):
+                if not isinstance(data, dict):
+                    raise ProviderError("seedream sent a stream event that is not an object.")
+                kind = str(data.get("type") or name)
+                if kind == "image_generation.partial_succeeded":
+                    image = await self._image(data)
+                    reporter.preview(_preview(len(images), image))
+                    images.append(image)
+                elif kind == "image_generation.partial_failed":
+                    failures.append(_failure(data))
+                elif isinstance(data.get("error"), dict):
+                    raise _error(data["error"], every_image=False)
+                elif kind == "image_generation.completed":
+                    usage = data.get("usage")
+        return self._result(images, failures, usage)
+
+    def _result(
+        self, images: list[GeneratedImage], failures: list[dict[str, Any]], usage: Any
+    ) -> GenerationResult:
         for fail in failures:
             logger.warning(
                 "seedream %s: image %d failed: %s", self.name, fail["index"], fail["code"]
             )
-        images = await asyncio.gather(*(self._image(item) for item in good))
         if not images:
             if failures:
                 raise _error(failures[0], every_image=True)
             raise ProviderError("seedream returned no images and no error.", status=502)
-        return GenerationResult(images=tuple(images), usage=_usage(answer, failures))
+        return GenerationResult(images=tuple(images), usage=_usage(usage, failures))
 
     async def _image(self, item: dict[str, Any]) -> GeneratedImage:
         if isinstance(item.get("b64_json"), str):
@@ -393,11 +431,32 @@ def _split_items(items: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     return good, failures
 
 
-def _usage(answer: dict[str, Any], failures: list[dict[str, Any]]) -> Usage:
+def _usage(usage: Any, failures: list[dict[str, Any]]) -> Usage:
     """Seedream's usage object (generated_images, output_tokens, total_tokens) and the items
     that failed."""
     failed = tuple(FailedImage(f["code"], f["message"], f["index"]) for f in failures)
-    return Usage.from_counts(answer.get("usage"), failed)
+    return Usage.from_counts(usage, failed)
+
+
+def _json_call(body: dict[str, Any]) -> dict[str, Any]:
+    return {"content": orjson.dumps(body), "headers": {"Content-Type": "application/json"}}
+
+
+def _failure(event: dict[str, Any]) -> dict[str, Any]:
+    """A `partial_failed` event as _split_items describes a failed item."""
+    found = event.get("error")
+    error: dict[str, Any] = found if isinstance(found, dict) else {}
+    index = event.get("image_index")
+    return {
+        "index": index if isinstance(index, int) else -1,
+        "code": str(error.get("code") or "NoCode"),
+        "message": str(error.get("message") or "")[:500],
+    }
+
+
+def _preview(index: int, image: GeneratedImage) -> Preview:
+    """A finished image as the preview of itself (step 1 of 1)."""
+    return Preview(index, image.data, image.mime, image.width, image.height, step=1, steps=1)
 
 
 def _error(error: dict[str, Any], *, every_image: bool) -> ProviderError:

@@ -156,6 +156,8 @@ class Task(Base):
     """pending (to send once the task ends) | delivered | failed; None without a callback_url."""
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0)
     callback_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    callback_events: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    """Events POSTed to callback_url (tasks/webhooks.py); None: ["completed"] only."""
 
 
 class LedgerEntry(Base):
@@ -209,3 +211,46 @@ class AuditEntry(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
     )
+
+
+class TaskEventRow(Base):
+    """One event of a task (events/log.py): `seq` numbers a task's events 1, 2, 3... and is
+    the event's public id; the unique (task_id, seq) index settles racing writers."""
+
+    __tablename__ = "task_events"
+    __table_args__ = (UniqueConstraint("task_id", "seq", name="uq_task_events_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(16))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One webhook message to a task's callback_url (tasks/webhooks.py) and its attempts.
+
+    `message_id` is the `webhook-id` header, the same on every attempt of the message.
+    `status`: pending (being sent or due again at `next_attempt_at`) | delivered | failed.
+    `body` is kept for the events before the final one; the final callback is rendered from
+    the task at each attempt (its links signed afresh)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(32), index=True)
+    event: Mapped[str] = mapped_column(String(16))
+    """started | progress | image | completed."""
+    event_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The task event's id (None for the final callback)."""
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

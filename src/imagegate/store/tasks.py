@@ -46,6 +46,8 @@ class NewTask:
     base_url: str
     idempotency_key: str | None = None
     callback_url: str | None = None
+    callback_events: list[str] | None = None
+    """None: ["completed"] (tasks/webhooks.py)."""
 
 
 def new_task_id() -> str:
@@ -75,8 +77,9 @@ async def create_task(session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
         attempts=0,
         created_at=utcnow(),
         callback_url=new.callback_url,
-        callback_status="pending" if new.callback_url else None,
+        callback_status="pending" if _final_callback(new) else None,
         callback_attempts=0,
+        callback_events=new.callback_events,
     )
     session.add(task)
     try:
@@ -89,6 +92,13 @@ async def create_task(session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
             raise
         return existing, False
     return task, True
+
+
+def _final_callback(new: NewTask) -> bool:
+    """Whether the task's callback_url receives its final task (`completed`, the default)."""
+    return new.callback_url is not None and (
+        new.callback_events is None or "completed" in new.callback_events
+    )
 
 
 async def existing_task(session: AsyncSession, new: NewTask) -> Task | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 Parse = Callable[[Task], tuple[str, Translate]]
 """A stored task -> (model name, how to translate its body into the request)."""
+Started = Callable[[], Awaitable[None]]
+"""Told when the task starts generating (its `started` event); must not raise."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,17 +66,18 @@ class TaskExecutor:
         self.delivery = delivery
         self.parse = parse
 
-    async def run(self, task: Task, report: Reporter) -> Outcome:
+    async def run(self, task: Task, report: Reporter, started: Started | None = None) -> Outcome:
         """Run the task in one of its owner's concurrency slots; DEFERRED when none is free
-        (nothing prepared, fetched or logged for it yet). Any error is the task's outcome: an
-        exception let out would leave the lease to expire and be counted as a crash."""
+        (nothing prepared, fetched or logged for it yet). `started` is awaited once a slot is
+        taken, before generating. Any error is the task's outcome: an exception let out would
+        leave the lease to expire and be counted as a crash."""
         try:
-            return await self._run(task, report)
+            return await self._run(task, report, started)
         except Exception:  # the database or the rate limiter's Redis failing, ...
             logger.exception("task %s failed", task.id)
             return Outcome(FAILED, None, _internal_error(task))
 
-    async def _run(self, task: Task, report: Reporter) -> Outcome:
+    async def _run(self, task: Task, report: Reporter, started: Started | None) -> Outcome:
         try:
             submitter = await self.auth.principal_for(task.key_id, task.user_id)
         except ImagegateError as exc:
@@ -87,6 +90,8 @@ class TaskExecutor:
             except RateLimited as exc:
                 return Outcome(DEFERRED, None, None, wait_seconds=float(exc.retry_after or 1))
         try:
+            if started is not None:
+                await started()
             return await self._generate(task, submitter, report)
         finally:
             if slots:

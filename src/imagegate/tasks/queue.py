@@ -26,9 +26,11 @@ from typing import Any, Protocol
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from imagegate import logs, metrics
+from imagegate.progress import Preview
 from imagegate.store import tasks as task_store
 from imagegate.store.models import Task, utcnow
 from imagegate.tasks.callbacks import CallbackSender
+from imagegate.tasks.events import TaskEvents, TaskReporter
 from imagegate.tasks.execute import DEFERRED, Outcome, TaskExecutor
 
 logger = logging.getLogger(__name__)
@@ -62,13 +64,29 @@ class QueueSettings:
 
 
 class _Progress:
-    """The latest progress of a running task, written by any thread, read by the lease keeper."""
+    """The reporter of a task when no event log is kept: only the latest percentage, written
+    by any thread, read by the lease keeper (which records it in the task's `progress`)."""
+
+    wants_previews = False
+    max_previews: int | None = None
 
     def __init__(self) -> None:
-        self.value = 0
+        self.percent = 0
 
-    def report(self, fraction: float) -> None:
-        self.value = max(self.value, min(100, int(fraction * 100)))
+    def progress(self, fraction: float, step: int | None = None, steps: int | None = None) -> None:
+        self.percent = max(self.percent, min(100, int(fraction * 100)))
+
+    def preview(self, preview: Preview) -> None:
+        return None
+
+    def __call__(self, fraction: float) -> None:
+        self.progress(fraction)
+
+    async def finish(self) -> None:
+        return None
+
+    def abandon(self) -> None:
+        return None
 
 
 class InProcessQueue:
@@ -79,12 +97,15 @@ class InProcessQueue:
         callbacks: CallbackSender,
         render: RenderTask,
         settings: QueueSettings,
+        events: TaskEvents | None = None,
     ) -> None:
         self.sessions = sessions
         self.executor = executor
         self.callbacks = callbacks
         self.render = render
         self.settings = settings
+        self.events = events
+        """Where the tasks run here write their events (None: no event log)."""
         self.worker_id = f"{socket.gethostname()[:30]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._wake = asyncio.Event()
         self._wake_callbacks = asyncio.Event()
@@ -164,13 +185,16 @@ class InProcessQueue:
             await self._finish(task, _abandoned(task))
             return
         logger.info("task %s: started (attempt %d)", task.id, task.attempts)
-        progress = _Progress()
-        job = asyncio.create_task(self.executor.run(task, progress.report))
+        reporter: TaskReporter | _Progress = (
+            _Progress() if self.events is None else self.events.reporter(task)
+        )
+        job = asyncio.create_task(self.executor.run(task, reporter, self._started(task)))
         self._running[task.id] = job
-        keeper = asyncio.create_task(self._keep_lease(task.id, progress, job))
+        keeper = asyncio.create_task(self._keep_lease(task.id, reporter, job))
         try:
             outcome = await job
         except asyncio.CancelledError:
+            reporter.abandon()  # cancelled or taken over: this worker writes nothing more
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 await asyncio.shield(self._release(task.id))  # shutting down: hand it back
@@ -181,11 +205,23 @@ class InProcessQueue:
             keeper.cancel()
             self._running.pop(task.id, None)
         if outcome.status == DEFERRED:
+            reporter.abandon()
             logger.info("task %s: waits %.0f s for a free slot", task.id, outcome.wait_seconds)
             await asyncio.shield(self._release(task.id, outcome.wait_seconds))
             return
+        # Progress reported so far is written before the outcome's events.
+        await asyncio.shield(reporter.finish())
         # A shutdown now must not lose the outcome of a generation that already ran.
         await asyncio.shield(self._finish(task, outcome))
+
+    def _started(self, task: Task) -> Callable[[], Awaitable[None]]:
+        """The `started` event, written when the executor begins (not when it defers)."""
+
+        async def started() -> None:
+            if self.events is not None:
+                await self.events.started(task)
+
+        return started
 
     async def _finish(self, task: Task, outcome: Outcome) -> None:
         """Record the outcome. If that fails, record it without its usage row (logged instead),
@@ -208,8 +244,22 @@ class InProcessQueue:
         if done:
             logger.info("task %s: %s", task.id, outcome.status)
             self._wake_callbacks.set()
+            await self._finished_events(task.id)
         else:
             logger.warning("task %s: lost its lease before finishing; result dropped", task.id)
+
+    async def _finished_events(self, task_id: str) -> None:
+        """The final events of a task this worker just finished, from the recorded row."""
+        if self.events is None:
+            return
+        try:
+            async with self.sessions() as session:
+                ended = await session.get(Task, task_id, populate_existing=True)
+        except Exception:
+            logger.exception("task %s: could not read it back for its final events", task_id)
+            return
+        if ended is not None:
+            await self.events.finished(ended)
 
     async def _record(self, task: Task, outcome: Outcome, usage: dict[str, Any] | None) -> bool:
         async with self.sessions() as session:
@@ -224,7 +274,7 @@ class InProcessQueue:
             )
 
     async def _keep_lease(
-        self, task_id: str, progress: _Progress, job: asyncio.Task[Outcome]
+        self, task_id: str, progress: TaskReporter | _Progress, job: asyncio.Task[Outcome]
     ) -> None:
         """Renew the lease and record progress until the job ends; stop the job when the task
         is no longer ours (cancelled by its owner, or taken over after a stall)."""
@@ -240,7 +290,7 @@ class InProcessQueue:
                         task_id,
                         self.worker_id,
                         self.settings.lease_seconds,
-                        progress.value,
+                        progress.percent,
                     )
                 renewed = loop.time()
             except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,9 @@ from imagegate.fetch import Fetcher
 from imagegate.service import ImageService
 from imagegate.store import tasks as task_store
 from imagegate.store.models import Task
+from imagegate.tasks.events import TaskEvents
 from imagegate.tasks.queue import TaskQueue
+from imagegate.tasks.webhooks import check_callback_events
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +27,8 @@ class TaskService:
     service: ImageService
     queue: TaskQueue
     fetcher: Fetcher
+    events: TaskEvents | None = None
+    """Where `queued` and `cancelled` events are written (None: no event log)."""
 
     async def submit(
         self,
@@ -36,12 +41,14 @@ class TaskService:
         base_url: str,
         idempotency_key: str | None,
         callback_url: str | None,
+        callback_events: Sequence[str] | None = None,
         images: int = 1,
     ) -> Task:
         """Commit a task row and wake a worker; the caller answers only after this returns.
         `base_url`: where the client reaches us (its links are signed for it); `images`: the
         most it may make, for the images-per-minute limit."""
         self.service.authorize_model(principal, model)
+        events = check_callback_events(callback_events, callback_url)
         await self._check_callback(callback_url)
         new = task_store.NewTask(
             owner=principal.owner,
@@ -54,6 +61,7 @@ class TaskService:
             base_url=base_url,
             idempotency_key=idempotency_key,
             callback_url=callback_url,
+            callback_events=events,
         )
         try:
             async with self.sessions() as session:
@@ -62,6 +70,8 @@ class TaskService:
                     return task
                 await self.service.count_submission(principal, images)
                 task, created = await task_store.create_task(session, new)
+                if created and self.events is not None:
+                    await self.events.queued(session, task)  # before a worker can start it
         except task_store.IdempotencyConflict as exc:
             raise Conflict(str(exc)) from None
         if created:
@@ -89,6 +99,8 @@ class TaskService:
                 f"Task {task_id} already ended ({task.status}); only queued or running tasks "
                 "can be cancelled."
             )
+        if self.events is not None:
+            await self.events.cancelled(task.id)
         self.queue.cancelled(task.id)
         return await self.find(principal, task_id)
 

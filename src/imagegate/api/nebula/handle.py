@@ -37,9 +37,12 @@ async def handle(
     callback_url: str | None,
     idempotency_key: str | None = None,
     hints: frozenset[str] = frozenset(),
+    stream: bool = False,
 ) -> Handled:
     """`hints`: fields the dialect sends whatever the model (lab/translate.py LAB_HINTS); a
-    queued task's body is translated with the same hints when a worker runs it."""
+    queued task's body is translated with the same hints when a worker runs it. `stream`: the
+    request runs as a task (with the checks of an async submission) whose events the caller
+    streams, `wants_async` or not."""
     if callback_url is not None and not wants_async:
         name = "callbackUrl" if dialect == "lab" else "callback_url"
         raise InvalidRequest(
@@ -47,7 +50,7 @@ async def handle(
             f"Prefer: respond-async), or remove {name}.",
             param=name,
         )
-    if wants_async:
+    if wants_async or stream:
         return Handled(
             task=await _submit(
                 body,
@@ -99,5 +102,6 @@ async def _submit(
         base_url=task_base_url(request),
         idempotency_key=idempotency_key_of(request, idempotency_key),
         callback_url=callback_url,
+        callback_events=body.callback_events,
         images=max(n, max_images or 0),
     )

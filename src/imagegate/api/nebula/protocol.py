@@ -76,8 +76,16 @@ class ImageGenerationRequest(_Wire):
     extra: dict[str, Any] | None = None
     # Async tasks (imagegate): answer 202 with a task id; POST the final task to callback_url.
     async_: bool | None = Field(default=None, alias="async")
+    # Task events (imagegate): answer the task's event stream (text/event-stream) instead.
+    stream: bool | None = None
     callback_url: str | None = None
+    # Webhooks (imagegate): which task events callback_url receives (tasks/webhooks.py).
+    callback_events: list[str] | None = None
 
     def task_body(self) -> dict[str, Any]:
         """What a task stores: the request itself, without the fields about how to answer it."""
-        return self.model_dump(mode="json", exclude_none=True, exclude={"async_", "callback_url"})
+        return self.model_dump(
+            mode="json",
+            exclude_none=True,
+            exclude={"async_", "stream", "callback_url", "callback_events"},
+        )

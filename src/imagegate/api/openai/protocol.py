@@ -110,3 +110,40 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+StreamKind = Literal["image_generation", "image_edit"]
+"""The prefix of a stream's event types: generations, or edits."""
+
+
+class PartialImageEvent(BaseModel):
+    """`image_generation.partial_image` / `image_edit.partial_image` (stream: true)."""
+
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"]
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    partial_image_index: int
+
+
+class CompletedEvent(BaseModel):
+    """`image_generation.completed` / `image_edit.completed`: one final image."""
+
+    type: Literal["image_generation.completed", "image_edit.completed"]
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    usage: dict[str, Any]
+
+
+class StreamErrorEvent(BaseModel):
+    """`event: error`: the stream failed after it started (the SDK raises an APIError)."""
+
+    type: Literal["error"] = "error"
+    error: ErrorDetail

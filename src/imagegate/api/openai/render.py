@@ -8,13 +8,18 @@ from typing import Any
 
 from starlette.responses import Response
 
+from imagegate import fastjson
 from imagegate.api.openai.protocol import (
+    CompletedEvent,
     ErrorDetail,
     ErrorResponse,
     Image,
     ImagesResponse,
     Model,
     ModelList,
+    PartialImageEvent,
+    StreamErrorEvent,
+    StreamKind,
 )
 from imagegate.api.responses import JSON
 from imagegate.config import ModelConfig
@@ -78,16 +83,81 @@ def model_card(model: ModelConfig, *, created: int) -> Model:
 
 def render_error(error: ImagegateError) -> Response:
     """Any error on /openai/ paths, in OpenAI's shape and with the matching HTTP status."""
-    if isinstance(error, UnknownModel):
-        error = error.listed_at("/openai/v1/models")
-    kind, code = _type_and_code(error)
-    body = ErrorResponse(
-        error=ErrorDetail(message=error.message, type=kind, param=error.param, code=code)
-    )
+    body = ErrorResponse(error=_error_detail(error))
     headers = None
     if isinstance(error, ProviderError) and error.retry_after is not None:
         headers = {"Retry-After": str(math.ceil(error.retry_after))}
     return JSON(body.model_dump(), status_code=error.status, headers=headers)
+
+
+def _error_detail(error: ImagegateError) -> ErrorDetail:
+    if isinstance(error, UnknownModel):
+        error = error.listed_at("/openai/v1/models")
+    kind, code = _type_and_code(error)
+    return ErrorDetail(message=error.message, type=kind, param=error.param, code=code)
+
+
+# ---------------------------------------------------------------- stream events (stream: true)
+
+
+def partial_frame(
+    kind: StreamKind, b64_json: str, *, index: int, size: str, options: dict[str, str]
+) -> bytes:
+    """One `<kind>.partial_image` event; `options` holds quality, background, output_format."""
+    event = PartialImageEvent.model_construct(
+        type="image_edit.partial_image"
+        if kind == "image_edit"
+        else "image_generation.partial_image",
+        b64_json=fastjson.Base64Text.of(b64_json),
+        created_at=int(time.time()),
+        size=size,
+        quality=options["quality"],
+        background=options["background"],
+        output_format=options["output_format"],
+        partial_image_index=index,
+    )
+    return _frame(event.type, dict(event))
+
+
+def completed_frame(
+    kind: StreamKind, b64_json: str, *, size: str, options: dict[str, str], usage: Usage
+) -> bytes:
+    """One `<kind>.completed` event: a final image, with the request's usage."""
+    event = CompletedEvent.model_construct(
+        type="image_edit.completed" if kind == "image_edit" else "image_generation.completed",
+        b64_json=fastjson.Base64Text.of(b64_json),
+        created_at=int(time.time()),
+        size=size,
+        quality=options["quality"],
+        background=options["background"],
+        output_format=options["output_format"],
+        usage=stream_usage(usage),
+    )
+    return _frame(event.type, dict(event))
+
+
+def error_frame(error: ImagegateError) -> bytes:
+    """`event: error` with `{"type": "error", "error": {message, type, param, code}}`: the
+    SDK raises it as an APIError from the stream."""
+    event = StreamErrorEvent(error=_error_detail(error))
+    return _frame("error", event.model_dump())
+
+
+def stream_usage(usage: Usage) -> dict[str, Any]:
+    """The usage of a completed event, which OpenAI always sends: the counts the model
+    reported, 0 for those it did not (local models count no tokens)."""
+    details = {"image_tokens": 0, "text_tokens": 0, **usage.details.get("input_tokens_details", {})}
+    return {
+        "input_tokens": usage.input_tokens or 0,
+        "input_tokens_details": details,
+        "output_tokens": usage.output_tokens or 0,
+        "total_tokens": usage.total_tokens or 0,
+    }
+
+
+def _frame(event: str, data: dict[str, Any]) -> bytes:
+    # JSON holds no raw newline, so the data is one `data:` line.
+    return b"event: " + event.encode() + b"\ndata: " + fastjson.dumps(data) + b"\n\n"
 
 
 def _type_and_code(error: ImagegateError) -> tuple[str, str]:
@@ -105,4 +175,12 @@ def _type_and_code(error: ImagegateError) -> tuple[str, str]:
     return "invalid_request_error", error.kind
 
 
-__all__ = ["render_error", "render_images", "render_model", "render_models"]
+__all__ = [
+    "completed_frame",
+    "error_frame",
+    "partial_frame",
+    "render_error",
+    "render_images",
+    "render_model",
+    "render_models",
+]

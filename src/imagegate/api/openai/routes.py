@@ -1,7 +1,8 @@
 """OpenAI dialect at /openai/v1: parse, call the service, render. Nothing else.
 
 Any configured model answers here, local or cloud: the official `openai` SDK with
-`base_url=<server>/openai/v1` generates and edits with every model imagegate serves.
+`base_url=<server>/openai/v1` generates and edits with every model imagegate serves, as one
+JSON body or, with `stream: true`, as OpenAI's event stream (stream.py).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from starlette.responses import Response
 from imagegate.api.deps import CurrentKey, Service, base_url, delivery_of, request_id
 from imagegate.api.disconnect import unless_client_leaves
 from imagegate.api.openai.forms import read_form, read_variation_form
-from imagegate.api.openai.protocol import ImageEditRequest, ImageGenerateRequest
+from imagegate.api.openai.protocol import ImageEditForm, ImageEditRequest, ImageGenerateRequest
 from imagegate.api.openai.render import render_error, render_images, render_model, render_models
+from imagegate.api.openai.stream import StreamSettings, stream_images
 from imagegate.api.openai.translate import (
     from_edit_form,
     from_edit_json,
@@ -37,6 +39,10 @@ router = APIRouter(prefix="/openai/v1", tags=["openai"])
 async def generations(
     body: ImageGenerateRequest, request: Request, principal: CurrentKey, service: Service
 ) -> Response:
+    if body.stream:
+        return await _stream(
+            service, principal, request, body, lambda: from_generate(body), "generations"
+        )
     return await _run(
         service, principal, request, body.model, lambda: from_generate(body), "generations"
     )
@@ -49,6 +55,10 @@ async def edits(request: Request, principal: CurrentKey, service: Service) -> Re
     if media_type == "multipart/form-data":
         async with request.form(max_files=32) as form:
             body, uploads, mask = await read_form(form)
+        if body.stream:
+            return await _stream(
+                service, principal, request, body, lambda: from_edit_form(body, uploads, mask)
+            )
         return await _run(
             service,
             principal,
@@ -59,6 +69,10 @@ async def edits(request: Request, principal: CurrentKey, service: Service) -> Re
         )
     if media_type == "application/json":
         json_body = _edit_json(await request.body())
+        if json_body.stream:
+            return await _stream(
+                service, principal, request, json_body, lambda: from_edit_json(json_body)
+            )
         return await _run(
             service,
             principal,
@@ -129,6 +143,31 @@ async def _run(
         result.images, image_request.response_format, base_url(request)
     )
     return render_images(delivered, result)
+
+
+async def _stream(
+    service: ImageService,
+    principal: Principal,
+    request: Request,
+    body: ImageGenerateRequest | ImageEditForm,
+    translate: Callable[[], UnresolvedRequest],
+    endpoint: str = "edits",
+) -> Response:
+    """`stream: true`: the same generation, answered as OpenAI's event stream (stream.py)."""
+    settings = StreamSettings.of(body, edit=endpoint == "edits")
+    delivery = delivery_of(request)
+    return await stream_images(
+        request,
+        lambda: service.generate(
+            principal,
+            body.model,
+            translate,  # refuses a bad partial_images before anything streams
+            endpoint=f"openai.images.{endpoint}",
+            request_id=request_id(request),
+        ),
+        lambda images: delivery.deliver(images, "b64_json", base_url(request)),
+        settings,
+    )
 
 
 def _edit_json(raw: bytes) -> ImageEditRequest:

@@ -3,7 +3,8 @@
 "auto" (size, quality, background, moderation) means "the model's default" and is sent as
 unset, so a model without that parameter still serves a request that leaves it to the model.
 `user` and `safety_identifier` identify the caller to OpenAI; here the API key does that, so
-they are accepted and not forwarded. Streaming is refused: every response is one body.
+they are accepted and not forwarded. `stream` and `partial_images` are checked here; the route
+answers a stream (api/openai/stream.py), which carries base64 images only.
 
 A mask becomes `ImageRequest.mask`; models that cannot use one refuse it by name. A variation is
 an edit of its one image with no prompt (""): models that make variations say so in their
@@ -26,6 +27,7 @@ from imagegate.errors import InvalidRequest
 from imagegate.types import ImageRef, ImageRequest, ResponseFormat, Size, UnresolvedRequest
 
 MAX_IMAGES = 16
+MAX_PARTIAL_IMAGES = 3
 DEFAULT_RESPONSE_FORMAT: ResponseFormat = "b64_json"
 _AUTO = "auto"
 
@@ -76,7 +78,7 @@ def _request(
     extras: dict[str, Any],
     mask: ImageRef | None = None,
 ) -> UnresolvedRequest:
-    _check_unsupported(body)
+    _check_stream(body)
     prompt = body.prompt.strip()
     if not prompt:
         raise InvalidRequest("Missing prompt: 'prompt' must not be empty.", param="prompt")
@@ -104,18 +106,26 @@ def _extras(body: ImageGenerateRequest | ImageEditForm, **more: Any) -> dict[str
     return {name: value for name, value in extras.items() if value is not None}
 
 
-def _check_unsupported(body: ImageGenerateRequest | ImageEditForm) -> None:
-    if body.stream:
+def _check_stream(body: ImageGenerateRequest | ImageEditForm) -> None:
+    """`stream` and `partial_images` as OpenAI takes them; the route streams (stream.py)."""
+    partials = body.partial_images
+    if partials is not None and not 0 <= partials <= MAX_PARTIAL_IMAGES:
         raise InvalidRequest(
-            "Parameter stream is not supported: imagegate answers with one JSON body; "
-            "remove stream or set it to false.",
-            param="stream",
-        )
-    if body.partial_images:
-        raise InvalidRequest(
-            "Parameter partial_images needs streaming, which imagegate does not support: "
-            "remove it.",
+            f"Invalid partial_images={short(partials)}: give an integer from 0 to "
+            f"{MAX_PARTIAL_IMAGES} (the partial images streamed per image).",
             param="partial_images",
+        )
+    if partials and not body.stream:
+        raise InvalidRequest(
+            "Parameter partial_images needs stream: true (partial images are streamed "
+            "events): add stream: true, or remove partial_images.",
+            param="partial_images",
+        )
+    if body.stream and body.response_format == "url":
+        raise InvalidRequest(
+            "Invalid response_format='url' with stream: true: streamed events carry base64 "
+            "images (b64_json); remove response_format or set it to b64_json.",
+            param="response_format",
         )
 
 
