@@ -8,21 +8,29 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
 from PIL import Image
 from pydantic import SecretStr
+from sqlalchemy import update
 
 from imagegate.app import create_app
 from imagegate.config import ModelConfig, Settings
 from imagegate.providers import registry
 from imagegate.store import keys as key_store
 from imagegate.store.db import create_engine, session_factory
+from imagegate.store.models import Task
+from imagegate.store.tasks import NewTask, create_task
+
+if TYPE_CHECKING:  # imports diffusers: only where a test asks for it
+    from tests.step_pipeline import StepPipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PG_ADMIN_DSN = os.environ.get("IMAGEGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("IMAGEGATE_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -71,6 +79,46 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     await drop_pg_database(name)
 
 
+@pytest.fixture
+def redis_url() -> str:
+    """REDIS_URL, once it answers; skipped where it does not (outside CI)."""
+    import redis
+
+    try:
+        redis.from_url(REDIS_URL).ping()
+    except redis.ConnectionError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+    return REDIS_URL
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable Diffusion checkpoint on disk (built once per test module)."""
+    from tests.tiny_pipeline import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture
+def steps() -> Iterator[type[StepPipeline]]:
+    """tests.step_pipeline's StepPipeline, reset before and after the test."""
+    from tests.step_pipeline import StepPipeline
+
+    StepPipeline.reset()
+    yield StepPipeline
+    StepPipeline.reset()
+
+
+QUICK_TASKS: dict[str, object] = {
+    "task_poll_seconds": 0.1,
+    "task_lease_seconds": 1.5,
+    "callback_retry_seconds": 0.1,
+}
+"""make_settings overrides for tests of async tasks: quick polls, leases and callback retries."""
+
+
 def make_settings(tmp_path: Path, db_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "data_dir": tmp_path / "data",
@@ -111,6 +159,33 @@ class Api:
         finally:
             await engine.dispose()
         return secret
+
+    async def new_task(self, key: str, body: dict[str, Any]) -> NewTask:
+        """A v1 generations task of `key`'s owner with `body`, as submission would make it."""
+        principal = await self.app.state.auth.authenticate(key)
+        return NewTask(
+            owner=principal.owner,
+            key_id=principal.key_id,
+            user_id=None,
+            dialect="v1",
+            endpoint="v1.images.generations",
+            model=body["model"],
+            request=body,
+            base_url="http://testserver/",
+        )
+
+    async def insert_task(self, task: NewTask, **values: object) -> str:
+        """Store `task` with its row's columns set to `values` (as a worker, or the past, left
+        it), through an engine of its own; the task's id."""
+        engine = create_engine(self.settings.resolved_database_url)
+        try:
+            async with session_factory(engine)() as session:
+                row, _ = await create_task(session, task)
+                await session.execute(update(Task).where(Task.id == row.id).values(**values))
+                await session.commit()
+                return row.id
+        finally:
+            await engine.dispose()
 
 
 async def start_api(settings: Settings, models: list[ModelConfig] | None) -> AsyncIterator[Api]:

@@ -1,17 +1,23 @@
 """Run an ASGI app with uvicorn on 127.0.0.1 in a thread: the fake upstreams and the gateway
-under test are real HTTP servers on loopback, shared by every fake (tests/fake_*.py).
+under test are real HTTP servers on loopback, shared by every fake (tests/fake_*.py); and
+`Receiver`, such a server that records the callbacks and webhooks the gateway sends it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
 
@@ -66,3 +72,35 @@ class LoopbackServer:
             yield self
         finally:
             self.stop()
+
+
+class Receiver:
+    """A loopback HTTP server recording the webhooks POSTed to `url`; it answers 503 while
+    `failing` says so."""
+
+    def __init__(self, failing: Callable[[dict[str, str], bytes], bool] | None = None) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        self.failing = failing or (lambda headers, body: False)
+        self.server = LoopbackServer(
+            Starlette(routes=[Route("/hook", self._hook, methods=["POST"])])
+        )
+
+    async def _hook(self, request: Request) -> Response:
+        headers, body = dict(request.headers), await request.body()
+        self.received.append((headers, body))
+        if self.failing(headers, body):
+            return JSONResponse({"error": "try later"}, status_code=503)
+        return JSONResponse({"ok": True})
+
+    @property
+    def url(self) -> str:
+        return f"{self.server.url}/hook"
+
+    def events(self) -> list[str]:
+        return [headers["x-imagegate-event"] for headers, _ in self.received]
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 20
+        while not check():
+            assert time.monotonic() < deadline, f"received only {self.events()}"
+            await asyncio.sleep(0.02)

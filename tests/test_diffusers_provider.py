@@ -34,7 +34,6 @@ from imagegate.providers.base import Provider
 from imagegate.providers.diffusers import DiffusersProvider
 from imagegate.types import ImageRequest, InputImage, Part, Size, Turn
 from tests.fakes import checked
-from tests.tiny_pipeline import build_tiny_sd
 
 torch.set_num_threads(1)
 # One event loop for the module, so that one loaded provider can serve most tests.
@@ -98,11 +97,6 @@ class EditingPipeline(StableDiffusionImg2ImgPipeline):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         type(self).received.append(kwargs["image"])
         return super().__call__(*args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture

@@ -28,7 +28,6 @@ import pytest
 
 from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
 from tests.servers import cli, server_env, serving
-from tests.tiny_pipeline import build_tiny_sd
 
 pytest.importorskip("diffusers")
 
@@ -177,11 +176,6 @@ class Gateway:
                 return False
             time.sleep(0.05)
         return True
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="module")

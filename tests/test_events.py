@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import update
 
 from imagegate.config import ModelConfig, PricingConfig
 from imagegate.errors import ProviderError
@@ -24,13 +22,11 @@ from imagegate.progress import Preview, current_reporter
 from imagegate.providers import registry
 from imagegate.store import ledger
 from imagegate.store.db import create_engine, session_factory, upgrade
-from imagegate.store.models import Task, utcnow
-from imagegate.store.tasks import NewTask, create_task
+from imagegate.store.models import utcnow
 from imagegate.types import GenerationResult, ResolvedRequest
 from tests.conftest import Api, make_settings, png_bytes, start_api
 from tests.fakes import FakeOptions, FakeProvider
 
-REDIS_URL = os.environ.get("IMAGEGATE_TEST_REDIS", "redis://127.0.0.1:6379/15")
 LONG = 3600.0
 """A safety re-read interval no test waits for: what arrives came through a notification."""
 
@@ -217,18 +213,10 @@ async def test_postgres_notifies_other_processes(migrated: str) -> None:
     await cross_process(migrated, None)
 
 
-async def test_redis_notifies_other_processes(tmp_path: Path) -> None:
-    import redis
-
-    try:
-        redis.from_url(REDIS_URL).ping()
-    except redis.ConnectionError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+async def test_redis_notifies_other_processes(tmp_path: Path, redis_url: str) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'events.db'}"  # SQLite alone cannot notify
     await upgrade(url)
-    await cross_process(url, REDIS_URL)
+    await cross_process(url, redis_url)
 
 
 # -- tasks through the app ---------------------------------------------------------------------
@@ -378,30 +366,11 @@ async def test_a_task_that_ended_without_its_final_event_gets_it(app_api: Api) -
     """A task that ended long ago with no final event stored (its worker could not write it,
     or it ended before events were kept): following it writes the final event and ends."""
     key = await app_api.key()
-    principal = await app_api.app.state.auth.authenticate(key)
-    new = NewTask(
-        owner=principal.owner,
-        key_id=principal.key_id,
-        user_id=None,
-        dialect="v1",
-        endpoint="/v1/images/generations",
-        model="stepper",
-        request={"model": "stepper", "prompt": "x"},
-        base_url="http://testserver/",
+    new = await app_api.new_task(key, {"model": "stepper", "prompt": "x"})
+    task_id = await app_api.insert_task(
+        new, status="cancelled", finished_at=utcnow() - timedelta(minutes=5)
     )
-    engine = create_engine(app_api.settings.resolved_database_url)
-    try:
-        async with session_factory(engine)() as session:
-            task, _ = await create_task(session, new)
-            await session.execute(
-                update(Task)
-                .where(Task.id == task.id)
-                .values(status="cancelled", finished_at=utcnow() - timedelta(minutes=5))
-            )
-            await session.commit()
-    finally:
-        await engine.dispose()
-    events = await collect(app_api.app.state.events.subscribe(task.id))
+    events = await collect(app_api.app.state.events.subscribe(task_id))
     assert [(e.id, e.type) for e in events] == [(1, "cancelled")]
 
 

@@ -19,8 +19,7 @@ from imagegate.auth.passwords import hash_password
 from imagegate.cli import main
 from imagegate.store.db import create_engine, session_factory
 from imagegate.store.models import ApiKey
-from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
-from tests.test_limits import REDIS_URL
+from tests.conftest import FAKE_MODELS, REDIS_URL, Api, make_settings, start_api
 
 GET_TOKEN = "/prod-api/v3/auth/getToken"
 GENERATE = "/v1/images/generations"

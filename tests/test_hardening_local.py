@@ -13,7 +13,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +30,10 @@ from imagegate.types import ImageRequest
 from tests.conftest import Api, make_settings, start_api
 from tests.servers import cli, server_env, serving
 from tests.step_pipeline import StepPipeline
-from tests.tiny_pipeline import build_tiny_sd
 
 torch.set_num_threads(1)
 PIPELINE = "tests.step_pipeline:StepPipeline"
 BALANCE = 100_000
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture
-def steps() -> Iterator[type[StepPipeline]]:
-    StepPipeline.reset()
-    yield StepPipeline
-    StepPipeline.reset()
 
 
 def tiny_model(path: Path, name: str = "tiny", **options: Any) -> ModelConfig:

@@ -23,7 +23,7 @@ from imagegate.logs import _Context
 from imagegate.records import UsageRecord
 from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import ApiKey, Task, Usage
-from imagegate.store.tasks import NewTask, create_task
+from imagegate.store.tasks import create_task
 from imagegate.store.usage import UsageWriter
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
 from tests.test_quotas import MODELS as PRICED_MODELS
@@ -191,17 +191,7 @@ async def test_an_invalid_async_request_fails_once_with_the_synchronous_answer(
 async def queue_directly(api: Api, key: str, body: dict[str, Any]) -> str:
     """A task row as if submission had let `body` through (an older server, a looser check):
     what the worker makes of it is what is tested."""
-    principal = await api.app.state.auth.authenticate(key)
-    new = NewTask(
-        owner=principal.owner,
-        key_id=principal.key_id,
-        user_id=None,
-        dialect="v1",
-        endpoint="v1.images.generations",
-        model="fake-model",
-        request=body,
-        base_url="http://testserver/",
-    )
+    new = await api.new_task(key, body)
     async with api.app.state.sessions() as session:
         task, _ = await create_task(session, new)
     api.app.state.tasks.queue.submitted(task.id)

@@ -22,7 +22,6 @@ from imagegate.errors import RateLimited
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
 from tests.test_server_e2e import _free_port, _wait_ready
 
-REDIS_URL = os.environ.get("IMAGEGATE_TEST_REDIS", "redis://127.0.0.1:6379/15")
 MODELS = [*FAKE_MODELS, ModelConfig(name="slow", provider="fake", options={"delay_seconds": 0.5})]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -128,19 +127,6 @@ async def test_expired_keys_and_model_lists(limited: Api) -> None:
     limited.app.state.auth._keys.clear()  # as the 5 s key cache would, later
     expired = await generate(limited, key)
     assert expired.status_code == 401 and "expired" in expired.json()["msg"]
-
-
-@pytest.fixture
-def redis_url() -> str:
-    import redis
-
-    try:
-        redis.from_url(REDIS_URL).ping()
-    except redis.ConnectionError as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
-    return REDIS_URL
 
 
 async def test_redis_limiter_is_shared_and_atomic(redis_url: str) -> None:

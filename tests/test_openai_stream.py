@@ -10,7 +10,7 @@ import asyncio
 import base64
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,6 +158,16 @@ def _grey(b64: str) -> int:
     pixel = _picture(b64).convert("RGB").getpixel((0, 0))
     assert isinstance(pixel, tuple)
     return int(pixel[0])
+
+
+def _one_partial_then_error(stream: Iterable[Any]) -> str:
+    """Read an SDK stream that sends one partial image and then an `error` event (which the
+    SDK raises); the error's message."""
+    received: list[Any] = []
+    with pytest.raises(openai.APIError) as raised:
+        received.extend(stream)
+    assert [e.type for e in received] == ["image_generation.partial_image"]
+    return raised.value.message
 
 
 def _frames(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
@@ -324,14 +334,10 @@ def test_errors_before_the_stream_are_json_and_after_it_an_error_event(gw: Gatew
         client.images.generate(model="stepping-fails", prompt="x", stream=True)
     assert "step 5" in before.value.message
     # With one partial image (step 3) sent first, an `error` event the SDK raises.
-    received: list[Any] = []
     stream = client.images.generate(
         model="stepping-fails", prompt="x", stream=True, partial_images=2
     )
-    with pytest.raises(openai.APIError) as after:
-        received.extend(stream)
-    assert [e.type for e in received] == ["image_generation.partial_image"]
-    assert "step 5" in after.value.message
+    assert "step 5" in _one_partial_then_error(stream)
     raw = gw.post(
         "/images/generations",
         {"model": "stepping-fails", "prompt": "x", "stream": True, "partial_images": 2},
@@ -392,14 +398,10 @@ def test_openai_upstream_streams_edits_and_its_errors(gw: Gateway) -> None:
     assert (sent.form["stream"], sent.form["partial_images"]) == ("true", "1")
     assert [type(e) for e in events] == [ImageEditPartialImageEvent, ImageEditCompletedEvent]
     gw.upstream.script("stream_error")
-    received: list[Any] = []
     stream = client.images.generate(
         model="gpt-image-1", prompt="red", stream=True, partial_images=2
     )
-    with pytest.raises(openai.APIError) as broke:
-        received.extend(stream)
-    assert [e.type for e in received] == ["image_generation.partial_image"]
-    assert "stream broke" in broke.value.message
+    assert "stream broke" in _one_partial_then_error(stream)
     gw.upstream.script("moderation")  # refused before streaming: OpenAI's JSON 400
     with pytest.raises(openai.BadRequestError) as refused:
         client.images.generate(model="gpt-image-1", prompt="red", stream=True, partial_images=1)

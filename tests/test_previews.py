@@ -14,7 +14,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import asyncio
 import io
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +33,6 @@ from imagegate.types import GenerationResult, Size
 from tests.fakes import checked
 from tests.step_pipeline import StepPipeline
 from tests.test_diffusers_provider import make_provider, request, until
-from tests.tiny_pipeline import build_tiny_sd
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -58,18 +56,6 @@ class Recorder:
     def seen(self) -> list[tuple[int, int]]:
         """(step, index) of each preview, in arrival order."""
         return [(p.step, p.index) for p in self.previews]
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
-
-
-@pytest.fixture
-def steps() -> Iterator[type[StepPipeline]]:
-    StepPipeline.reset()
-    yield StepPipeline
-    StepPipeline.reset()
 
 
 async def generate(

@@ -13,17 +13,14 @@ from typing import Any
 import orjson
 import pytest
 from sqlalchemy import func, select, update
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from imagegate.config import ModelConfig
 from imagegate.store.db import create_engine, session_factory
 from imagegate.store.models import Task, Usage, utcnow
-from imagegate.store.tasks import NewTask, create_task
+from imagegate.store.tasks import NewTask
 from imagegate.tasks.callbacks import SIGNATURE_HEADER, verify
-from tests.conftest import FAKE_MODELS, Api, decode_png, make_settings, start_api
-from tests.loopback import LoopbackServer
+from tests.conftest import FAKE_MODELS, QUICK_TASKS, Api, decode_png, make_settings, start_api
+from tests.loopback import Receiver
 
 MODELS = [
     *FAKE_MODELS,
@@ -33,13 +30,7 @@ MODELS = [
 
 @pytest.fixture
 async def tasks_api(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
-    settings = make_settings(
-        tmp_path,
-        db_url,
-        task_poll_seconds=0.1,
-        task_lease_seconds=1.5,
-        callback_retry_seconds=0.1,
-    )
+    settings = make_settings(tmp_path, db_url, **QUICK_TASKS)
     async for value in start_api(settings, MODELS):
         yield value
 
@@ -247,24 +238,13 @@ async def test_cancel_a_queued_task(tasks_api: Api) -> None:
 
 async def _backdate_lease(api: Api, task: NewTask, attempts: int) -> str:
     """A task row as a worker that died mid-run leaves it: in_progress, lease expired."""
-    engine = create_engine(api.settings.resolved_database_url)
-    try:
-        async with session_factory(engine)() as session:
-            row, _ = await create_task(session, task)
-            await session.execute(
-                update(Task)
-                .where(Task.id == row.id)
-                .values(
-                    status="in_progress",
-                    lease_owner="dead-worker",
-                    lease_expires_at=utcnow() - timedelta(seconds=5),
-                    attempts=attempts,
-                )
-            )
-            await session.commit()
-            return row.id
-    finally:
-        await engine.dispose()
+    return await api.insert_task(
+        task,
+        status="in_progress",
+        lease_owner="dead-worker",
+        lease_expires_at=utcnow() - timedelta(seconds=5),
+        attempts=attempts,
+    )
 
 
 def _orphan(key_id: int) -> NewTask:
@@ -339,35 +319,15 @@ async def test_a_worker_that_lost_its_lease_cannot_finish(tasks_api: Api) -> Non
         await engine.dispose()
 
 
-class CallbackReceiver:
-    """A loopback HTTP server recording callbacks; it can fail the first few on purpose."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.fail_first = fail_first
-        self.server = LoopbackServer(self._app())
-
-    def _app(self) -> Any:
-        from starlette.applications import Starlette
-
-        async def hook(request: Request) -> Response:
-            self.received.append((dict(request.headers), await request.body()))
-            if len(self.received) <= self.fail_first:
-                return JSONResponse({"error": "try later"}, status_code=503)
-            return JSONResponse({"ok": True})
-
-        return Starlette(routes=[Route("/hook", hook, methods=["POST"])])
-
-
 async def test_callback_is_signed_and_delivered_once_after_retries(tasks_api: Api) -> None:
-    receiver = CallbackReceiver(fail_first=2)
+    receiver = Receiver(lambda headers, body: len(receiver.received) <= 2)  # fails twice
     with receiver.server.running():
         key = await tasks_api.key()
         body = {
             "model": "fake-model",
             "prompt": "red",
             "async": True,
-            "callback_url": f"{receiver.server.url}/hook",
+            "callback_url": receiver.url,
         }
         task_id = (await submit(tasks_api, key, body)).json()["data"]["task_id"]
         await wait_for(tasks_api, key, task_id, "succeeded")

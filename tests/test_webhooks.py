@@ -14,10 +14,6 @@ from typing import Any
 import orjson
 import pytest
 from pydantic import SecretStr
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from imagegate.config import ModelConfig
 from imagegate.tasks.callbacks import (
@@ -27,8 +23,8 @@ from imagegate.tasks.callbacks import (
     verify,
     whsec,
 )
-from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
-from tests.loopback import LoopbackServer
+from tests.conftest import FAKE_MODELS, QUICK_TASKS, Api, make_settings, start_api
+from tests.loopback import Receiver
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -50,45 +46,12 @@ def docs_verify() -> Verify:
     return function
 
 
-class Receiver:
-    """A loopback HTTP server recording webhooks; it answers 503 while `failing` says so."""
-
-    def __init__(self, failing: Callable[[dict[str, str], bytes], bool] | None = None) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.failing = failing or (lambda headers, body: False)
-        self.server = LoopbackServer(
-            Starlette(routes=[Route("/hook", self._hook, methods=["POST"])])
-        )
-
-    async def _hook(self, request: Request) -> Response:
-        headers, body = dict(request.headers), await request.body()
-        self.received.append((headers, body))
-        if self.failing(headers, body):
-            return JSONResponse({"error": "try later"}, status_code=503)
-        return JSONResponse({"ok": True})
-
-    @property
-    def url(self) -> str:
-        return f"{self.server.url}/hook"
-
-    def events(self) -> list[str]:
-        return [headers["x-imagegate-event"] for headers, _ in self.received]
-
-    async def until(self, check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + 20
-        while not check():
-            assert time.monotonic() < deadline, f"received only {self.events()}"
-            await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def hooks_api(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
     settings = make_settings(
         tmp_path,
         db_url,
-        task_poll_seconds=0.1,
-        task_lease_seconds=1.5,
-        callback_retry_seconds=0.1,
+        **QUICK_TASKS,
         callback_max_attempts=2,
         callback_secret=SecretStr(SECRET),
     )

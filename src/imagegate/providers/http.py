@@ -113,19 +113,23 @@ class CloudProvider:
                 response = await self._direct(method, path, **kwargs)
             else:
                 response = await self.client.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise ProviderTimeout(
-                f"{self.provider} did not answer within {self.timeout:g} s (channel {self.name}).",
-                retryable=True,
-            ) from exc
         except httpx.HTTPError as exc:
-            raise ProviderError(
-                f"Cannot reach {self.provider} (channel {self.name}): {type(exc).__name__}.",
-                retryable=True,
-            ) from exc
+            raise self.transport_error(exc, f"Cannot reach {self.provider}") from exc
         if response.status_code >= 400:
             raise upstream_error(self.provider, self.name, response)
         return response
+
+    def transport_error(self, exc: httpx.HTTPError, failure: str) -> ProviderError:
+        """The retryable error for a call that failed in transport: a timeout, or `failure`
+        (what went wrong, without the channel) for any other error."""
+        if isinstance(exc, httpx.TimeoutException):
+            return ProviderTimeout(
+                f"{self.provider} did not answer within {self.timeout:g} s (channel {self.name}).",
+                retryable=True,
+            )
+        return ProviderError(
+            f"{failure} (channel {self.name}): {type(exc).__name__}.", retryable=True
+        )
 
     async def _direct(
         self,

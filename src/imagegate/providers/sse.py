@@ -16,7 +16,7 @@ import httpx
 import orjson
 
 from imagegate import fastjson
-from imagegate.errors import ProviderError, ProviderTimeout
+from imagegate.errors import ProviderError
 from imagegate.providers.http import CloudProvider, upstream_error
 
 MEDIA_TYPE = "text/event-stream"
@@ -34,17 +34,8 @@ async def streaming(
                 await response.aread()
                 raise upstream_error(provider.provider, provider.name, response)
             yield response
-    except httpx.TimeoutException as exc:
-        raise ProviderTimeout(
-            f"{provider.provider} did not answer within {provider.timeout:g} s "
-            f"(channel {provider.name}).",
-            retryable=True,
-        ) from exc
     except httpx.HTTPError as exc:
-        raise ProviderError(
-            f"{provider.provider} stream failed (channel {provider.name}): {type(exc).__name__}.",
-            retryable=True,
-        ) from exc
+        raise provider.transport_error(exc, f"{provider.provider} stream failed") from exc
 
 
 def is_event_stream(response: httpx.Response) -> bool:

@@ -116,29 +116,29 @@ StreamKind = Literal["image_generation", "image_edit"]
 """The prefix of a stream's event types: generations, or edits."""
 
 
-class PartialImageEvent(BaseModel):
+class _ImageEvent(BaseModel):
+    """The fields a stream's image events share; `type` is narrowed by each event."""
+
+    type: str
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+
+
+class PartialImageEvent(_ImageEvent):
     """`image_generation.partial_image` / `image_edit.partial_image` (stream: true)."""
 
     type: Literal["image_generation.partial_image", "image_edit.partial_image"]
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: str
-    output_format: str
     partial_image_index: int
 
 
-class CompletedEvent(BaseModel):
+class CompletedEvent(_ImageEvent):
     """`image_generation.completed` / `image_edit.completed`: one final image."""
 
     type: Literal["image_generation.completed", "image_edit.completed"]
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: str
-    output_format: str
     usage: dict[str, Any]
 
 

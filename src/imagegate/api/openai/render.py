@@ -100,6 +100,18 @@ def _error_detail(error: ImagegateError) -> ErrorDetail:
 # ---------------------------------------------------------------- stream events (stream: true)
 
 
+def _image_fields(b64_json: str, size: str, options: dict[str, str]) -> dict[str, Any]:
+    """What a partial and a completed event share, besides `type`."""
+    return {
+        "b64_json": fastjson.Base64Text.of(b64_json),
+        "created_at": int(time.time()),
+        "size": size,
+        "quality": options["quality"],
+        "background": options["background"],
+        "output_format": options["output_format"],
+    }
+
+
 def partial_frame(
     kind: StreamKind, b64_json: str, *, index: int, size: str, options: dict[str, str]
 ) -> bytes:
@@ -108,12 +120,7 @@ def partial_frame(
         type="image_edit.partial_image"
         if kind == "image_edit"
         else "image_generation.partial_image",
-        b64_json=fastjson.Base64Text.of(b64_json),
-        created_at=int(time.time()),
-        size=size,
-        quality=options["quality"],
-        background=options["background"],
-        output_format=options["output_format"],
+        **_image_fields(b64_json, size, options),
         partial_image_index=index,
     )
     return _frame(event.type, dict(event))
@@ -125,12 +132,7 @@ def completed_frame(
     """One `<kind>.completed` event: a final image, with the request's usage."""
     event = CompletedEvent.model_construct(
         type="image_edit.completed" if kind == "image_edit" else "image_generation.completed",
-        b64_json=fastjson.Base64Text.of(b64_json),
-        created_at=int(time.time()),
-        size=size,
-        quality=options["quality"],
-        background=options["background"],
-        output_format=options["output_format"],
+        **_image_fields(b64_json, size, options),
         usage=stream_usage(usage),
     )
     return _frame(event.type, dict(event))
