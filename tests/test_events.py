@@ -24,7 +24,15 @@ from imagegate.store import ledger
 from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import utcnow
 from imagegate.types import GenerationResult, ResolvedRequest
-from tests.conftest import Api, make_settings, png_bytes, start_api
+from tests.conftest import (
+    PG_ADMIN_DSN,
+    Api,
+    create_pg_database,
+    drop_pg_database,
+    make_settings,
+    png_bytes,
+    start_api,
+)
 from tests.fakes import FakeOptions, FakeProvider
 
 LONG = 3600.0
@@ -207,10 +215,17 @@ async def cross_process(url: str, redis_url: str | None) -> None:
             await engine.dispose()
 
 
-async def test_postgres_notifies_other_processes(migrated: str) -> None:
-    if not migrated.startswith("postgresql"):
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
-    await cross_process(migrated, None)
+@pytest.mark.postgres
+async def test_postgres_notifies_other_processes() -> None:
+    """LISTEN/NOTIFY is PostgreSQL's: no SQLite variant."""
+    name = await create_pg_database()
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    url = f"{base}/{name}"
+    try:
+        await upgrade(url)
+        await cross_process(url, None)
+    finally:
+        await drop_pg_database(name)
 
 
 async def test_redis_notifies_other_processes(tmp_path: Path, redis_url: str) -> None:
