@@ -183,6 +183,13 @@ class EventLog:
         for attempt in range(_ATTEMPTS):
             try:
                 async with self.sessions.begin() as session:
+                    if self.postgres:
+                        # Writers of one task take turns (until commit) instead of racing
+                        # for the same number and retrying; SQLite has one writer anyway.
+                        await session.execute(
+                            text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
+                            {"key": f"imagegate-events:{task_id}"},
+                        )
                     inserted = await session.execute(statement.returning(table.seq))
                     seq = inserted.scalar()
                     if seq is None:
