@@ -17,7 +17,7 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from PIL import ExifTags, Image, ImageFile, ImageOps
@@ -304,8 +304,8 @@ class ImageLoader:
         now) and one pixel budget for the request (IMAGEGATE_MAX_REQUEST_PIXELS). The first
         failure, in the order the images were given, stops the rest and is raised."""
         refs = list(dict.fromkeys(_refs_of(request)))
-        if not refs:
-            return _with_images(request, {})
+        if not refs:  # nothing to load: the same request, already of the resolved kind
+            return cast(ResolvedRequest, request)
         deadline = asyncio.get_running_loop().time() + self._fetch_seconds
         with counting_pixels():  # the loads' tasks copy this context: they share the counter
             loaded = await _all_or_first_error([self._load_ref(ref, deadline) for ref in refs])

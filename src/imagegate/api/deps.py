@@ -11,6 +11,7 @@ from imagegate.auth.service import Authenticator
 from imagegate.config import Settings
 from imagegate.delivery import Delivery
 from imagegate.errors import PermissionDenied
+from imagegate.events.log import EventLog
 from imagegate.images import ImageLoader
 from imagegate.service import ImageService
 from imagegate.tasks.service import TaskService
@@ -44,6 +45,10 @@ def tasks_of(request: Request) -> TaskService:
 
 def _settings(request: Request) -> Settings:
     return _state(request, "settings", Settings)
+
+
+def events_of(request: Request) -> EventLog:
+    return _state(request, "events", EventLog)
 
 
 def loader_of(request: Request) -> ImageLoader:

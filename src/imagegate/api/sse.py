@@ -20,12 +20,10 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from imagegate.errors import InvalidRequest
-from imagegate.events.log import EventLog
 from imagegate.events.model import FINAL, TaskEvent
 
 logger = logging.getLogger(__name__)
@@ -38,13 +36,6 @@ TASK_ID_HEADER = "x-imagegate-task-id"
 """Names the task a stream follows (a `stream: true` generation learns its task id here)."""
 _QUEUED = 64
 """Events the subscription may read ahead of a slow client (the rest wait in the database)."""
-
-
-def events_of(request: Request) -> EventLog:
-    events = getattr(request.app.state, "events", None)
-    if not isinstance(events, EventLog):
-        raise TypeError(f"app.state.events is {type(events).__name__}, not EventLog")
-    return events
 
 
 def frame(event: TaskEvent) -> bytes:

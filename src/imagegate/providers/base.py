@@ -6,12 +6,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from imagegate.config import ChannelConfig, ModelDefaultsConfig
 from imagegate.errors import InvalidRequest
 from imagegate.fetch import Fetcher
+from imagegate.providers.transport import PooledClient
 from imagegate.types import GenerationResult, InputImage, ResolvedRequest, UnresolvedRequest
 
 
@@ -78,7 +78,7 @@ class ProviderContext:
     limits: ProviderLimits = ProviderLimits()
     fetcher: Callable[[float], Fetcher]
     """Makes the SSRF-guarded fetcher for links an upstream returns, given its timeout."""
-    http: Callable[..., httpx.AsyncClient]
+    http: Callable[..., PooledClient]
     """Makes the pooled HTTP client of a cloud provider: `http(base_url=..., timeout=...)`."""
 
     @property

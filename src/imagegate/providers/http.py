@@ -81,9 +81,7 @@ class CloudProvider:
         self.timeout = channel.timeout or self.default_timeout
         self.max_output_bytes = context.limits.max_output_bytes
         self.client = context.http(base_url=self.base_url, timeout=self.timeout)
-        # The factory's transport: `_direct` sends plain requests to it without the client's
-        # per-call work.
-        self.transport = self.client._transport
+        self.transport = self.client.transport  # `_direct` sends plain requests to it
         self.fetcher = context.fetcher(max(self.timeout, context.limits.fetch_timeout_seconds))
 
     def _api_key(self, context: ProviderContext) -> str:

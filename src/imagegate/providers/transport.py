@@ -73,9 +73,16 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await self._session.close()
 
 
-def pooled_client(*, base_url: str = "", timeout: float | None = None) -> httpx.AsyncClient:
+class PooledClient(httpx.AsyncClient):
+    """An httpx client that names its transport, so plain requests can go to it directly
+    (`CloudProvider._direct`) without the client's per-call work."""
+
+    def __init__(self, *, base_url: str, timeout: float | None, transport: AiohttpTransport):
+        super().__init__(base_url=base_url, timeout=timeout, trust_env=False, transport=transport)
+        self.transport = transport
+
+
+def pooled_client(*, base_url: str = "", timeout: float | None = None) -> PooledClient:
     """The HTTP client of one cloud channel: its own aiohttp pool, and no proxies from the
     environment (a proxy would see the provider's key)."""
-    return httpx.AsyncClient(
-        base_url=base_url, timeout=timeout, trust_env=False, transport=AiohttpTransport()
-    )
+    return PooledClient(base_url=base_url, timeout=timeout, transport=AiohttpTransport())

@@ -10,13 +10,21 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from starlette.responses import Response, StreamingResponse
 
-from imagegate.api.deps import CurrentKey, DeliveryDep, Service, SettingsDep, TasksDep, base_url
+from imagegate.api.deps import (
+    CurrentKey,
+    DeliveryDep,
+    Service,
+    SettingsDep,
+    TasksDep,
+    base_url,
+    events_of,
+)
 from imagegate.api.nebula.handle import handle
 from imagegate.api.nebula.protocol import ImageGenerationRequest
 from imagegate.api.nebula.render import render_accepted, render_images, render_models, task_view
 from imagegate.api.openapi import Responses
 from imagegate.api.responses import JSON
-from imagegate.api.sse import MEDIA_TYPE, EventStream, events_of, last_event_id
+from imagegate.api.sse import MEDIA_TYPE, EventStream, last_event_id
 from imagegate.api.tasks import prefers_async
 from imagegate.auth.principal import Principal
 from imagegate.errors import Conflict, NotFound
