@@ -10,7 +10,9 @@ from typing import Any
 
 import click
 
-from imagegate.cli_common import audited, password_option, settings, with_session
+from imagegate.admin_rules import Actor
+from imagegate.cli_common import audited, password_option, settings, with_operator, with_session
+from imagegate.operator import Operator
 from imagegate.store import ledger
 from imagegate.store import usage as usage_store
 from imagegate.store import users as user_store
@@ -174,9 +176,6 @@ async def _mismatches(session: AsyncSession) -> list[str]:
     return lines
 
 
-Row = ApiKey | User
-Finder = Callable[[AsyncSession], Awaitable[Row | None]]
-Change = Callable[[AsyncSession, Row, str], Awaitable[str]]
 _LIMIT_OPTIONS = [
     click.option("--rpm", type=int, default=None, help="Requests per minute."),
     click.option("--ipm", type=int, default=None, help="Images per minute."),
@@ -190,56 +189,32 @@ def _limit_options(command: Any) -> Any:
     return command
 
 
-def _key(key_id: int) -> tuple[Finder, str]:
-    async def find(session: AsyncSession) -> Row | None:
-        return await session.get(ApiKey, key_id)
-
-    return find, f"No key with id {key_id}: see `imagegate keys list`."
+def _limits(rpm: int | None, ipm: int | None, concurrency: int | None) -> dict[str, Any]:
+    return {"rpm": rpm, "ipm": ipm, "max_concurrency": concurrency}
 
 
-def _user(username: str) -> tuple[Finder, str]:
-    async def find(session: AsyncSession) -> Row | None:
-        return await user_store.find_user(session, username=username)
-
-    return find, f"No user {username!r}: see `imagegate users list`."
+def _said_limits(label: str, row: ApiKey | User) -> str:
+    return f"{label}: rpm={row.rpm} ipm={row.ipm} concurrency={row.max_concurrency}"
 
 
-def _change(target: tuple[Finder, str], change: Change) -> None:
-    """Apply `change` to one key or user in one audited transaction; print what it says."""
-    find, missing = target
-
-    async def work(session: AsyncSession) -> str | None:
-        row = await find(session)
-        if row is None:
-            return None
-        label = f"{'key' if isinstance(row, ApiKey) else 'user'}:{row.id}"
-        return await change(session, row, label)
-
-    said = with_session(settings(), work)
-    if said is None:
-        raise click.ClickException(missing)
-    click.echo(said)
+def _credits(credits: str) -> int | None:
+    if credits == "unlimited":
+        return None
+    try:
+        return int(credits)
+    except ValueError:
+        raise click.BadParameter(
+            f"{credits!r} is not a number of credits (or 'unlimited')", param_hint="CREDITS"
+        ) from None
 
 
-def _limits(rpm: int | None, ipm: int | None, concurrency: int | None) -> Change:
-    async def change(session: AsyncSession, row: Row, label: str) -> str:
-        row.rpm, row.ipm, row.max_concurrency = rpm, ipm, concurrency
-        detail = {"rpm": rpm, "ipm": ipm, "concurrency": concurrency}
-        await audited(session, f"{label.split(':')[0]}.limits", label, detail)
-        return f"{label}: rpm={rpm} ipm={ipm} concurrency={concurrency}"
-
-    return change
+def _said_balance(account: ledger.Account, balance: int | None) -> str:
+    return f"{account.label}: balance {balance if balance is not None else 'unlimited'}"
 
 
-def _balance(credits: str) -> Change:
-    balance = None if credits == "unlimited" else int(credits)
-
-    async def change(session: AsyncSession, row: Row, label: str) -> str:
-        await ledger.set_balance(session, ledger.Account.of(label), balance, "cli")
-        await audited(session, "balance.set", label, {"balance": balance})
-        return f"{label}: balance {balance if balance is not None else 'unlimited'}"
-
-    return change
+def _run(work: Callable[[Operator], Awaitable[str]]) -> None:
+    """Run one Operator action as the CLI and print what it says."""
+    click.echo(with_operator(settings(), work))
 
 
 @click.command("limit")
@@ -247,7 +222,12 @@ def _balance(credits: str) -> Change:
 @_limit_options
 def keys_limit(key_id: int, rpm: int | None, ipm: int | None, concurrency: int | None) -> None:
     """Set a key's rate limits (an option left out means no limit)."""
-    _change(_key(key_id), _limits(rpm, ipm, concurrency))
+
+    async def work(operator: Operator) -> str:
+        key = await operator.set_key_limits(Actor.CLI, key_id, _limits(rpm, ipm, concurrency))
+        return _said_limits(f"key:{key.id}", key)
+
+    _run(work)
 
 
 @click.command("balance")
@@ -255,7 +235,12 @@ def keys_limit(key_id: int, rpm: int | None, ipm: int | None, concurrency: int |
 @click.argument("credits")
 def keys_balance(key_id: int, credits: str) -> None:
     """Set a key's balance in credits ("unlimited" removes it)."""
-    _change(_key(key_id), _balance(credits))
+    balance = _credits(credits)
+
+    async def work(operator: Operator) -> str:
+        return _said_balance(await operator.set_key_balance(Actor.CLI, key_id, balance), balance)
+
+    _run(work)
 
 
 @click.command("balance")
@@ -263,7 +248,13 @@ def keys_balance(key_id: int, credits: str) -> None:
 @click.argument("credits")
 def users_balance(username: str, credits: str) -> None:
     """Set a user's balance in credits ("unlimited" removes it)."""
-    _change(_user(username), _balance(credits))
+    balance = _credits(credits)
+
+    async def work(operator: Operator) -> str:
+        account = await operator.set_user_balance(Actor.CLI, username, balance)
+        return _said_balance(account, balance)
+
+    _run(work)
 
 
 @click.command("limit")
@@ -271,7 +262,13 @@ def users_balance(username: str, credits: str) -> None:
 @_limit_options
 def users_limit(username: str, rpm: int | None, ipm: int | None, concurrency: int | None) -> None:
     """Set a user's rate limits (an option left out means no limit)."""
-    _change(_user(username), _limits(rpm, ipm, concurrency))
+
+    async def work(operator: Operator) -> str:
+        changes = _limits(rpm, ipm, concurrency)
+        user = await operator.set_user_limits(Actor.CLI, username, changes)
+        return _said_limits(f"user:{user.id}", user)
+
+    _run(work)
 
 
 @click.command("models")
@@ -284,13 +281,12 @@ def keys_models(key_id: int, models: tuple[str, ...], all_models: bool) -> None:
         raise click.UsageError("Give --model NAME (repeatable) or --all.")
     allowed = None if all_models else list(models)
 
-    async def change(session: AsyncSession, row: Row, label: str) -> str:
-        assert isinstance(row, ApiKey)
-        row.allowed_models = allowed
-        await audited(session, "key.models", label, {"allowed_models": allowed})
-        return f"{label}: models {', '.join(allowed) if allowed else 'all'}"
+    async def work(operator: Operator) -> str:
+        changes = {"allowed_models": allowed}
+        key = await operator.set_key_limits(Actor.CLI, key_id, changes)
+        return f"key:{key.id}: models {', '.join(allowed) if allowed else 'all'}"
 
-    _change(_key(key_id), change)
+    _run(work)
 
 
 @click.command("password")
@@ -299,15 +295,11 @@ def keys_models(key_id: int, models: tuple[str, ...], all_models: bool) -> None:
 def users_password(username: str, password: str) -> None:
     """Set a user's password; the tokens it was issued before stop working."""
 
-    async def change(session: AsyncSession, row: Row, label: str) -> str:
-        await user_store.set_password(session, username=username, password=password)
-        await audited(session, "user.password", label)
-        return f"{label}: password changed; its earlier tokens no longer work"
+    async def work(operator: Operator) -> str:
+        user = await operator.set_password(Actor.CLI, username, password)
+        return f"user:{user.id}: password changed; its earlier tokens no longer work"
 
-    try:
-        _change(_user(username), change)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    _run(work)
 
 
 @click.command("revoke-tokens")
@@ -315,10 +307,10 @@ def users_password(username: str, password: str) -> None:
 def users_revoke_tokens(username: str) -> None:
     """Make every token the user was issued so far stop working (its keys keep working)."""
 
-    async def change(session: AsyncSession, row: Row, label: str) -> str:
-        assert isinstance(row, User)
-        await user_store.revoke_tokens(session, row)
-        await audited(session, "user.revoke_tokens", label)
-        return f"{label}: tokens revoked (running servers drop them within the key cache time)"
+    async def work(operator: Operator) -> str:
+        user = await operator.revoke_tokens(Actor.CLI, username)
+        return (
+            f"user:{user.id}: tokens revoked (running servers drop them within the key cache time)"
+        )
 
-    _change(_user(username), change)
+    _run(work)

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import click
 
 from imagegate.config import Settings
+from imagegate.errors import ImagegateError
+from imagegate.operator import Operator
 from imagegate.store import audit
 from imagegate.store.db import AsyncSession, create_engine, session_factory, upgrade
 
@@ -44,6 +46,25 @@ def with_session(config: Settings, work: Callable[[AsyncSession], Awaitable[T]])
             await engine.dispose()
 
     return asyncio.run(main())
+
+
+def with_operator(config: Settings, work: Callable[[Operator], Awaitable[T]]) -> T:
+    """Run `work` with an Operator on a migrated database (the CLI acts as `Actor.CLI`); the
+    Operator's refusals are the command's error message."""
+
+    async def main() -> T:
+        url = config.resolved_database_url
+        await upgrade(url)
+        engine = create_engine(url)
+        try:
+            return await work(Operator(session_factory(engine)))
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(main())
+    except ImagegateError as exc:
+        raise click.ClickException(exc.message) from None
 
 
 async def audited(

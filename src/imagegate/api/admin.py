@@ -1,32 +1,36 @@
-"""Admin API: manage users and API keys with an admin key."""
+"""Admin API: manage users, API keys, models and tasks with an admin key.
+
+Routes parse, call the Operator (imagegate/operator.py, where every rule lives) and render."""
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
-from imagegate.api.deps import AdminKey, Auth, Service, SettingsDep
+from imagegate.admin_rules import Actor
+from imagegate.api.deps import AdminKey, Auth, OperatorDep, Service, SettingsDep
 from imagegate.api.openapi import CSV
 from imagegate.api.responses import JSON
 from imagegate.auth.passwords import MIN_PASSWORD_LENGTH
-from imagegate.auth.principal import Principal
-from imagegate.auth.service import Authenticator
-from imagegate.config import load_models
-from imagegate.errors import ConfigError, Conflict, InvalidRequest, NotFound
-from imagegate.store import audit, ledger
+from imagegate.store import audit
 from imagegate.store import deliveries as delivery_store
-from imagegate.store import keys as key_store
 from imagegate.store import usage as usage_store
-from imagegate.store import users as user_store
-from imagegate.store.db import AsyncSession
-from imagegate.store.models import ApiKey, User, WebhookDelivery, to_utc
-from imagegate.tasks.webhooks import WebhookDispatcher
+from imagegate.store.models import ApiKey, Task, User, WebhookDelivery, to_utc
 
 router = APIRouter(prefix="/admin", tags=["admin"])
+
+
+async def _actor(admin: AdminKey) -> Actor:
+    return Actor.of(admin)
+
+
+ActorDep = Annotated[Actor, Depends(_actor)]
+"""The admin making the request (403 for anyone else)."""
 
 
 class KeyCreate(BaseModel):
@@ -91,89 +95,55 @@ def ok(data: Any) -> Response:
 
 
 @router.post("/keys")
-async def create_key(body: KeyCreate, admin: AdminKey, auth: Auth) -> Response:
-    async with auth.sessions.begin() as session:
-        user_id = None
-        if body.user is not None:
-            user = await user_store.find_user(session, username=body.user)
-            if user is None:
-                raise NotFound(f"No user {body.user!r}: create it first (POST /admin/users).")
-            user_id = user.id
-        key, secret = await key_store.create_key(
-            session,
-            name=body.name,
-            is_admin=body.is_admin,
-            allowed_models=body.allowed_models,
-            user_id=user_id,
-        )
-        await _audit(session, admin, "key.create", f"key:{key.id}", body.model_dump())
+async def create_key(body: KeyCreate, actor: ActorDep, operator: OperatorDep) -> Response:
+    key, secret = await operator.create_key(
+        actor,
+        name=body.name,
+        is_admin=body.is_admin,
+        allowed_models=body.allowed_models,
+        username=body.user,
+    )
     return ok({**key_view(key), "key": secret})
 
 
 @router.get("/keys")
-async def list_keys(_admin: AdminKey, auth: Auth) -> Response:
-    async with auth.sessions() as session:
-        return ok([key_view(k) for k in await key_store.list_keys(session)])
+async def list_keys(_admin: AdminKey, operator: OperatorDep) -> Response:
+    return ok([key_view(k) for k in await operator.list_keys()])
 
 
 @router.delete("/keys/{key_id}")
-async def revoke_key(key_id: int, admin: AdminKey, auth: Auth) -> Response:
-    if key_id == admin.key_id:
-        raise Conflict(
-            "This is the key you are using: revoke it with another admin key, or with "
-            f"`imagegate keys revoke {key_id}`."
-        )
-    async with auth.sessions.begin() as session:
-        key = await session.get(ApiKey, key_id)
-        if key is not None and key.is_admin and key.revoked_at is None:
-            await _keep_an_admin(session, without_key=key_id)
-        if not await key_store.revoke_key(session, key_id=key_id):
-            raise NotFound(f"No active key with id {key_id}.")
-        await _audit(session, admin, "key.revoke", f"key:{key_id}", None)
-    auth.forget_key(key_id)
+async def revoke_key(key_id: int, actor: ActorDep, operator: OperatorDep) -> Response:
+    await operator.revoke_key(actor, key_id)
     return ok({"id": key_id, "revoked": True})
 
 
 @router.post("/users")
-async def create_user(body: UserCreate, admin: AdminKey, auth: Auth) -> Response:
-    try:
-        async with auth.sessions.begin() as session:
-            user = await user_store.create_user(
-                session, username=body.username, password=body.password, is_admin=body.is_admin
-            )
-            detail = {"username": body.username, "is_admin": body.is_admin}
-            await _audit(session, admin, "user.create", f"user:{user.id}", detail)
-    except user_store.UserExists as exc:
-        raise Conflict(str(exc), param="username") from None
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="username") from None
+async def create_user(body: UserCreate, actor: ActorDep, operator: OperatorDep) -> Response:
+    user = await operator.create_user(
+        actor, username=body.username, password=body.password, is_admin=body.is_admin
+    )
     return ok(user_view(user))
 
 
 @router.get("/users")
-async def list_users(_admin: AdminKey, auth: Auth) -> Response:
-    async with auth.sessions() as session:
-        return ok([user_view(u) for u in await user_store.list_users(session)])
+async def list_users(_admin: AdminKey, operator: OperatorDep) -> Response:
+    return ok([user_view(u) for u in await operator.list_users()])
 
 
 @router.post("/users/{username}/disable")
-async def disable_user(username: str, admin: AdminKey, auth: Auth) -> Response:
-    return ok(await _set_disabled(auth, admin, username, disabled=True))
+async def disable_user(username: str, actor: ActorDep, operator: OperatorDep) -> Response:
+    return ok(user_view(await operator.set_user_disabled(actor, username, disabled=True)))
 
 
 @router.post("/users/{username}/enable")
-async def enable_user(username: str, admin: AdminKey, auth: Auth) -> Response:
-    return ok(await _set_disabled(auth, admin, username, disabled=False))
+async def enable_user(username: str, actor: ActorDep, operator: OperatorDep) -> Response:
+    return ok(user_view(await operator.set_user_disabled(actor, username, disabled=False)))
 
 
 @router.post("/users/{username}/revoke-tokens")
-async def revoke_tokens(username: str, admin: AdminKey, auth: Auth) -> Response:
+async def revoke_tokens(username: str, actor: ActorDep, operator: OperatorDep) -> Response:
     """Every getToken token of the user issued so far stops working; its keys do not."""
-    async with auth.sessions.begin() as session:
-        user = await _user(session, username)
-        await user_store.revoke_tokens(session, user)
-        await _audit(session, admin, "user.revoke_tokens", f"user:{user.id}", None)
-    auth.forget_user(user.id)
+    user = await operator.revoke_tokens(actor, username)
     return ok({**user_view(user), "tokens_revoked": True})
 
 
@@ -184,30 +154,12 @@ class PasswordSet(BaseModel):
 
 
 @router.put("/users/{username}/password")
-async def set_password(username: str, body: PasswordSet, admin: AdminKey, auth: Auth) -> Response:
+async def set_password(
+    username: str, body: PasswordSet, actor: ActorDep, operator: OperatorDep
+) -> Response:
     """A new password; the user's tokens issued before it stop working."""
-    async with auth.sessions.begin() as session:
-        user = await user_store.set_password(session, username=username, password=body.password)
-        if user is None:
-            raise NotFound(f"No user {username!r}: see GET /admin/users.")
-        await _audit(session, admin, "user.password", f"user:{user.id}", None)
-    auth.forget_user(user.id)
+    user = await operator.set_password(actor, username, body.password)
     return ok({**user_view(user), "tokens_revoked": True})
-
-
-async def _set_disabled(
-    auth: Authenticator, admin: Principal, username: str, *, disabled: bool
-) -> dict[str, Any]:
-    async with auth.sessions.begin() as session:
-        if disabled:
-            await _may_disable(session, admin, username)
-        user = await user_store.set_disabled(session, username=username, disabled=disabled)
-        if user is None:
-            raise NotFound(f"No user {username!r}: see GET /admin/users.")
-        action = "user.disable" if disabled else "user.enable"
-        await _audit(session, admin, action, f"user:{user.id}", None)
-    auth.forget_user(user.id)  # its keys and tokens stop working in this process at once
-    return user_view(user)
 
 
 class BalanceSet(BaseModel):
@@ -218,29 +170,18 @@ class BalanceSet(BaseModel):
 
 
 @router.put("/keys/{key_id}/balance")
-async def set_key_balance(key_id: int, body: BalanceSet, admin: AdminKey, auth: Auth) -> Response:
-    async with auth.sessions.begin() as session:
-        if await session.get(ApiKey, key_id) is None:
-            raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
-        account = ledger.Account("key", key_id)
-        await ledger.set_balance(session, account, body.balance, admin.owner)
-        await _audit(session, admin, "balance.set", account.label, body.model_dump())
-    auth.forget_key(key_id)
+async def set_key_balance(
+    key_id: int, body: BalanceSet, actor: ActorDep, operator: OperatorDep
+) -> Response:
+    account = await operator.set_key_balance(actor, key_id, body.balance)
     return ok({"account": account.label, "balance": body.balance})
 
 
 @router.put("/users/{username}/balance")
 async def set_user_balance(
-    username: str, body: BalanceSet, admin: AdminKey, auth: Auth
+    username: str, body: BalanceSet, actor: ActorDep, operator: OperatorDep
 ) -> Response:
-    async with auth.sessions.begin() as session:
-        user = await user_store.find_user(session, username=username)
-        if user is None:
-            raise NotFound(f"No user {username!r}: see GET /admin/users.")
-        account = ledger.Account("user", user.id)
-        await ledger.set_balance(session, account, body.balance, admin.owner)
-        await _audit(session, admin, "balance.set", account.label, body.model_dump())
-    auth.forget_user(user.id)
+    account = await operator.set_user_balance(actor, username, body.balance)
     return ok({"account": account.label, "balance": body.balance})
 
 
@@ -266,38 +207,18 @@ class KeyLimitsSet(LimitsSet):
 
 
 @router.put("/keys/{key_id}/limits")
-async def set_key_limits(key_id: int, body: KeyLimitsSet, admin: AdminKey, auth: Auth) -> Response:
-    changes = body.model_dump(exclude_unset=True)
-    restricts = [name for name, value in changes.items() if value is not None]
-    if key_id == admin.key_id and restricts:
-        raise Conflict(
-            f"This is the key you are using: set {', '.join(restricts)} of it with another "
-            "admin key, so that a mistake cannot lock you out."
-        )
-    async with auth.sessions.begin() as session:
-        key = await session.get(ApiKey, key_id)
-        if key is None:
-            raise NotFound(f"No key with id {key_id}: see GET /admin/keys.")
-        if key.is_admin and changes.get("expires_at") is not None:
-            await _keep_an_admin(session, without_key=key_id)
-        for name, value in changes.items():
-            setattr(key, name, value)
-        detail = body.model_dump(mode="json")
-        await _audit(session, admin, "key.limits", f"key:{key_id}", detail)
-    auth.forget_key(key_id)
+async def set_key_limits(
+    key_id: int, body: KeyLimitsSet, actor: ActorDep, operator: OperatorDep
+) -> Response:
+    key = await operator.set_key_limits(actor, key_id, body.model_dump(exclude_unset=True))
     return ok(key_view(key))
 
 
 @router.put("/users/{username}/limits")
-async def set_user_limits(username: str, body: LimitsSet, admin: AdminKey, auth: Auth) -> Response:
-    async with auth.sessions.begin() as session:
-        user = await user_store.find_user(session, username=username)
-        if user is None:
-            raise NotFound(f"No user {username!r}: see GET /admin/users.")
-        for name, value in body.model_dump(exclude_unset=True).items():
-            setattr(user, name, value)
-        await _audit(session, admin, "user.limits", f"user:{user.id}", body.model_dump())
-    auth.forget_user(user.id)
+async def set_user_limits(
+    username: str, body: LimitsSet, actor: ActorDep, operator: OperatorDep
+) -> Response:
+    user = await operator.set_user_limits(actor, username, body.model_dump(exclude_unset=True))
     return ok(user_view(user))
 
 
@@ -359,27 +280,71 @@ async def models(admin: AdminKey, service: Service) -> Response:
 
 
 @router.post("/models/reload")
-async def reload_models(
-    admin: AdminKey, auth: Auth, service: Service, settings: SettingsDep
-) -> Response:
+async def reload_models(actor: ActorDep, operator: OperatorDep, settings: SettingsDep) -> Response:
     """Re-read the model config file and serve it without a restart."""
-    try:
-        changes = await service.catalog.reload(load_models(settings))
-    except ConfigError as exc:
-        raise InvalidRequest(f"The model config was not reloaded: {exc}") from None
-    async with auth.sessions.begin() as session:
-        await _audit(session, admin, "models.reload", "catalog", changes)
-    return ok(changes)
+    return ok(await operator.reload_models(actor, settings))
 
 
-async def _webhooks_dep(request: Request) -> WebhookDispatcher:
-    webhooks = request.app.state.webhooks
-    if not isinstance(webhooks, WebhookDispatcher):
-        raise TypeError(f"app.state.webhooks is {type(webhooks).__name__}")
-    return webhooks
+@router.post("/models/{model:path}/channels/{channel:path}/test")
+async def channel_test(
+    model: str, channel: str, actor: ActorDep, operator: OperatorDep
+) -> Response:
+    """Render one small image through exactly this channel (whatever the router's order and
+    the channel's breaker): whether it worked, how long it took, the image or the error."""
+    tested = await operator.test_channel(actor, model, channel)
+    image = base64.b64encode(tested.image).decode() if tested.image is not None else None
+    return ok(
+        {
+            "ok": tested.ok,
+            "latency_ms": tested.latency_ms,
+            "error": tested.error,
+            "image": image,
+            "mime": tested.mime,
+        }
+    )
 
 
-Webhooks = Annotated[WebhookDispatcher, Depends(_webhooks_dep)]
+def task_view(task: Task) -> dict[str, Any]:
+    """A task as an operator lists it (not its request: it may hold images)."""
+    return {
+        "id": task.id,
+        "owner": task.owner,
+        "key_id": task.key_id,
+        "user_id": task.user_id,
+        "model": task.model,
+        "endpoint": task.endpoint,
+        "status": task.status,
+        "progress": task.progress,
+        "attempts": task.attempts,
+        "error": task.error,
+        "created_at": _utc_text(task.created_at),
+        "started_at": _utc_text(task.started_at),
+        "finished_at": _utc_text(task.finished_at),
+    }
+
+
+@router.get("/tasks")
+async def list_tasks(
+    _admin: AdminKey,
+    operator: OperatorDep,
+    status: Literal["queued", "in_progress", "succeeded", "failed", "cancelled"] | None = None,
+    before: str | None = Query(default=None, max_length=32),
+    limit: int = Query(default=50, ge=1, le=1000),
+) -> Response:
+    """Every owner's tasks, newest first; the next page: `before=<the last id seen>`."""
+    return ok([task_view(t) for t in await operator.list_tasks(status, limit, before)])
+
+
+@router.post("/tasks/{task_id}/cancel")
+async def cancel_task(task_id: str, actor: ActorDep, operator: OperatorDep) -> Response:
+    """Cancel anyone's queued or running task."""
+    return ok(task_view(await operator.cancel_task(actor, task_id)))
+
+
+@router.post("/tasks/{task_id}/retry")
+async def retry_task(task_id: str, actor: ActorDep, operator: OperatorDep) -> Response:
+    """Run a failed task again under the same id (409 unless it failed)."""
+    return ok(task_view(await operator.retry_task(actor, task_id)))
 
 
 def delivery_view(row: WebhookDelivery) -> dict[str, Any]:
@@ -417,52 +382,6 @@ async def webhook_deliveries(
 
 
 @router.post("/webhooks/deliveries/{delivery_id}/redeliver")
-async def redeliver_webhook(
-    delivery_id: int, admin: AdminKey, auth: Auth, webhooks: Webhooks
-) -> Response:
+async def redeliver_webhook(delivery_id: int, actor: ActorDep, operator: OperatorDep) -> Response:
     """Send the delivery again now (the same webhook-id; a new attempt recorded)."""
-    row = await webhooks.redeliver(delivery_id)
-    async with auth.sessions.begin() as session:
-        detail = {"status": row.status, "response_status": row.response_status}
-        await _audit(session, admin, "webhook.redeliver", f"delivery:{delivery_id}", detail)
-    return ok(delivery_view(row))
-
-
-async def _user(session: AsyncSession, username: str) -> User:
-    user = await user_store.find_user(session, username=username)
-    if user is None:
-        raise NotFound(f"No user {username!r}: see GET /admin/users.")
-    return user
-
-
-async def _may_disable(session: AsyncSession, admin: Principal, username: str) -> None:
-    user = await _user(session, username)
-    if user.id == admin.user_id:
-        raise Conflict(
-            f"User {username!r} is who you are acting as (your token or key belongs to it): "
-            "disable it with another admin's key."
-        )
-    await _keep_an_admin(session, without_user=user.id)
-
-
-async def _keep_an_admin(
-    session: AsyncSession, *, without_key: int | None = None, without_user: int | None = None
-) -> None:
-    """409 when the change would leave no active admin key or admin user."""
-    if await user_store.admins_left(session, without_key=without_key, without_user=without_user):
-        return
-    raise Conflict(
-        "This would leave no active admin key or admin user, and nobody could use the admin "
-        'API: create another admin first (POST /admin/keys with "is_admin": true).'
-    )
-
-
-async def _audit(
-    session: AsyncSession,
-    admin: Principal,
-    action: str,
-    target: str,
-    detail: dict[str, Any] | None,
-) -> None:
-    actor = f"{admin.owner} ({admin.name})"[:100]
-    await audit.record(session, actor, action, target, detail)
+    return ok(delivery_view(await operator.redeliver_webhook(actor, delivery_id)))

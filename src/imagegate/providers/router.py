@@ -130,6 +130,16 @@ class Router:
             )
         raise last
 
+    async def attempt_channel(self, name: str, request: ResolvedRequest) -> GenerationResult:
+        """One call through the channel `name` alone, whatever its place in the order and its
+        breaker's state, without retries, and leaving the breaker as it was: an operator's
+        test of that channel. KeyError when the model has no channel of that name."""
+        for channel in self.channels:
+            if channel.name == name:
+                result = await self._attempt(channel, request)
+                return replace(result, channel=channel.name)
+        raise KeyError(name)
+
     def order(self) -> list[Channel]:
         """Best priority first; weighted random order within a priority; resting ones last."""
         by_priority: dict[int, list[Channel]] = {}

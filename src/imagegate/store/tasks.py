@@ -313,3 +313,55 @@ async def queue_stats(session: AsyncSession) -> tuple[int, datetime | None]:
 
 def _rowcount(result: Any) -> int:
     return int(result.rowcount)
+
+
+async def list_tasks(
+    session: AsyncSession, *, status: str | None, limit: int, before: str | None = None
+) -> list[Task]:
+    """Tasks newest first (every owner's: for operators), optionally of one status; the next
+    page starts after `before`, the id of the last task of the previous one."""
+    query = select(Task).order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+    if status is not None:
+        query = query.where(Task.status == status)
+    if before is not None:
+        last = await session.get(Task, before)
+        if last is None:
+            return []
+        query = query.where(
+            or_(
+                Task.created_at < last.created_at,
+                and_(Task.created_at == last.created_at, Task.id < last.id),
+            )
+        )
+    return list(await session.scalars(query))
+
+
+async def retry(session: AsyncSession, task_id: str) -> bool:
+    """Queue a failed task to run again from scratch; False unless it had failed.
+
+    The failed run's usage row stays (it was a request that failed) but lets go of the task
+    id, which the new run's row takes (usage.task_id is unique). The final callback is left as
+    it is: one delivered is not sent again (its webhook-id is the task's, and receivers drop a
+    repeated id); one still pending carries the new outcome."""
+    queued = await session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status == FAILED)
+        .values(
+            status=QUEUED,
+            attempts=0,
+            progress=0,
+            error=None,
+            result=None,
+            started_at=None,
+            finished_at=None,
+            run_after=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+    if _rowcount(queued) != 1:
+        await session.rollback()
+        return False
+    await session.execute(update(Usage).where(Usage.task_id == task_id).values(task_id=None))
+    await session.commit()
+    return True

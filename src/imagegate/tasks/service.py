@@ -1,4 +1,5 @@
-"""Async tasks as a client sees them: submit (checked, counted, queued), find, cancel."""
+"""Async tasks as a client sees them: submit (checked, counted, queued), find, cancel; and
+an operator's cancel and retry of anyone's task."""
 
 from __future__ import annotations
 
@@ -91,18 +92,37 @@ class TaskService:
         return task
 
     async def cancel(self, principal: Principal, task_id: str) -> Task:
-        task = await self.find(principal, task_id)
+        await self.stop(await self.find(principal, task_id))
+        return await self.find(principal, task_id)
+
+    async def stop(self, task: Task) -> None:
+        """Cancel a task found by its owner or an operator: 409 when it already ended."""
         async with self.sessions() as session:
             cancelled = await task_store.cancel(session, task.id)
         if not cancelled:
             raise Conflict(
-                f"Task {task_id} already ended ({task.status}); only queued or running tasks "
+                f"Task {task.id} already ended ({task.status}); only queued or running tasks "
                 "can be cancelled."
             )
         if self.events is not None:
             await self.events.cancelled(task.id)
         self.queue.cancelled(task.id)
-        return await self.find(principal, task_id)
+
+    async def rerun(self, task: Task) -> Task:
+        """Queue a failed task again (an operator's retry) and wake a worker; 409 unless it
+        failed. The same id, owner and request: its client sees it run again."""
+        async with self.sessions() as session:
+            if not await task_store.retry(session, task.id):
+                raise Conflict(
+                    f"Task {task.id} is {task.status}; only a failed task can be retried."
+                )
+            queued = await session.get(Task, task.id, populate_existing=True)
+            if queued is None:  # deleted between the two statements
+                raise NotFound(f"No task {task.id!r}.")
+            if self.events is not None:
+                await self.events.queued(session, queued)
+        self.queue.submitted(task.id)
+        return queued
 
     async def _check_callback(self, callback_url: str | None) -> None:
         if callback_url is None:
