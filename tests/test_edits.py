@@ -187,6 +187,18 @@ def test_a_masked_json_edit_with_data_urls(gw: Gateway) -> None:
     assert np.array_equal(out[:, : SIDE // 2], np.asarray(original, dtype=np.int16)[:, : SIDE // 2])
 
 
+def test_a_nebula_request_takes_a_mask_as_the_playground_sends_it(gw: Gateway) -> None:
+    original = scene()
+    mask = "data:image/png;base64," + base64.b64encode(right_half_mask()).decode()
+    body = {"model": "tiny", "prompt": "lower", "image": b64_png(original), "mask": mask}
+    answer = gw.v1({**body, "response_format": "b64_json"})
+    assert answer.status_code == 200, answer.text
+    out = pixels(answer.json()["data"]["data"][0]["b64_json"])
+    assert np.array_equal(out[:, : SIDE // 2], np.asarray(original, dtype=np.int16)[:, : SIDE // 2])
+    refused = gw.v1({**body, "model": "tiny-img2img"})
+    assert refused.status_code == 400 and "mask" in refused.json()["msg"]
+
+
 def test_a_mask_on_a_model_without_inpainting_is_refused_naming_it(gw: Gateway) -> None:
     with gw.client() as client, pytest.raises(BadRequestError) as info:
         client.images.edit(

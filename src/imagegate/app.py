@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.responses import PlainTextResponse, Response
 
-from imagegate import __version__, fastjson, logs, metrics, private
+from imagegate import __version__, fastjson, logs, metrics, private, web
 from imagegate.accounting.billing import Billing
 from imagegate.accounting.leases import LeaseRules
 from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
@@ -58,6 +58,7 @@ from imagegate.events.log import EventLog
 from imagegate.fetch import Fetcher
 from imagegate.images import ImageLoader
 from imagegate.memory import tune_allocator
+from imagegate.operator import Operator
 from imagegate.service import ImageService, Translate
 from imagegate.storage.local import LocalStorage
 from imagegate.storage.signing import UrlSigner
@@ -71,6 +72,7 @@ from imagegate.tasks.queue import InProcessQueue, QueueSettings
 from imagegate.tasks.service import TaskService
 from imagegate.tasks.webhooks import WebhookDispatcher
 from imagegate.watermark import Watermark
+from imagegate.web.session import SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +148,15 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         app.state.service = service
         app.state.auth = auth
         app.state.delivery = delivery
-        app.state.tasks = TaskService(sessions, service, queue, fetcher, task_events)
+        app.state.tasks = tasks = TaskService(sessions, service, queue, fetcher, task_events)
         app.state.events = events
         app.state.webhooks = webhooks
         app.state.task_events = task_events
         app.state.engine = engine
+        app.state.web_sessions = SessionStore(sessions, auth, settings)
+        app.state.operator = Operator(
+            sessions, auth=auth, service=service, tasks=tasks, webhooks=webhooks
+        )
         if settings.preload_models:
             await catalog.start_all()
         billing.start()
@@ -192,6 +198,8 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     app.include_router(gemini.router, responses=error_responses(GeminiErrorResponse))
     app.include_router(files.router, responses=error_responses(NebulaError, (403, 404)))
     app.include_router(admin.router, responses=error_responses(NebulaError, ADMIN))
+    if settings.console:
+        web.install(app, renderers)
     _health(app)
     drop_fastapi_422(app)
     return app

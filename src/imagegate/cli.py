@@ -14,16 +14,18 @@ import click
 from imagegate import cli_accounts as accounts
 from imagegate import cli_client as client
 from imagegate import cli_common, logs, private
-from imagegate.cli_common import audited, password_option
+from imagegate.admin_rules import Actor
+from imagegate.cli_common import password_option
 from imagegate.config import Settings, load_models
 from imagegate.errors import ConfigError
+from imagegate.operator import Operator
 from imagegate.store import keys as key_store
-from imagegate.store import users as user_store
 from imagegate.store.db import AsyncSession, upgrade
 
 logger = logging.getLogger(__name__)
 _settings = cli_common.settings
 _with_session = cli_common.with_session
+_with_operator = cli_common.with_operator
 
 
 @click.group()
@@ -48,13 +50,24 @@ def main() -> None:
     show_default=True,
     help="Worker processes sharing the port (each loads its own local models).",
 )
-def serve(host: str | None, port: int | None, config_file: Path | None, workers: int) -> None:
+@click.option(
+    "--root-path",
+    default=None,
+    help="Path prefix a reverse proxy serves us under, e.g. /imagegate (the proxy strips it).",
+)
+def serve(
+    host: str | None,
+    port: int | None,
+    config_file: Path | None,
+    workers: int,
+    root_path: str | None,
+) -> None:
     """Run the server."""
     import uvicorn
 
     from imagegate.app import create_app
 
-    settings = _settings(host=host, port=port, config_file=config_file)
+    settings = _settings(host=host, port=port, config_file=config_file, root_path=root_path)
     logs.configure(settings.log_format, settings.log_level, libraries=settings.log_libraries)
     try:
         app = create_app(settings)
@@ -74,6 +87,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
             app,
             host=settings.host,
             port=settings.port,
+            root_path=settings.root_path,
             log_level=settings.log_level,
             access_log=settings.access_log,
             log_config=None,
@@ -89,6 +103,7 @@ def serve(host: str | None, port: int | None, config_file: Path | None, workers:
         factory=True,
         host=settings.host,
         port=settings.port,
+        root_path=settings.root_path,
         workers=workers,
         log_level="warning",
         access_log=settings.access_log,
@@ -126,8 +141,8 @@ async def _bootstrap_admin(session: AsyncSession, data_dir: Path) -> None:
     click.echo("\n  First start: created an admin API key. It is shown only this once:\n")
     click.echo(f"    {secret}\n")
     click.echo(
-        "  Use it as 'Authorization: Bearer <key>'. Create more keys with "
-        "`imagegate keys create NAME`.\n"
+        "  Sign in to the web console (http://127.0.0.1:8000/ by default) with it, or use it "
+        "as 'Authorization: Bearer <key>'. Create more keys with `imagegate keys create NAME`.\n"
     )
 
 
@@ -144,39 +159,31 @@ def keys() -> None:
 def keys_create(name: str, admin: bool, models: tuple[str, ...], username: str | None) -> None:
     """Create a key and print its secret (shown only once)."""
 
-    async def work(session: AsyncSession) -> str:
-        user_id = None
-        if username is not None:
-            user = await user_store.find_user(session, username=username)
-            if user is None:
-                raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
-            user_id = user.id
-        key, secret = await key_store.create_key(
-            session,
+    async def work(operator: Operator) -> str:
+        _, secret = await operator.create_key(
+            Actor.CLI,
             name=name,
             is_admin=admin,
             allowed_models=list(models) or None,
-            user_id=user_id,
+            username=username,
         )
-        await audited(session, "key.create", f"key:{key.id}", {"name": name, "admin": admin})
         return secret
 
-    click.echo(_with_session(_settings(), work))
+    click.echo(_with_operator(_settings(), work))
 
 
 @keys.command("list")
 def keys_list() -> None:
     """List keys (never their secrets)."""
 
-    async def work(session: AsyncSession) -> list[str]:
-        rows = await key_store.list_keys(session)
+    async def work(operator: Operator) -> list[str]:
         return [
             f"{k.id}\t{k.prefix}...\t{k.name}\t{'admin' if k.is_admin else 'user'}\t"
             f"{'revoked' if k.revoked_at else 'active'}"
-            for k in rows
+            for k in await operator.list_keys()
         ]
 
-    for line in _with_session(_settings(), work):
+    for line in _with_operator(_settings(), work):
         click.echo(line)
 
 
@@ -184,13 +191,7 @@ def keys_list() -> None:
 @click.argument("key_id", type=int)
 def keys_revoke(key_id: int) -> None:
     """Revoke a key by id."""
-
-    async def work(session: AsyncSession) -> bool:
-        await audited(session, "key.revoke", f"key:{key_id}")
-        return await key_store.revoke_key(session, key_id=key_id)
-
-    if not _with_session(_settings(), work):
-        raise click.ClickException(f"No active key with id {key_id}.")
+    _with_operator(_settings(), lambda operator: operator.revoke_key(Actor.CLI, key_id))
     click.echo(f"revoked key {key_id}")
 
 
@@ -206,17 +207,13 @@ def users() -> None:
 def users_create(username: str, password: str, admin: bool) -> None:
     """Create a user with a password (stored as an argon2 hash)."""
 
-    async def work(session: AsyncSession) -> int:
-        user = await user_store.create_user(
-            session, username=username, password=password, is_admin=admin
+    async def work(operator: Operator) -> int:
+        user = await operator.create_user(
+            Actor.CLI, username=username, password=password, is_admin=admin
         )
-        await audited(session, "user.create", f"user:{user.id}", {"username": username})
         return user.id
 
-    try:
-        user_id = _with_session(_settings(), work)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    user_id = _with_operator(_settings(), work)
     click.echo(f"created user {username} (id {user_id})")
 
 
@@ -224,15 +221,14 @@ def users_create(username: str, password: str, admin: bool) -> None:
 def users_list() -> None:
     """List users."""
 
-    async def work(session: AsyncSession) -> list[str]:
-        rows = await user_store.list_users(session)
+    async def work(operator: Operator) -> list[str]:
         return [
             f"{u.id}\t{u.username}\t{'admin' if u.is_admin else 'user'}\t"
             f"{'disabled' if u.disabled_at else 'active'}"
-            for u in rows
+            for u in await operator.list_users()
         ]
 
-    for line in _with_session(_settings(), work):
+    for line in _with_operator(_settings(), work):
         click.echo(line)
 
 
@@ -251,14 +247,10 @@ def users_enable(username: str) -> None:
 
 
 def _set_disabled(username: str, *, disabled: bool) -> None:
-    async def work(session: AsyncSession) -> bool:
-        user = await user_store.set_disabled(session, username=username, disabled=disabled)
-        if user is not None:
-            await audited(session, f"user.{'disable' if disabled else 'enable'}", f"user:{user.id}")
-        return user is not None
+    async def work(operator: Operator) -> None:
+        await operator.set_user_disabled(Actor.CLI, username, disabled=disabled)
 
-    if not _with_session(_settings(), work):
-        raise click.ClickException(f"No user {username!r}: see `imagegate users list`.")
+    _with_operator(_settings(), work)
     click.echo(f"{'disabled' if disabled else 'enabled'} user {username}")
 
 

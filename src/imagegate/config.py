@@ -59,6 +59,15 @@ class Settings(BaseSettings):
     allowed_hosts: list[str] = Field(default_factory=list)
     """Host header values the server answers (e.g. ["images.example.com", "*.internal"]);
     others get a 400. Empty: any. In prod, this or public_url must be set."""
+    root_path: str = Field(default="", pattern=r"^(/[A-Za-z0-9._~-]+)*$")
+    """The path prefix a reverse proxy serves us under (e.g. "/imagegate"; the proxy strips
+    it): every link the web console builds starts with it. `imagegate serve --root-path`."""
+    console: bool = True
+    """Serve the web console: the playground at / and the operator console at /console."""
+    session_idle_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
+    """A console session unused this long ends (sign in again)."""
+    session_max_hours: int = Field(default=7 * 24, ge=1, le=90 * 24)
+    """A console session ends this long after sign-in, however busy."""
     url_ttl_seconds: int = Field(default=24 * 3600, gt=0)
     v1_response_shape: Literal["nebula", "openai"] = "nebula"
     max_image_bytes: int = Field(default=10 * 1024 * 1024, gt=0)

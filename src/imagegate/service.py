@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from imagegate import metrics
 from imagegate.accounting.billing import Billing, Hold
 from imagegate.accounting.limits import MemoryLimiter, RateLimiter
+from imagegate.accounting.pricing import Quote
 from imagegate.auth.principal import Principal
 from imagegate.bounds import Bounds, check_model_name
 from imagegate.catalog import Catalog, ResolvedModel
@@ -113,6 +114,21 @@ class ImageService:
         The rest is checked when a worker runs it, as for a synchronous request."""
         resolved = self.authorize_model(principal, model)
         check_counts(model, resolved.capabilities, n, max_images)
+
+    def quote(self, principal: Principal, model: str, translate: Translate) -> Quote | None:
+        """The most this request may cost, as `generate` would reserve it (None: a free model).
+
+        The same steps as `generate` up to the reservation (authorize, translate, bounds, fit
+        and check against the model), so a request it quotes is one it would take; nothing is
+        reserved or counted."""
+        check_model_name(model)
+        resolved = self.authorize_model(principal, model)
+        request = translate()
+        self.bounds.check(request)
+        request, _ = fit_hints(resolved.capabilities, request)
+        check_capabilities(model, resolved.capabilities, request)
+        prices = self.billing.prices(resolved.pricing)
+        return None if prices.free else prices.maximum(request)
 
     async def count_submission(self, principal: Principal, images: int) -> None:
         """An async task is a request when it is submitted: it counts against the caller's

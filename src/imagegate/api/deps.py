@@ -13,8 +13,10 @@ from imagegate.delivery import Delivery
 from imagegate.errors import PermissionDenied
 from imagegate.events.log import EventLog
 from imagegate.images import ImageLoader
+from imagegate.operator import Operator
 from imagegate.service import ImageService
 from imagegate.tasks.service import TaskService
+from imagegate.web.session import api_principal
 
 T = TypeVar("T")
 
@@ -43,6 +45,10 @@ def tasks_of(request: Request) -> TaskService:
     return _state(request, "tasks", TaskService)
 
 
+def operator_of(request: Request) -> Operator:
+    return _state(request, "operator", Operator)
+
+
 def _settings(request: Request) -> Settings:
     return _state(request, "settings", Settings)
 
@@ -64,7 +70,10 @@ def bearer_token(request: Request) -> str | None:
 
 
 async def _principal(request: Request) -> Principal:
-    return await auth_of(request).authenticate(bearer_token(request))
+    secret = bearer_token(request)
+    if secret is None and (browser := await api_principal(request)) is not None:
+        return browser  # the playground, signed in: its session cookie and CSRF header
+    return await auth_of(request).authenticate(secret)
 
 
 async def _admin(principal: Annotated[Principal, Depends(_principal)]) -> Principal:
@@ -106,6 +115,10 @@ async def _settings_dep(request: Request) -> Settings:
     return _settings(request)
 
 
+async def _operator_dep(request: Request) -> Operator:
+    return operator_of(request)
+
+
 async def _loader_dep(request: Request) -> ImageLoader:
     return loader_of(request)
 
@@ -116,5 +129,6 @@ DeliveryDep = Annotated[Delivery, Depends(_delivery_dep)]
 TasksDep = Annotated[TaskService, Depends(_tasks_dep)]
 SettingsDep = Annotated[Settings, Depends(_settings_dep)]
 Loader = Annotated[ImageLoader, Depends(_loader_dep)]
+OperatorDep = Annotated[Operator, Depends(_operator_dep)]
 CurrentKey = Annotated[Principal, Depends(_principal)]
 AdminKey = Annotated[Principal, Depends(_admin)]

@@ -110,10 +110,17 @@ def _mentions(name: str) -> re.Pattern[str]:
     )
 
 
+def route_path(request: Request) -> str:
+    """The path the app routes on: behind `--root-path /x`, "/x/v1/..." is "/v1/..."."""
+    path = request.url.path
+    root = str(request.scope.get("root_path") or "").rstrip("/")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
 def install(app: FastAPI, renderers: ErrorRenderers) -> None:
     async def on_imagegate(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ImagegateError)
-        response = renderers.render(request.url.path, exc)
+        response = renderers.render(route_path(request), exc)
         if exc.retry_after is not None and exc.status == 429:
             response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
         if exc.status == 401:  # RFC 9110: a 401 names the scheme it wants
@@ -122,11 +129,11 @@ def install(app: FastAPI, renderers: ErrorRenderers) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        return renderers.render(request.url.path, describe_validation(exc.errors()))
+        return renderers.render(route_path(request), describe_validation(exc.errors()))
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
-        response = renderers.render(request.url.path, _from_http(exc, request))
+        response = renderers.render(route_path(request), _from_http(exc, request))
         for name, value in (exc.headers or {}).items():
             response.headers.setdefault(name, value)
         if exc.status_code == 405:  # Starlette names only the first route's methods

@@ -97,7 +97,12 @@ class Authenticator:
         return user_principal(user)
 
     async def login(self, username: str, password: str, address: str) -> str:
-        """A signed token for a user's name and password (getToken).
+        """A signed token for a user's name and password (getToken)."""
+        user = await self.check_password(username, password, address)
+        return self.tokens.issue(user.id, user.username, user.token_version)
+
+    async def check_password(self, username: str, password: str, address: str) -> User:
+        """The active user with this name and password (getToken, the console's sign-in).
 
         Unknown users and wrong passwords get the same answer after the same work. Failed
         attempts are throttled per username and per client `address` (429 with Retry-After).
@@ -110,11 +115,14 @@ class Authenticator:
         if user is None or not matches or user.disabled_at is not None:
             raise AuthenticationFailed("Invalid username or password.")
         await self.logins.succeeded(username, address)
-        return self.tokens.issue(user.id, user.username, user.token_version)
+        return user
 
-    async def principal_for(self, key_id: int | None, user_id: int | None) -> Principal:
+    async def principal_for(
+        self, key_id: int | None, user_id: int | None, *, token_version: int | None = None
+    ) -> Principal:
         """Who submitted a task, checked again when it runs: a revoked key or a disabled user
-        stops their queued tasks too."""
+        stops their queued tasks too. With `token_version` (a console session of a user), a
+        new password or a revoke-tokens since then stops it as well."""
         async with self.sessions() as session:
             if key_id is not None:
                 key = await key_store.active_key(session, key_id)
@@ -122,7 +130,10 @@ class Authenticator:
                     return key_principal(key, await _owner_of(session, key))
             elif user_id is not None:
                 user = await user_store.active_user(session, user_id)
-                if user is not None:
+                current = (
+                    token_version is None or user is None or user.token_version == token_version
+                )
+                if user is not None and current:
                     return user_principal(user)
         raise AuthenticationFailed(
             "The API key or user that submitted this task was revoked or disabled before it ran."

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, String, Table, case, cast, func, select
+from sqlalchemy import Select, String, Table, case, cast, func, select, tuple_
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -209,11 +209,47 @@ COLUMNS = (
 )
 
 
-async def rows(session: AsyncSession, where: UsageFilter, limit: int) -> list[dict[str, Any]]:
-    """Usage rows, newest first, as plain dicts (the `COLUMNS`)."""
+async def rows(
+    session: AsyncSession, where: UsageFilter, limit: int, *, before: int | None = None
+) -> list[dict[str, Any]]:
+    """Usage rows, newest first, as plain dicts (the `COLUMNS`); with `before`, only those
+    older than the row of that id (the next page after it)."""
+    return [_shown_row(row) for row in await _newest(session, where, limit, before)]
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePage:
+    """One page of the usage log, newest first, and where the next page starts."""
+
+    rows: list[dict[str, Any]]
+    """The `COLUMNS` of each row, plus its `id`."""
+    next_before: int | None
+    """Pass as `before` for the next (older) page; None on the last page."""
+
+
+async def page(
+    session: AsyncSession, where: UsageFilter, limit: int, *, before: int | None = None
+) -> UsagePage:
+    """`limit` usage rows, newest first, starting after the row `before` (None: the newest)."""
+    found = await _newest(session, where, limit + 1, before)
+    shown = [{"id": row.id, **_shown_row(row)} for row in found[:limit]]
+    return UsagePage(shown, found[limit - 1].id if len(found) > limit else None)
+
+
+async def _newest(
+    session: AsyncSession, where: UsageFilter, limit: int, before: int | None
+) -> list[Usage]:
+    # Keyset paging on (created_at, id), the order shown: an OFFSET would read and drop every
+    # row of the pages before, and rows written meanwhile would shift the pages.
     query = where.apply(select(Usage)).order_by(Usage.created_at.desc(), Usage.id.desc())
-    found = await session.scalars(query.limit(limit))
-    return [{name: _plain(getattr(row, name)) for name in COLUMNS} for row in found]
+    if before is not None:
+        anchor = select(Usage.created_at).where(Usage.id == before).scalar_subquery()
+        query = query.where(tuple_(Usage.created_at, Usage.id) < tuple_(anchor, before))
+    return list(await session.scalars(query.limit(limit)))
+
+
+def _shown_row(row: Usage) -> dict[str, Any]:
+    return {name: _plain(getattr(row, name)) for name in COLUMNS}
 
 
 async def totals(session: AsyncSession, where: UsageFilter, by: str) -> list[dict[str, Any]]:

@@ -47,6 +47,7 @@ class ImageGenerationRequest(_Wire):
     contents: list[Content] | None = None
     image: str | list[str] | None = None
     images: list[str] | None = None
+    mask: str | None = None
     n: int | None = None
     size: str | None = None
     quality: str | None = None

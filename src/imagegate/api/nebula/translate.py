@@ -50,6 +50,7 @@ def to_image_request(
         prompt=prompt,
         conversation=turns,
         images=images,
+        mask=ImageRef(body.mask, label="mask") if body.mask is not None else None,
         n=_n(fields.get("n")),
         size=_size(fields.get("size")),
         quality=body.quality,
