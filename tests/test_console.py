@@ -15,14 +15,13 @@ import pytest
 
 from imagegate.config import ModelConfig, PriceRule, PricingConfig
 from imagegate.store import deliveries as delivery_store
-from imagegate.store import users as user_store
 from imagegate.store.db import create_engine, session_factory
 from imagegate.store.deliveries import NewDelivery
 from imagegate.store.models import utcnow
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
-from tests.web import csrf_of, sign_in
+from tests.web import PASSWORD, csrf_of, sign_in
+from tests.web import create_user as _user
 
-PASSWORD = "correct horse battery"
 PAGES = (
     "/console",
     "/console?period=7d",
@@ -62,15 +61,6 @@ class Console:
     async def post(self, path: str, **fields: str | list[str]) -> httpx.Response:
         data = {"csrf_token": self.csrf, **fields}
         return await self.client.post(path, data=data, headers=HTML)
-
-
-async def _user(api: Api, name: str, *, admin: bool = False) -> None:
-    engine = create_engine(api.settings.resolved_database_url)
-    try:
-        async with session_factory(engine).begin() as session:
-            await user_store.create_user(session, username=name, password=PASSWORD, is_admin=admin)
-    finally:
-        await engine.dispose()
 
 
 def _client(api: Api) -> httpx.AsyncClient:

@@ -20,18 +20,8 @@ from imagegate.store.models import WebSession, utcnow
 from imagegate.web import i18n
 from imagegate.web.static import assets
 from tests.conftest import FAKE_MODELS, Api, make_settings, start_api
-from tests.web import csrf_of, sign_in
-
-PASSWORD = "correct horse battery"
-
-
-async def _user(api: Api, name: str, *, admin: bool = False) -> None:
-    engine = create_engine(api.settings.resolved_database_url)
-    try:
-        async with session_factory(engine).begin() as session:
-            await user_store.create_user(session, username=name, password=PASSWORD, is_admin=admin)
-    finally:
-        await engine.dispose()
+from tests.web import PASSWORD, csrf_of, sign_in
+from tests.web import create_user as _user
 
 
 async def _signed_in(api: Api, name: str = "alice", *, admin: bool = False) -> str:

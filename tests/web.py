@@ -6,6 +6,12 @@ import re
 
 import httpx
 
+from imagegate.store import users as user_store
+from imagegate.store.db import create_engine, session_factory
+from tests.conftest import Api
+
+PASSWORD = "correct horse battery"
+
 _TOKEN = re.compile(r'name="signin_token" value="([^"]+)"')
 _CSRF = re.compile(r'<meta name="csrf-token" content="([^"]+)"')
 
@@ -36,3 +42,13 @@ def csrf_of(page: httpx.Response) -> str:
     found = _CSRF.search(page.text)
     assert found, page.text[:500]
     return found.group(1)
+
+
+async def create_user(api: Api, name: str, *, admin: bool = False) -> None:
+    """A console user with PASSWORD, written straight to the app's database."""
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine).begin() as session:
+            await user_store.create_user(session, username=name, password=PASSWORD, is_admin=admin)
+    finally:
+        await engine.dispose()
