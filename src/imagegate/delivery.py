@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from dataclasses import dataclass
-from pathlib import Path
 
 from imagegate.errors import NotFound
 from imagegate.fastjson import Base64Text
 from imagegate.storage.base import Storage
-from imagegate.storage.signing import UrlSigner
 from imagegate.types import GeneratedImage, ResponseFormat
 
 
@@ -24,11 +21,11 @@ class DeliveredImage:
 
 
 class Delivery:
-    """Stores images and signs links to them; generation knows nothing of either."""
+    """Stores images and links to them; generation knows nothing of either. A link always
+    points into our own store: an upstream's links expire, so they are never passed on."""
 
-    def __init__(self, storage: Storage, signer: UrlSigner) -> None:
+    def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.signer = signer
 
     async def deliver(
         self, images: tuple[GeneratedImage, ...], response_format: ResponseFormat, base_url: str
@@ -41,7 +38,7 @@ class Delivery:
                 delivered.append(DeliveredImage("", b64, image.revised_prompt))
             else:
                 key = await self.storage.put(image.data, mime=image.mime)
-                url = self.signer.url(base_url, key)
+                url = await self.storage.link(key, base_url)
                 delivered.append(DeliveredImage(url, "", image.revised_prompt))
         return delivered
 
@@ -56,21 +53,19 @@ class Delivery:
     async def deliver_kept(
         self, kept: list[dict[str, str]], response_format: ResponseFormat, base_url: str
     ) -> list[DeliveredImage]:
-        """Kept images as the client asked for them; links are signed afresh on every read."""
+        """Kept images as the client asked for them; links are made afresh on every read."""
         delivered = []
         for item in kept:
             revised = item.get("revised_prompt", "")
             if response_format != "b64_json":
-                url = self.signer.url(base_url, item["key"])
+                url = await self.storage.link(item["key"], base_url)
                 delivered.append(DeliveredImage(url, "", revised))
                 continue
-            stored = await self.storage.open(item["key"])
-            if stored is None:
-                raise NotFound("A result image of this task is no longer stored.")
-            data = await _read(stored.path)
+            data = await self.storage.read(item["key"])
+            if data is None:
+                raise NotFound(
+                    "A result image of this task is no longer stored (images are kept "
+                    "IMAGEGATE_IMAGE_TTL_SECONDS): generate it again."
+                )
             delivered.append(DeliveredImage("", base64.b64encode(data).decode(), revised))
         return delivered
-
-
-async def _read(path: Path) -> bytes:
-    return await asyncio.to_thread(path.read_bytes)

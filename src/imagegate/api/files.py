@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import FileResponse
 
 from imagegate.errors import NotFound, PermissionDenied
+from imagegate.storage.local import LocalStorage
 
 router = APIRouter(tags=["files"])
 
@@ -14,13 +15,18 @@ router = APIRouter(tags=["files"])
 async def get_file(
     key: str, request: Request, expires: int = 0, signature: str = ""
 ) -> FileResponse:
-    delivery = request.app.state.delivery
-    if not delivery.signer.verify(key, expires, signature):
+    storage = request.app.state.delivery.storage
+    if not isinstance(storage, LocalStorage) or storage.signer is None:
+        raise NotFound(
+            "Images of this server are kept in object storage: their links point there, not "
+            "to /files. Request the image again to get a link."
+        )
+    if not storage.signer.verify(key, expires, signature):
         raise PermissionDenied(
             "This image link is invalid or has expired: request the image "
             "again to get a fresh link."
         )
-    stored = await delivery.storage.open(key)
+    stored = await storage.open(key)
     if stored is None:
         raise NotFound("This image no longer exists: request the image again.")
     return FileResponse(
