@@ -1,4 +1,5 @@
-"""The bundled demo model: its scorer, its held-out accuracy and its pipeline contract."""
+"""The bundled demo model: its scorer, its held-out accuracy, how it reads ordinary phrasing, its
+revised prompts and its pipeline contract."""
 
 from __future__ import annotations
 
@@ -14,12 +15,20 @@ pytest.importorskip("diffusers")
 
 from imagegate.config import DEMO_WEIGHTS  # noqa: E402
 from imagegate.demo import dataset  # noqa: E402
+from imagegate.demo import scene as reader  # noqa: E402
 from imagegate.demo.evaluate import read_image, score  # noqa: E402
 from imagegate.demo.pipeline import DemoPipeline  # noqa: E402
 from imagegate.demo.upscale import upscale  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-from demo_eval import TARGETS, evaluate, held_out_captions, short_captions  # noqa: E402
+from demo_eval import (  # noqa: E402
+    TARGETS,
+    TEMPLATE_TARGETS,
+    evaluate,
+    held_out_captions,
+    short_captions,
+    template_captions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +47,7 @@ def test_scorer_reads_ground_truth_renders() -> None:
     scenes = dataset.held_out_scenes()
     for scene in scenes:
         assert all(score(scene, dataset.render(scene, 32)).values()), scene
+        assert read_image(dataset.render(scene, 32)).size == scene.objects[0].size, scene
 
 
 def test_held_out_split_is_never_drawn_for_training() -> None:
@@ -64,6 +74,115 @@ def test_short_captions_keep_colours_in_their_places(pipe: DemoPipeline) -> None
     checked = {k: result[k] for k in ("background", "colour")}
     below = {k: v for k, v in checked.items() if v < TARGETS[k]}
     assert not below, f"below target: {below} (targets {TARGETS})"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "scene"),
+    [
+        (
+            "on a plain red background there is a big blue circle on the left",
+            "a large blue circle on the left on a red background",
+        ),
+        (
+            "blue backdrop with one yellow square at the top",
+            "a large yellow square at the top on a blue background",
+        ),
+        (
+            "picture of a green triangle on the right over white",
+            "a large green triangle on the right on a white background",
+        ),
+        (
+            "a yellow star on a black background, large, top left",
+            "a large yellow star at the top left on a black background",
+        ),
+        (
+            "A purple ring on an orange background.",
+            "a large purple ring in the center on an orange background",
+        ),
+        (
+            "Top-left: a tiny doughnut in cyan. Backdrop: pink!",
+            "a small cyan ring at the top left on a pink background",
+        ),
+        (
+            "the background is black and in the lower right corner there are two white stars",
+            "a large white star at the bottom right and a large white star on the left on a "
+            "black background",
+        ),
+    ],
+)
+def test_reader_finds_the_scene_in_ordinary_phrasing(prompt: str, scene: str) -> None:
+    """The issue's examples that failed before the scene reader, and a few more."""
+    reading = reader.read(prompt)
+    assert reading.understood and not reading.ignored
+    assert reader.describe(reading.scene) == scene
+
+
+def test_reader_reads_every_held_out_template() -> None:
+    """Parser alone: each held-out sentence structure, filled with random synonyms, gives back
+    the scene (the model-level check is the next test)."""
+    for scene, caption in template_captions(400):
+        read = reader.read(caption).scene
+        obj, got = scene.objects[0], read.objects[0]
+        assert (read.background, got.colour, got.shape, got.position) == (
+            scene.background,
+            obj.colour,
+            obj.shape,
+            obj.position,
+        ), caption
+
+
+def test_model_meets_targets_on_held_out_templates(pipe: DemoPipeline) -> None:
+    """The whole path: held-out scenes in held-out sentence templates, prompt to measured image."""
+    result = evaluate(pipe, template_captions(16, seed=2), batch=16)
+    below = {k: v for k, v in result.items() if v < TEMPLATE_TARGETS[k]}
+    assert not below, f"below target: {below} (targets {TEMPLATE_TARGETS})"
+
+
+def test_readme_example_in_several_phrasings(pipe: DemoPipeline) -> None:
+    phrasings = [
+        "a red circle on a blue background",
+        "A red circle on blue.",
+        "blue background, red circle",
+        "please draw a red disc over a plain blue backdrop",
+        "RED CIRCLE WITH BLUE BEHIND IT",
+    ]
+    prompts = [p for p in phrasings for _ in range(2)]
+    out = pipe(prompts, generator=[_seed(s) for s in range(len(prompts))], height=64, width=64)
+    reads = [read_image(image) for image in out.images]
+    got = [(r.background, r.colour, r.shape) for r in reads]
+    assert got.count(("blue", "red", "circle")) >= len(prompts) - 1, got
+    for revised, g in zip(out.revised_prompts, got, strict=True):
+        if g == ("blue", "red", "circle"):
+            assert "red circle" in revised and revised.endswith("on a blue background"), revised
+
+
+def test_revised_prompt_says_what_was_drawn(pipe: DemoPipeline) -> None:
+    """The revised prompt is the measured image in words: read back, it is the image's scene."""
+    prompts = ["a yellow star on a black background, large, top left", "a small pink square"]
+    out = pipe(prompts, generator=[_seed(1), _seed(2)], height=64, width=64)
+    for image, revised in zip(out.images, out.revised_prompts, strict=True):
+        said = reader.read(revised)
+        assert said.understood and not said.ignored, revised
+        got = read_image(image)
+        obj = said.scene.objects[0]
+        assert (said.scene.background, obj.colour, obj.shape, obj.position, obj.size) == (
+            got.background,
+            got.colour,
+            got.shape,
+            got.position,
+            got.size,
+        ), revised
+
+
+def test_revised_prompt_lists_ignored_words_and_defaults(pipe: DemoPipeline) -> None:
+    prompts = ["a red car on a blue background", "a cat sitting on a sofa"]
+    out = pipe(prompts, generator=[_seed(0), _seed(0)], height=32, width=32)
+    car, cat = out.revised_prompts
+    assert car.endswith("on a blue background (ignored: car)"), car
+    assert "default scene" in cat and cat.endswith("ignored: cat, sofa)"), cat
+    assert read_image(out.images[1]).colour is not None  # it still drew a shape
+    raw = pipe("a red circle", height=32, width=32, read_prompt=False)
+    assert raw.revised_prompts is None
 
 
 def test_same_seed_same_pixels_and_n_images(pipe: DemoPipeline) -> None:
@@ -187,6 +306,19 @@ async def test_the_demo_model_is_the_default(
 
         image = decode_png(response.json()["data"]["data"][0]["b64_json"])
         assert image.size == (512, 512)
+        # What it drew and what it ignored, in the Nebula envelope and in OpenAI's answer.
+        body = {"model": "imagegate-demo", "prompt": "a red car on blue", "seed": 1}
+        nebula = await api.client.post("/v1/images/generations", headers=headers, json=body)
+        revised = nebula.json()["data"]["data"][0]["revised_prompt"]
+        assert revised.endswith("on a blue background (ignored: car)"), revised
+        openai = await api.client.post(
+            "/openai/v1/images/generations",
+            headers=headers,
+            json={"model": "imagegate-demo", "prompt": "a red car on blue"},
+        )
+        assert openai.status_code == 200, openai.text
+        said = openai.json()["data"][0]["revised_prompt"]
+        assert said.endswith("on a blue background (ignored: car)"), said
 
 
 def test_swap_pairs_trade_colours_in_the_same_words() -> None:
@@ -225,3 +357,22 @@ def test_training_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert trained.unet.dtype == torch.float32  # stored as float16, loaded as float32
     image = trained("a red circle", height=64, width=64, generator=_seed(0)).images[0]
     assert image.size == (64, 64)
+
+
+def test_a_stage_from_saved_weights_gives_what_the_whole_recipe_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped weights' last stage (phrasings through the reader) was run from the saved
+    weights of the stages before; with `from_saved` that is the same as the one command."""
+    from imagegate.demo import train
+
+    tiny = (train.Stage(2, short=0.3), train.Stage(2, rich=0.6, rings=0.3, from_saved=True))
+    monkeypatch.setattr(train, "RECIPE", tiny)
+    common = ["--batch-size", "4", "--channels", "16", "16", "--threads", "1"]
+    train.main([*common, "--recipe", "--out", str(tmp_path / "whole")])
+    first = ["--steps", "2", "--lr", "1e-3", "--short-captions", "0.3", "--swap-pairs", "0.3"]
+    train.main([*common, *first, "--out", str(tmp_path / "one")])
+    rest = ["--recipe", "--first-stage", "2", "--init", str(tmp_path / "one")]
+    train.main([*common, *rest, "--out", str(tmp_path / "two")])
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "whole" / weights).read_bytes() == (tmp_path / "two" / weights).read_bytes()

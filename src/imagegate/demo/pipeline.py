@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from imagegate.config import DEMO_EDIT_STRENGTH
+from imagegate.demo.prompts import Request, agreement, measure, revised, understand
 from imagegate.demo.text import DemoTextEncoder
 from imagegate.demo.upscale import upscale
 
@@ -38,6 +40,15 @@ DEFAULT_GUIDANCE = 3.0
 MAX_SIDE = 1024
 
 StepCallback = Callable[["DemoPipeline", int, Any, dict[str, Any]], dict[str, Any]]
+Generators: TypeAlias = torch.Generator | list[torch.Generator] | None
+DEFAULT_REDRAWS = 1
+
+
+@dataclass
+class DemoPipelineOutput(ImagePipelineOutput):  # type: ignore[misc]
+    """The images and, for each, the scene drawn in words (None with read_prompt=False)."""
+
+    revised_prompts: list[str] | None = None
 
 
 class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
@@ -137,7 +148,7 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        generator: Generators = None,
         num_images_per_prompt: int = 1,
         height: int | None = None,
         width: int | None = None,
@@ -148,11 +159,16 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-    ) -> ImagePipelineOutput | tuple[Any]:
+        read_prompt: bool = True,
+        redraws: int = DEFAULT_REDRAWS,
+    ) -> DemoPipelineOutput | tuple[Any]:
         """Generate images; height/width default to 512 and may be any multiple of 8 to 1024.
 
         With `image`, edit it (`strength`: how far from it); with `mask_image` too, redraw only
-        where the mask is white (see the module docstring)."""
+        where the mask is white (see the module docstring). `read_prompt` reads each prompt with
+        the scene reader and gives the text encoder its canonical caption, and the output's
+        `revised_prompts` say what was drawn; a one-object image whose measured scene differs
+        from the one asked for is drawn again up to `redraws` times (see prompts.py)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         height, width = _check_size(height, width)
@@ -171,19 +187,52 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         self._guidance_scale = guidance_scale
         self._interrupt = False
 
-        prompt_embeds, mask = self.encode_prompt(prompts, negatives)
-        timesteps = self._timesteps(num_inference_steps, strength, image is not None)
+        requests = [understand(p, image is not None) for p in prompts] if read_prompt else None
+        texts = [r.caption for r in requests] if requests is not None else prompts
+        prompt_embeds, mask = self.encode_prompt(texts, negatives)
+        init = repaint = None
+        if image is not None:
+            init = self._init_pixels(image, batch).to(self.device, self.unet.dtype)
+        if mask_image is not None:
+            repaint = self._repaint(mask_image, batch).to(self.device, self.unet.dtype)
+        callback = (callback_on_step_end, tensor_inputs)
+        sampled = self._sample(
+            prompt_embeds, mask, generator, num_inference_steps, strength, init, repaint, callback
+        )
+        pixels = _unit(sampled)
+        revised_prompts = None
+        if requests is not None:
+            redo = (prompt_embeds, mask, generator, num_inference_steps)
+            revised_prompts = self._check(pixels, requests, redo, redraws)
+        images = self._postprocess(pixels, height, width, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return DemoPipelineOutput(images=images, revised_prompts=revised_prompts)
+
+    def _sample(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        generator: Generators,
+        steps: int,
+        strength: float,
+        init: torch.Tensor | None,
+        repaint: torch.Tensor | None,
+        callback: tuple[StepCallback | None, list[str]],
+    ) -> torch.Tensor:
+        """The denoising loop: native pixels in [-1, 1] for one batch of prompts."""
+        batch = embeds.shape[0] // (2 if self.do_classifier_free_guidance else 1)
+        callback_on_step_end, tensor_inputs = callback
+        prompt_embeds = embeds
+        timesteps = self._timesteps(steps, strength, init is not None)
         self._num_timesteps = len(timesteps)
         shape = (batch, 3, self.native_size, self.native_size)
         noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        init = repaint = None
-        if image is None:
+        if init is None:
             latents = noise * self.scheduler.init_noise_sigma
         else:
-            init = self._init_pixels(image, batch).to(self.device, self.unet.dtype)
             latents = self.scheduler.add_noise(init, noise, timesteps[:1].repeat(batch))
-        if mask_image is not None:
-            repaint = self._repaint(mask_image, batch).to(self.device, self.unet.dtype)
 
         for i, t in enumerate(timesteps):
             if self.interrupt:
@@ -199,10 +248,39 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
                 outputs = callback_on_step_end(self, i, t, {k: local[k] for k in tensor_inputs})
                 latents = outputs.pop("latents", latents)
                 prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+        return latents
 
-        images = self._postprocess(latents, height, width, output_type)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+    def _check(
+        self,
+        pixels: torch.Tensor,
+        requests: list[Request],
+        redo: tuple[torch.Tensor, torch.Tensor, Generators, int],
+        redraws: int,
+    ) -> list[str]:
+        """Measure each one-object image; draw again (in place, in `pixels`) those that differ
+        from their request, keeping the better of the two; the revised prompts."""
+        drawn = [
+            measure(p) if r.measurable else None for p, r in zip(pixels, requests, strict=True)
+        ]
+        embeds, mask, generator, steps = redo
+        for _ in range(redraws):
+            wrong = [
+                i
+                for i, r in enumerate(requests)
+                if r.measurable and agreement(r.reading.scene, drawn[i]) < 5
+            ]
+            if not wrong or self.interrupt:
+                break
+            rows = _rows(embeds, mask, wrong, len(requests), self.do_classifier_free_guidance)
+            again = _unit(
+                self._sample(*rows, _pick(generator, wrong), steps, 1.0, None, None, (None, []))
+            )
+            for k, i in enumerate(wrong):
+                got = measure(again[k])
+                wanted = requests[i].reading.scene
+                if agreement(wanted, got) > agreement(wanted, drawn[i]):
+                    pixels[i], drawn[i] = again[k], got
+        return [revised(r, d) for r, d in zip(requests, drawn, strict=True)]
 
     def _step(
         self, latents: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor
@@ -217,8 +295,7 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
             pred = uncond + self._guidance_scale * (cond - uncond)
         return torch.as_tensor(self.scheduler.step(pred, t, latents).prev_sample)
 
-    def _postprocess(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> Any:
-        pixels = ((latents.float() + 1.0) / 2.0).clamp(0, 1).cpu()
+    def _postprocess(self, pixels: torch.Tensor, height: int, width: int, output_type: str) -> Any:
         if (height, width) != (self.native_size, self.native_size):
             pixels = torch.stack([upscale(p, height, width) for p in pixels])
         if output_type == "pt":
@@ -229,6 +306,24 @@ class DemoPipeline(DiffusionPipeline):  # type: ignore[misc]
         if output_type != "pil":
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}.")
         return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arrays]
+
+
+def _unit(latents: torch.Tensor) -> torch.Tensor:
+    """Native model output as float pixels in [0, 1] on the CPU."""
+    return ((latents.float() + 1.0) / 2.0).clamp(0, 1).cpu()
+
+
+def _rows(
+    embeds: torch.Tensor, mask: torch.Tensor, rows: Sequence[int], batch: int, cfg: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt states of some images of the batch (negatives first, as encode_prompt)."""
+    index = torch.tensor([*rows, *(r + batch for r in rows)] if cfg else list(rows))
+    return embeds[index.to(embeds.device)], mask[index.to(mask.device)]
+
+
+def _pick(generator: Generators, rows: Sequence[int]) -> Generators:
+    """The generators of some images: per-image generators carry on their own streams."""
+    return [generator[r] for r in rows] if isinstance(generator, list) else generator
 
 
 def patch_size(unet: UNet2DConditionModel) -> int:
