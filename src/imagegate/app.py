@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -20,7 +19,7 @@ from starlette.responses import PlainTextResponse, Response
 from imagegate import __version__, fastjson, logs, metrics, private, web
 from imagegate.accounting.billing import Billing
 from imagegate.accounting.leases import LeaseRules
-from imagegate.accounting.limits import MemoryLimiter, RedisLimiter
+from imagegate.accounting.limits import MemoryLimiter, RateLimiter, RedisLimiter
 from imagegate.api import admin, files
 from imagegate.api.bodies import JsonBodies
 from imagegate.api.dialects import DialectRouting
@@ -60,8 +59,9 @@ from imagegate.images import ImageLoader
 from imagegate.memory import tune_allocator
 from imagegate.operator import Operator
 from imagegate.service import ImageService, Translate
-from imagegate.storage.local import LocalStorage
+from imagegate.storage import storage_from_settings
 from imagegate.storage.signing import UrlSigner
+from imagegate.storage.sweep import Sweeper
 from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import Task
 from imagegate.store.usage import UsageWriter
@@ -73,6 +73,8 @@ from imagegate.tasks.service import TaskService
 from imagegate.tasks.webhooks import WebhookDispatcher
 from imagegate.watermark import Watermark
 from imagegate.web.session import SessionStore
+from imagegate.worker.client import JobClient
+from imagegate.worker.remote import remote
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +83,15 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     """Build the app; `models` overrides the config file (tests pass them explicitly)."""
     settings.check_hosts()
     private.protect(settings)
-    catalog = Catalog(load_models(settings) if models is None else models, settings)
+    # Workers mode: local models run in `imagegate worker` processes, never here (no torch).
+    jobs = JobClient(settings) if settings.uses_workers else None
+    if jobs is not None:
+        settings.check_worker_database()
+    configured = load_models(settings) if models is None else models
+    catalog = Catalog(configured, settings, remote(jobs) if jobs is not None else None)
     catalog.check_all()
     signer = UrlSigner(settings.signing_key(), settings.url_ttl_seconds)
+    storage = storage_from_settings(settings, signer)  # a bad S3 setting fails here, at start
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,7 +104,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         sessions = session_factory(engine)
         fetcher = Fetcher.from_settings(settings)
         loader = ImageLoader(settings, fetcher)
-        billing = Billing(sessions, settings.credits_per_unit, _lease_rules(settings))
+        billing = Billing(sessions, settings.credits_per_unit, lease_rules(settings))
         usage = UsageWriter(engine)
         limiter = (
             RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
@@ -115,25 +123,17 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             key_cache_seconds=settings.key_cache_seconds,
             forget_account=billing.forget,
         )
-        delivery = Delivery(LocalStorage(settings.resolved_storage_dir), signer)
-        service = ImageService(
-            catalog=catalog,
-            billing=billing,
-            loader=loader,
-            usage=usage,
-            limiter=limiter,
-            bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
-            watermark=Watermark(
-                settings.watermark_text, settings.watermark_position, settings.watermark_opacity
-            ),
-            log_prompts=settings.log_prompts,
-            usage_log=settings.usage_log,
-            request_timeout_seconds=settings.request_timeout_seconds,
+        delivery = Delivery(storage)
+        sweeper = Sweeper(
+            storage,
+            ttl_seconds=settings.image_ttl_seconds,
+            interval_seconds=settings.sweep_interval_seconds,
         )
+        service = image_service(settings, catalog, billing, loader, usage, limiter)
         events = EventLog(engine, redis_url=settings.redis_url, redis_prefix=settings.redis_prefix)
         task_events = TaskEvents(events, delivery, partial(task_data, delivery=delivery))
         events.settle = task_events.settle  # a task that ended without its final event
-        queue = _task_queue(settings, sessions, service, auth, delivery, fetcher, task_events)
+        queue = task_queue(settings, sessions, service, auth, delivery, fetcher, task_events)
         webhooks = WebhookDispatcher(
             sessions,
             queue.callbacks,
@@ -161,13 +161,19 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
             await catalog.start_all()
         billing.start()
         await events.start()
+        if jobs is not None:
+            await jobs.start(engine, events)
         await webhooks.start(retry=settings.task_workers > 0)
         await queue.start()
+        sweeper.start()
         try:
             yield
         finally:
+            await sweeper.close()
             await queue.close()
             await webhooks.close()
+            if jobs is not None:
+                await jobs.close()
             await events.close()
             await billing.close()
             await usage.close()
@@ -179,6 +185,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
 
     app = FastAPI(title="imagegate", version=__version__, lifespan=lifespan)
     app.state.catalog = catalog
+    app.state.jobs = jobs
     renderers = ErrorRenderers(render_error)
     if settings.v1_response_shape == "openai":
         renderers.register("/v1/", openai.render_error)
@@ -205,7 +212,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
     return app
 
 
-def _task_queue(
+def task_queue(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
     service: ImageService,
@@ -213,13 +220,12 @@ def _task_queue(
     delivery: Delivery,
     fetcher: Fetcher,
     events: TaskEvents | None = None,
+    *,
+    in_worker: bool = False,
 ) -> InProcessQueue:
-    async def render(task: Task) -> bytes:
-        """A finished task as its callback receives it: what a query of it would answer."""
-        msg = LAB_OK if task.dialect == "lab" else "Success"
-        data = await task_data(task, delivery=delivery)
-        return fastjson.dumps({"code": 200, "msg": msg, "data": data})
-
+    """The task queue of a gateway, or (in_worker) of an `imagegate worker`, which polls no
+    tasks of its own: it runs the ones it claims as jobs."""
+    local = service.catalog.local_models() if settings.uses_workers and not in_worker else None
     return InProcessQueue(
         sessions,
         TaskExecutor(service, auth, delivery, parse_task),
@@ -230,9 +236,11 @@ def _task_queue(
             sessions=sessions,
             max_attempts=settings.callback_max_attempts,
         ),
-        render,
+        callback_renderer(delivery),
         QueueSettings(
-            workers=settings.task_workers,
+            # Workers mode: the tasks of local models are the workers' to claim.
+            exclude_models=local or frozenset(),
+            workers=0 if in_worker else settings.task_workers,
             lease_seconds=settings.task_lease_seconds,
             poll_seconds=settings.task_poll_seconds,
             max_attempts=settings.task_max_attempts,
@@ -240,6 +248,17 @@ def _task_queue(
         ),
         events,
     )
+
+
+def callback_renderer(delivery: Delivery) -> Callable[[Task], Awaitable[bytes]]:
+    """Renders a finished task as its callback receives it: what a query of it answers."""
+
+    async def render(task: Task) -> bytes:
+        msg = LAB_OK if task.dialect == "lab" else "Success"
+        data = await task_data(task, delivery=delivery)
+        return fastjson.dumps({"code": 200, "msg": msg, "data": data})
+
+    return render
 
 
 async def task_data(task: Task, *, delivery: Delivery) -> dict[str, Any]:
@@ -275,13 +294,15 @@ def _health(app: FastAPI) -> None:
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> Response:
-        """Ready when the database answers, the image folder is writable and a model exists."""
+        """Ready when the database answers, the image store takes images and a model exists."""
         checks = {
             "database": await _database_ok(app),
-            "storage": _storage_ok(app.state.settings),
+            "storage": await app.state.delivery.storage.ready(),
             "models": bool(app.state.catalog.models),
         }
         ready = all(checks.values())
+        if app.state.jobs is not None:  # informative: a gateway without workers still serves
+            checks["workers"] = await _workers(app.state.jobs, app.state.catalog)
         return JSON(
             {"status": "ready" if ready else "not ready", "checks": checks},
             status_code=200 if ready else 503,
@@ -291,6 +312,19 @@ def _health(app: FastAPI) -> None:
     async def prometheus(request: Request) -> Response:
         _check_scraper(app.state.settings.metrics_token, request)
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _workers(jobs: JobClient, catalog: Catalog) -> dict[str, Any]:
+    """Per local model: whether a live worker serves it, and how many do."""
+    try:
+        served = await jobs.served()
+    except Exception:
+        logger.exception("readiness: cannot read the workers' heartbeats")
+        served = {}
+    return {
+        model: {"served": served.get(model, 0) > 0, "workers": served.get(model, 0)}
+        for model in sorted(catalog.local_models())
+    }
 
 
 def _check_scraper(token: SecretStr | None, request: Request) -> None:
@@ -306,7 +340,7 @@ def _check_scraper(token: SecretStr | None, request: Request) -> None:
         )
 
 
-def _lease_rules(settings: Settings) -> LeaseRules | None:
+def lease_rules(settings: Settings) -> LeaseRules | None:
     seconds = settings.credit_lease_seconds
     if seconds <= 0:
         return None
@@ -325,10 +359,26 @@ async def _database_ok(app: FastAPI) -> bool:
     return True
 
 
-def _storage_ok(settings: Settings) -> bool:
-    folder = settings.resolved_storage_dir
-    try:
-        private.make_folder(folder)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK)
+def image_service(
+    settings: Settings,
+    catalog: Catalog,
+    billing: Billing,
+    loader: ImageLoader,
+    usage: UsageWriter,
+    limiter: RateLimiter,
+) -> ImageService:
+    """The image service of a gateway or a worker, from the settings."""
+    return ImageService(
+        catalog=catalog,
+        billing=billing,
+        loader=loader,
+        usage=usage,
+        limiter=limiter,
+        bounds=Bounds(settings.max_prompt_chars, settings.max_images_per_request),
+        watermark=Watermark(
+            settings.watermark_text, settings.watermark_position, settings.watermark_opacity
+        ),
+        log_prompts=settings.log_prompts,
+        usage_log=settings.usage_log,
+        request_timeout_seconds=settings.request_timeout_seconds,
+    )

@@ -4,6 +4,7 @@ constructed lazily on first use."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydantic import SecretStr
@@ -11,8 +12,8 @@ from pydantic import SecretStr
 from imagegate.config import ChannelConfig, ModelConfig, PricingConfig, Settings
 from imagegate.errors import UnknownModel
 from imagegate.fetch import Fetcher
-from imagegate.providers.base import Capabilities, ProviderContext, ProviderLimits
-from imagegate.providers.registry import env_providers, load_class
+from imagegate.providers.base import Capabilities, Provider, ProviderContext, ProviderLimits
+from imagegate.providers.registry import env_providers, is_local, load_class
 from imagegate.providers.router import Backoff, Breaker, Channel, Router
 from imagegate.providers.transport import pooled_client
 
@@ -31,11 +32,20 @@ class ResolvedModel:
     capabilities: Capabilities
 
 
+Remote = Callable[[ProviderContext], Provider]
+"""Makes the stand-in of a local model's channel whose pipeline runs in the worker tier."""
+
+
 class Catalog:
-    def __init__(self, models: list[ModelConfig], settings: Settings) -> None:
+    def __init__(
+        self, models: list[ModelConfig], settings: Settings, remote: Remote | None = None
+    ) -> None:
         self._configs = {m.name: m for m in models}
         self._settings = settings
         self._routers: dict[str, Router] = {}
+        self._remote = remote
+        """Set (IMAGEGATE_LOCAL_EXECUTION=workers): local models are served through it and
+        their provider modules (torch) are never imported here."""
 
     @property
     def models(self) -> list[ModelConfig]:
@@ -54,6 +64,10 @@ class Catalog:
                 param="model",
                 models_path="/v1/models",
             ) from None
+
+    def local_models(self) -> frozenset[str]:
+        """The models with a channel that runs a local pipeline."""
+        return frozenset(m.name for m in self._configs.values() if any(map(is_local, m.providers)))
 
     def check_all(self) -> None:
         """Build every provider now, so a misconfigured model fails at startup, not later."""
@@ -84,9 +98,15 @@ class Catalog:
         )
 
     def _channel(self, model: ModelConfig, config: ChannelConfig) -> Channel:
-        cls = load_class(config.provider)
-        context = provider_context(self._settings, model, config, cls)
-        name, provider = context.name, cls(context)
+        provider: Provider
+        if self._remote is not None and is_local(config.provider):
+            context = provider_context(self._settings, model, config, None)
+            provider = self._remote(context)
+        else:
+            cls = load_class(config.provider)
+            context = provider_context(self._settings, model, config, cls)
+            provider = cls(context)
+        name = context.name
         breaker = Breaker(self._settings.breaker_failures, self._settings.breaker_cooldown_seconds)
         return Channel(
             name=name,

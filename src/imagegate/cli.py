@@ -19,8 +19,10 @@ from imagegate.cli_common import password_option
 from imagegate.config import Settings, load_models
 from imagegate.errors import ConfigError
 from imagegate.operator import Operator
+from imagegate.storage import command as storage_command
 from imagegate.store import keys as key_store
 from imagegate.store.db import AsyncSession, upgrade
+from imagegate.worker import cli as worker_cli
 
 logger = logging.getLogger(__name__)
 _settings = cli_common.settings
@@ -282,6 +284,8 @@ def db_upgrade() -> None:
 main.add_command(accounts.usage)
 main.add_command(client.generate)
 main.add_command(client.reload)
+main.add_command(storage_command.storage)
+main.add_command(worker_cli.worker)
 keys.add_command(accounts.keys_limit)
 keys.add_command(accounts.keys_balance)
 keys.add_command(accounts.keys_models)

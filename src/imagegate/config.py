@@ -52,6 +52,23 @@ class Settings(BaseSettings):
     database_url: str | None = None
     """Default: SQLite file data_dir/imagegate.db. PostgreSQL: postgresql+asyncpg://..."""
     storage_dir: Path | None = None
+    # Image bytes: a local folder (storage_dir) or S3-compatible object storage (storage/).
+    storage: Literal["local", "s3"] = "local"
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    """Another S3 API than AWS's (MinIO, R2, ...), e.g. http://127.0.0.1:9000."""
+    s3_region: str = "us-east-1"
+    s3_prefix: str = Field(default="images/", pattern=r"^([A-Za-z0-9._-]+/)*[A-Za-z0-9._-]*$")
+    """Every object imagegate writes, lists or deletes is under this key prefix."""
+    s3_addressing_style: Literal["path", "virtual"] | None = None
+    """Default: virtual-hosted on AWS, path-style with s3_endpoint_url."""
+    s3_public_base_url: str | None = None
+    """A CDN (or public bucket) serving the bucket: links are then unsigned, public URLs."""
+    image_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=0)
+    """Stored images older than this are deleted by the sweep (0: kept forever)."""
+    sweep_interval_seconds: float = Field(default=3600.0, ge=0)
+    """How often each server sweeps expired images (0: never, e.g. where an S3 lifecycle
+    rule or a cron job running `imagegate storage sweep` expires them)."""
     secret_key: SecretStr | None = None
     """HMAC key for signed URLs. Default: generated once and kept in data_dir/secret.key (dev)."""
     public_url: str | None = None
@@ -171,6 +188,25 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     bootstrap_admin: bool = True
     preload_models: bool = False
+    # The worker tier (imagegate/worker/): local models in `imagegate worker` processes.
+    local_execution: Literal["inline", "workers"] = "inline"
+    """inline: this process loads and runs its local models. workers: it loads none (no
+    torch); their requests and tasks become jobs that `imagegate worker` processes claim
+    from PostgreSQL."""
+    worker_models: str = Field(default="", max_length=10_000)
+    """`imagegate worker`: the models it serves, comma-separated (`--models`); empty: every
+    local model of the config."""
+    worker_concurrency: int = Field(default=0, ge=0, le=1024)
+    """`imagegate worker`: jobs it holds at once (`--concurrency`); 0: the largest
+    `max_batch` of its models, so one claim can fill a batch."""
+    worker_heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600)
+    """A worker writes its heartbeat this often; gateways count it live for 3 times as long."""
+    worker_drain_seconds: float = Field(default=30.0, ge=0)
+    """On SIGTERM a worker claims nothing more, finishes what it holds for up to this long,
+    then hands the rest back to the queue."""
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=9464, ge=0, le=65535)
+    """Where a worker serves Prometheus metrics (`--metrics-port`); 0: not at all."""
 
     def callback_key(self) -> bytes:
         """The key task callbacks are signed with: callback_secret, else one derived from the
@@ -188,6 +224,22 @@ class Settings(BaseSettings):
     @property
     def resolved_storage_dir(self) -> Path:
         return self.storage_dir or self.data_dir / "images"
+
+    @property
+    def uses_workers(self) -> bool:
+        """Local models run in `imagegate worker` processes, not in this one."""
+        return self.local_execution == "workers"
+
+    def check_worker_database(self) -> None:
+        """Gateways and workers meet in PostgreSQL: jobs are claimed with FOR UPDATE SKIP
+        LOCKED and announced with LISTEN/NOTIFY, which SQLite has not."""
+        if not self.resolved_database_url.startswith("postgresql"):
+            raise ConfigError(
+                "The worker tier needs PostgreSQL: set IMAGEGATE_DATABASE_URL to "
+                "postgresql+asyncpg://USER:PASSWORD@HOST/DB (the same database for gateways "
+                "and workers), or set IMAGEGATE_LOCAL_EXECUTION=inline to run local models "
+                "in the server process."
+            )
 
     def check_hosts(self) -> None:
         """In prod, the Host header of a request must not choose the host of the links and
@@ -357,7 +409,10 @@ def load_models(settings: Settings) -> list[ModelConfig]:
     if path is None and Path("imagegate.yaml").exists():
         path = Path("imagegate.yaml")
     if path is None:
-        models = [demo_model()] if demo_available() else []
+        # A gateway in workers mode runs no model itself: it lists the demo model for the
+        # workers, without torch, diffusers or the weights of its own (the slim image).
+        served = settings.uses_workers or demo_available()
+        models = [demo_model()] if served else []
     else:
         models = load_config_file(path).models
     declared = {m.name for m in models}

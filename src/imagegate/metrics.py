@@ -77,6 +77,53 @@ QUEUE_AGE = Gauge(
     multiprocess_mode="max",
 )
 
+# Local models (providers/runner.py), wherever they run: in `serve` (inline) or in a worker.
+LOCAL_BATCH_IMAGES = Histogram(
+    "imagegate_local_batch_images",
+    "Images per pipeline call of a local model (dynamic batching at work).",
+    ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+    registry=REGISTRY,
+)
+LOCAL_STEP_SECONDS = Histogram(
+    "imagegate_local_step_seconds",
+    "Seconds per denoising step of a local model's pipeline call (the whole batch).",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+# The worker tier (`imagegate worker`, served on its own port).
+WORKER_QUEUE_WAIT = Histogram(
+    "imagegate_worker_queue_wait_seconds",
+    "From a job or task queued (or due again) to a worker claiming it, by model.",
+    ["model"],
+    buckets=_SECONDS,
+    registry=REGISTRY,
+)
+WORKER_FINISHED = Counter(
+    "imagegate_worker_finished",
+    "Jobs (synchronous requests) and tasks a worker ran to an end, by model and kind.",
+    ["model", "kind"],
+    registry=REGISTRY,
+)
+WORKER_HELD = Gauge(
+    "imagegate_worker_held",
+    "Jobs and tasks the worker holds now (claimed, not yet ended).",
+    registry=REGISTRY,
+)
+WORKER_QUEUED = Gauge(
+    "imagegate_worker_queued",
+    "Jobs and tasks waiting for a worker, by model (read from the database).",
+    ["model"],
+    registry=REGISTRY,
+)
+GPU_MEMORY = Gauge(
+    "imagegate_gpu_memory_bytes",
+    "CUDA memory of the worker process, by device and kind (allocated, reserved).",
+    ["device", "kind"],
+    registry=REGISTRY,
+)
+
 
 def exposition() -> bytes:
     """The text /metrics answers: this process's registry, or all workers' sums."""

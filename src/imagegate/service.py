@@ -270,6 +270,9 @@ class ImageService:
         except TimeoutError:
             if not deadline.expired():
                 raise  # the provider's own timeout, not ours
+            explain = getattr(provider, "explain_timeout", None)
+            if explain is not None and (error := await explain(request.model)) is not None:
+                raise error from None  # e.g. no worker serves this local model (worker/)
             raise ProviderTimeout(
                 f"Model {request.model} did not finish within {seconds:g} seconds "
                 "(IMAGEGATE_REQUEST_TIMEOUT_SECONDS): the generation was stopped and nothing "

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import diffusers
 import torch
@@ -28,14 +28,14 @@ from diffusers import (
     DiffusionPipeline,
 )
 from diffusers.utils import deprecation_utils
-from pydantic import Field, ValidationError, model_validator
 
-from imagegate.bounds import MAX_STEPS
 from imagegate.config import ModelDefaultsConfig
 from imagegate.errors import ConfigError, ImagegateError, ProviderError
 from imagegate.progress import current_reporter
-from imagegate.providers.base import Capabilities, ProviderContext, ProviderOptions
+from imagegate.providers.base import ProviderContext
 from imagegate.providers.diffusers_batch import Images, accepts, run_batch
+from imagegate.providers.diffusers_options import DiffusersOptions as DiffusersOptions
+from imagegate.providers.diffusers_options import capabilities, checked_options
 from imagegate.providers.diffusers_plan import Job, Planner
 from imagegate.providers.runner import Batch, PipelineRunner, RunnerClosed
 from imagegate.types import (
@@ -52,61 +52,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
 # from_pretrained draws a progress bar straight onto stderr; our log line after it says the same.
 diffusers.utils.logging.disable_progress_bar()
-_ACCEPTS = frozenset(
-    {
-        "seed",
-        "negative_prompt",
-        "num_inference_steps",
-        "guidance_scale",
-        "strength",
-        "size",
-        "output_format",
-        "mask",
-    }
-)
 _DEFAULT_STEPS = 30
-
-
-class DiffusersOptions(ProviderOptions):
-    """Options of a `provider: diffusers` model.
-
-    Batching: concurrent requests with the same kind (text-to-image or edit), size, steps,
-    guidance and strength run as one pipeline call with one generator per image, so each image
-    still depends on its own seed only. The oldest queued request waits at most
-    `batch_window_ms` (after it arrived and the pipeline came free) for others to join it;
-    `max_batch` caps the images of one call (1 turns batching off).
-
-    Bounds: `max_steps` and `max_pixels` (width x height x n) cap what one request may ask
-    for, so that no request holds the pipeline for minutes; above them it gets a 400.
-    """
-
-    path: str = Field(min_length=1)
-    """A local pipeline folder (written by save_pretrained) or a Hugging Face hub id."""
-    pipeline_class: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
-    """"module:Class" with a from_pretrained classmethod; default AutoPipelineForText2Image."""
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    local_files_only: bool = False
-    max_n: int = Field(default=4, ge=1, le=64)
-    max_side: int = Field(default=1024, ge=8)
-    min_side: int = Field(default=8, ge=8)
-    batch_window_ms: float = Field(default=5.0, ge=0, le=1000)
-    """How long the oldest queued request waits for compatible ones; 0: no waiting."""
-    max_batch: int = Field(default=8, ge=1, le=256)
-    """Most images in one pipeline call; a request with more n still runs, alone."""
-    max_steps: int = Field(default=150, ge=1, le=MAX_STEPS)
-    """Most num_inference_steps one request may ask for (400 above): time grows with steps."""
-    max_pixels: int = Field(default=4 * 1024 * 1024, ge=64)
-    """Most pixels one request may ask for, width x height x n (400 above): four 1024x1024."""
-    preview_every: int = Field(default=5, ge=0, le=MAX_STEPS)
-    """Steps between two previews of each image, sent only to a caller whose reporter wants
-    previews (a stream asked); 0: never. Each costs a cheap decode and a small WEBP."""
-
-    @model_validator(mode="after")
-    def _sides(self) -> DiffusersOptions:
-        if self.min_side % 8 or self.max_side % 8 or self.min_side > self.max_side:
-            raise ValueError("min_side and max_side must be multiples of 8, min_side <= max_side")
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,25 +85,10 @@ class DiffusersProvider:
     def __init__(self, context: ProviderContext) -> None:
         self.name = name = context.name
         defaults = context.defaults
-        self.options = _parse_options(name, context.options)
-        if defaults.steps is not None and defaults.steps > self.options.max_steps:
-            raise ConfigError(
-                f"Model {name}: defaults.steps {defaults.steps} is above options.max_steps "
-                f"{self.options.max_steps}; lower the default or raise max_steps."
-            )
+        self.options = checked_options(name, context.options, defaults)
         self._planner = Planner(name, self.options, defaults)
         self.pipeline_class = _import_pipeline_class(name, self.options.pipeline_class)
-        self.capabilities = Capabilities(
-            text_to_image=True,
-            image_edit=True,
-            multi_turn=True,
-            max_n=self.options.max_n,
-            max_input_images=16,
-            # One image is edited: earlier turns' images are history, never two at once.
-            max_images_per_turn=1,
-            variations=True,  # image-to-image with an empty prompt
-            accepts=_ACCEPTS,
-        )
+        self.capabilities = capabilities(self.options)
         self._runner: PipelineRunner[_Work, Images] = PipelineRunner(
             name,
             self._execute,
@@ -182,6 +113,16 @@ class DiffusersProvider:
     def queued(self) -> int:
         """Requests waiting for the pipeline (those of the running batch not counted)."""
         return self._runner.queued
+
+    @property
+    def busy(self) -> bool:
+        """The pipeline is running a batch (or loading) now: a worker of the worker tier
+        claims more jobs only while it is not, so that an idle worker gets them."""
+        return self._runner.busy
+
+    @property
+    def max_batch(self) -> int:
+        return self.options.max_batch
 
     @property
     def defaults(self) -> ModelDefaultsConfig:
@@ -367,18 +308,6 @@ class DiffusersProvider:
         loaded, jobs = batch.jobs[0].loaded, [work.job for work in batch.jobs]
         pipes = {"text": loaded.pipe, "edit": loaded.edit_pipe, "inpaint": loaded.inpaint_pipe}
         return run_batch(pipes[jobs[0].kind], jobs, batch, self.options.preview_every)
-
-
-def _parse_options(name: str, options: dict[str, Any]) -> DiffusersOptions:
-    try:
-        return DiffusersOptions.model_validate(options)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(
-            f"Invalid options for model {name} (provider diffusers): {problems}."
-        ) from None
 
 
 def _import_pipeline_class(name: str, target: str | None) -> Any:

@@ -53,7 +53,9 @@ def run_batch(
         _check_count(images, jobs)
         inputs = zip(images, kwargs["image"], kwargs["mask_image"], strict=True)
         images = [_keep_outside(*each) for each in inputs]
-    return _split(images, jobs, batch)
+    # A pipeline that says what it drew (the demo model's revised_prompts) passes it on.
+    revised = getattr(output, "revised_prompts", None) or [""] * len(images)
+    return _split(images, revised, jobs, batch)
 
 
 def _call_kwargs(
@@ -189,17 +191,19 @@ def _check_count(images: Sequence[Image.Image], jobs: Sequence[Job]) -> None:
         raise RuntimeError(f"the pipeline returned {len(images)} images instead of {wanted}")
 
 
-def _split(images: Sequence[Image.Image], jobs: Sequence[Job], batch: Batch[J]) -> list[Images]:
+def _split(
+    images: Sequence[Image.Image], revised: Sequence[str], jobs: Sequence[Job], batch: Batch[J]
+) -> list[Images]:
     """Each job's images, encoded, in its seed order; nothing for jobs no longer awaited."""
     _check_count(images, jobs)
-    rest = iter(images)
+    rest = iter(zip(images, revised, strict=True))
     results: list[Images] = []
     for job, ticket in zip(jobs, batch.tickets, strict=True):
-        mine = [(next(rest), seed) for seed in job.seeds]
+        mine = [(*next(rest), seed) for seed in job.seeds]
         if ticket.cancelled:
             results.append(())
         else:
-            results.append(tuple(_encode(im, job.output_format, seed) for im, seed in mine))
+            results.append(tuple(_encode(im, job.output_format, seed, r) for im, r, seed in mine))
     return results
 
 
@@ -216,11 +220,16 @@ def _decode(image: InputImage, width: int, height: int) -> Image.Image:
     return rgb
 
 
-def _encode(image: Image.Image, fmt: str, seed: int) -> GeneratedImage:
+def _encode(image: Image.Image, fmt: str, seed: int, revised: str = "") -> GeneratedImage:
     pil_format, mime = FORMATS[fmt]
     buffer = io.BytesIO()
     options = {} if pil_format == "PNG" else {"quality": 90}
     image.convert("RGB").save(buffer, format=pil_format, **options)
     return GeneratedImage(
-        data=buffer.getvalue(), mime=mime, width=image.width, height=image.height, seed=seed
+        data=buffer.getvalue(),
+        mime=mime,
+        width=image.width,
+        height=image.height,
+        seed=seed,
+        revised_prompt=revised,
     )

@@ -19,7 +19,7 @@ from imagegate.errors import InvalidRequest
 from imagegate.types import InputImage, ResolvedRequest, Size, SizeKind
 
 if TYPE_CHECKING:
-    from imagegate.providers.diffusers import DiffusersOptions
+    from imagegate.providers.diffusers_options import DiffusersOptions
 
 T = TypeVar("T")
 

@@ -45,6 +45,12 @@ def unregister(name: str) -> None:
     _registered.pop(name, None)
 
 
+def is_local(name: str) -> bool:
+    """Whether provider `name` runs a model in this machine's memory (a diffusers pipeline):
+    with IMAGEGATE_LOCAL_EXECUTION=workers, such models run in `imagegate worker` processes."""
+    return name in _LOCAL
+
+
 def available() -> dict[str, str]:
     found = {ep.name: ep.value for ep in entry_points(group="imagegate.providers")}
     return {**_BUILTIN, **found, **_registered}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from imagegate import metrics
-from imagegate.errors import ProviderError, ProviderTimeout
+from imagegate.errors import ImagegateError, ProviderError, ProviderTimeout
 from imagegate.providers.base import Capabilities, Provider
 from imagegate.timing import upstream_call
 from imagegate.types import GenerationResult, ResolvedRequest
@@ -139,6 +139,15 @@ class Router:
                 result = await self._attempt(channel, request)
                 return replace(result, channel=channel.name)
         raise KeyError(name)
+
+    async def explain_timeout(self, model: str) -> ImagegateError | None:
+        """Why the model did not answer in time when a channel knows better than "it was
+        slow" (a local model that no worker of the worker tier serves); None otherwise."""
+        for channel in self.channels:
+            explain = getattr(channel.provider, "explain_timeout", None)
+            if explain is not None and (error := await explain(model)) is not None:
+                return error  # type: ignore[no-any-return]
+        return None
 
     def order(self) -> list[Channel]:
         """Best priority first; weighted random order within a priority; resting ones last."""

@@ -20,11 +20,13 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from imagegate import metrics
 from imagegate.progress import Reporter
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,20 @@ T = TypeVar("T")
 
 class RunnerClosed(RuntimeError):
     """The runner was closed before the job could run."""
+
+
+_RUNNERS: weakref.WeakSet[PipelineRunner[Any, Any]] = weakref.WeakSet()
+
+
+def wait_stopped(timeout: float) -> None:
+    """Block until the thread of every closed runner has stopped (at most `timeout` seconds
+    in all): a process must not exit while a pipeline thread computes (torch aborts it), and
+    a batch whose callers all left stops at its next step."""
+    deadline = time.monotonic() + timeout
+    for runner in list(_RUNNERS):
+        thread = runner._thread
+        if runner._closed and thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @dataclass(eq=False, kw_only=True)
@@ -78,6 +94,8 @@ class Batch(Generic[J]):
     def __init__(self, tickets: Sequence[Ticket[J]]) -> None:
         self.tickets = tuple(tickets)
         self.progress = 0.0
+        self.steps = 0
+        """The denoising steps of the call, once the batch function reported them."""
 
     @property
     def jobs(self) -> list[J]:
@@ -92,6 +110,8 @@ class Batch(Generic[J]):
         """Tell every job still awaited how far the batch is, 0..1 (`step` of `steps` when
         counted). Reporters are called from the worker thread; one that fails is logged."""
         self.progress = progress
+        if steps:
+            self.steps = steps
         for ticket in self.tickets:
             if ticket.reporter is None or ticket.cancelled:
                 continue
@@ -130,6 +150,14 @@ class PipelineRunner(Generic[J, R]):
         """Owner -> the batch number that last served it (owners never served go first)."""
         self.batches = 0
         """Batches run so far (each one pipeline call)."""
+        self._busy = False
+        _RUNNERS.add(self)
+
+    @property
+    def busy(self) -> bool:
+        """The worker thread is running something (a batch, or loading) now."""
+        with self._cond:
+            return self._busy
 
     @property
     def queued(self) -> int:
@@ -222,6 +250,7 @@ class PipelineRunner(Generic[J, R]):
                 self._run_batch(item)
             with self._cond:
                 self._idle_since = time.monotonic()
+                self._busy = False
 
     def _next(self) -> _Solo | list[Ticket[J]] | None:
         """Wait for the next thing to run: a solo job, or a batch once it is full or due."""
@@ -232,6 +261,7 @@ class PipelineRunner(Generic[J, R]):
                     continue
                 if isinstance(solo := self._queue[0], _Solo):
                     self._queue.popleft()
+                    self._busy = True
                     return solo
                 turns = self._in_turn()
                 head = turns[0]
@@ -248,6 +278,7 @@ class PipelineRunner(Generic[J, R]):
                     if len(self._served) > 10_000:  # keep the owners that still wait
                         waiting = {t.owner for t in turns}
                         self._served = {o: n for o, n in self._served.items() if o in waiting}
+                    self._busy = True
                     return batch
                 self._cond.wait(due - time.monotonic())
             return None
@@ -283,14 +314,19 @@ class PipelineRunner(Generic[J, R]):
         self.batches += 1
         images = sum(ticket.size for ticket in tickets)
         logger.debug("pipeline %s: batch of %d jobs, %d images", self.name, len(tickets), images)
+        batch, started = Batch(tickets), time.perf_counter()
         try:
-            results = self._execute(Batch(tickets))
+            results = self._execute(batch)
             if len(results) != len(tickets):
                 raise RuntimeError(f"{len(results)} results for {len(tickets)} jobs")
         except Exception as exc:
             for ticket in tickets:
                 ticket.settle(error=exc)
             return
+        metrics.LOCAL_BATCH_IMAGES.labels(self.name).observe(images)
+        if batch.steps:
+            seconds = time.perf_counter() - started
+            metrics.LOCAL_STEP_SECONDS.labels(self.name).observe(seconds / batch.steps)
         for ticket, result in zip(tickets, results, strict=True):
             ticket.settle(result)
 

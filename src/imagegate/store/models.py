@@ -123,9 +123,16 @@ class Task(Base):
     """
 
     __tablename__ = "tasks"
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_tasks_idempotency"),)
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_tasks_idempotency"),
+        Index("ix_tasks_model_status", "model", "status"),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8), default="task", server_default="task")
+    """task: an async task (a client's). job: a synchronous request's generation handed to the
+    worker tier (worker/): its payload is the resolved request, the gateway that made it
+    waits for it and deletes it, and no task list or task lookup ever shows it."""
     owner: Mapped[str] = mapped_column(String(40), index=True)
     """"user:<id>" for a user's keys and tokens, else "key:<id>"."""
     key_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -290,3 +297,20 @@ class HistoryEntry(Base):
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, index=True
     )
+
+
+class WorkerRow(Base):
+    """A live `imagegate worker` (worker/): what it serves, renewed every heartbeat. A row
+    whose `expires_at` passed belongs to a worker that stopped without saying so."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(100))
+    pid: Mapped[int] = mapped_column(Integer)
+    models: Mapped[list[str]] = mapped_column(JSON)
+    concurrency: Mapped[int] = mapped_column(Integer)
+    held: Mapped[int] = mapped_column(Integer, default=0)
+    """Jobs and tasks it held at its last heartbeat."""
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

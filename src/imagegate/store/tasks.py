@@ -18,6 +18,7 @@ from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
+from imagegate.store import notices
 from imagegate.store.bulk import fit
 from imagegate.store.db import AsyncSession
 from imagegate.store.models import Task, Usage, utcnow
@@ -26,6 +27,8 @@ from imagegate.store.usage import USAGE_TABLE
 QUEUED, IN_PROGRESS = "queued", "in_progress"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
+TASK, JOB = "task", "job"
+"""Task.kind: a client's async task, or a synchronous request's job for the worker tier."""
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ async def create_task(session: AsyncSession, new: NewTask) -> tuple[Task, bool]:
     )
     session.add(task)
     try:
+        await notices.notify(session, notices.QUEUED, new.model)
         await session.commit()
     except IntegrityError:
         # The same key submitted twice at once: the other insert won; answer with its task.
@@ -123,26 +127,36 @@ async def _by_idempotency_key(session: AsyncSession, new: NewTask) -> Task | Non
 
 async def get_task(session: AsyncSession, task_id: str, owner: str | None) -> Task | None:
     """The task, if `owner` owns it (owner None: an admin, who sees every task)."""
-    query = select(Task).where(Task.id == task_id)
+    query = select(Task).where(Task.id == task_id, Task.kind == TASK)
     if owner is not None:
         query = query.where(Task.owner == owner)
     return await session.scalar(query)
 
 
-def _claimable(now: datetime) -> ColumnElement[bool]:
+def claimable(now: datetime) -> ColumnElement[bool]:
     return or_(
         and_(Task.status == QUEUED, or_(Task.run_after.is_(None), Task.run_after <= now)),
         and_(Task.status == IN_PROGRESS, Task.lease_expires_at < now),
     )
 
 
-async def claim_next(session: AsyncSession, worker: str, lease_seconds: float) -> Task | None:
-    """Take the oldest queued task, or one whose worker's lease ran out; None when idle."""
+async def claim_next(
+    session: AsyncSession,
+    worker: str,
+    lease_seconds: float,
+    exclude_models: frozenset[str] = frozenset(),
+) -> Task | None:
+    """Take the oldest queued task, or one whose worker's lease ran out; None when idle.
+    Never a job (the worker tier's), nor a task of `exclude_models` (local models that
+    `imagegate worker` processes run)."""
+    mine = Task.kind == TASK
+    if exclude_models:
+        mine = and_(mine, Task.model.not_in(sorted(exclude_models)))
     for _ in range(5):  # another worker may win the race for a candidate: try the next one
         now = utcnow()
         candidate = await session.scalar(
             select(Task.id)
-            .where(_claimable(now))
+            .where(claimable(now), mine)
             # A task sent back to wait for a slot queues again behind the others.
             .order_by(func.coalesce(Task.run_after, Task.created_at))
             .limit(1)
@@ -151,7 +165,7 @@ async def claim_next(session: AsyncSession, worker: str, lease_seconds: float) -
             return None
         claimed = await session.execute(
             update(Task)
-            .where(Task.id == candidate, _claimable(now))
+            .where(Task.id == candidate, claimable(now))
             .values(
                 status=IN_PROGRESS,
                 lease_owner=worker,
@@ -238,7 +252,7 @@ async def release(
     later: dict[str, Any] = {}
     if wait_seconds:  # it never started: it waits in the queue like any other
         later = {"run_after": utcnow() + timedelta(seconds=wait_seconds), "started_at": None}
-    await session.execute(
+    released = await session.execute(
         update(Task)
         .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
         .values(
@@ -248,7 +262,10 @@ async def release(
             attempts=Task.attempts - 1,
             **later,
         )
+        .returning(Task.model)
     )
+    if not wait_seconds and (model := released.scalar()) is not None:
+        await notices.notify(session, notices.QUEUED, model)  # another worker may start it at once
     await session.commit()
 
 
@@ -259,8 +276,11 @@ async def cancel(session: AsyncSession, task_id: str) -> bool:
         .where(Task.id == task_id, Task.status.in_((QUEUED, IN_PROGRESS)))
         .values(status=CANCELLED, finished_at=utcnow(), lease_owner=None, lease_expires_at=None)
     )
+    done = _rowcount(cancelled) == 1
+    if done:  # a worker running it in another process stops at once, not at its next renewal
+        await notices.notify(session, notices.CANCELLED, task_id)
     await session.commit()
-    return _rowcount(cancelled) == 1
+    return done
 
 
 async def claim_callback(session: AsyncSession, hold_seconds: float) -> Task | None:
@@ -305,7 +325,9 @@ async def queue_stats(session: AsyncSession) -> tuple[int, datetime | None]:
     """How many tasks wait to start, and since when the oldest has waited."""
     row = (
         await session.execute(
-            select(func.count(), func.min(Task.created_at)).where(Task.status == QUEUED)
+            select(func.count(), func.min(Task.created_at)).where(
+                Task.status == QUEUED, Task.kind == TASK
+            )
         )
     ).one()
     return int(row[0] or 0), row[1]
@@ -320,7 +342,12 @@ async def list_tasks(
 ) -> list[Task]:
     """Tasks newest first (every owner's: for operators), optionally of one status; the next
     page starts after `before`, the id of the last task of the previous one."""
-    query = select(Task).order_by(Task.created_at.desc(), Task.id.desc()).limit(limit)
+    query = (
+        select(Task)
+        .where(Task.kind == TASK)
+        .order_by(Task.created_at.desc(), Task.id.desc())
+        .limit(limit)
+    )
     if status is not None:
         query = query.where(Task.status == status)
     if before is not None:
@@ -345,7 +372,7 @@ async def retry(session: AsyncSession, task_id: str) -> bool:
     repeated id); one still pending carries the new outcome."""
     queued = await session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.status == FAILED)
+        .where(Task.id == task_id, Task.status == FAILED, Task.kind == TASK)
         .values(
             status=QUEUED,
             attempts=0,
@@ -358,10 +385,13 @@ async def retry(session: AsyncSession, task_id: str) -> bool:
             lease_owner=None,
             lease_expires_at=None,
         )
+        .returning(Task.model)
     )
-    if _rowcount(queued) != 1:
+    model = queued.scalar()
+    if model is None:
         await session.rollback()
         return False
     await session.execute(update(Usage).where(Usage.task_id == task_id).values(task_id=None))
+    await notices.notify(session, notices.QUEUED, model)
     await session.commit()
     return True

@@ -228,13 +228,15 @@ class TaskReporter:
         if latest is not None:
             await self.events.emit(self.task_id, "progress", self._progress_data(*latest))
         for preview in previews:
-            data = {
-                "index": preview.index,
-                "b64_json": base64.b64encode(preview.data).decode(),
-                "width": preview.width,
-                "height": preview.height,
-            }
-            await self.events.emit(self.task_id, "preview", data)
+            await self.events.emit(self.task_id, "preview", self._preview_data(preview))
+
+    def _preview_data(self, preview: Preview) -> dict[str, Any]:
+        return {
+            "index": preview.index,
+            "b64_json": base64.b64encode(preview.data).decode(),
+            "width": preview.width,
+            "height": preview.height,
+        }
 
     def _progress_data(
         self, fraction: float, step: int | None, steps: int | None

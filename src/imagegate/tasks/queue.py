@@ -4,9 +4,9 @@ The API commits a task row, then calls `submitted`; it never hands the queue any
 not already in the database. `InProcessQueue` runs asyncio workers inside the server that claim
 rows under a lease (store/tasks.py), renew it while they run and write progress, so a crash
 loses nothing: a restarted (or any other) process claims every queued task and every task
-whose lease expired. A PostgreSQL-backed queue (e.g. procrastinate, with separate worker
-processes) implements the same Protocol: it enqueues the task id in `submitted` and its job
-runs the same `TaskExecutor` and the same `finish` under the same lease rules.
+whose lease expired. The worker tier (worker/) claims the tasks of local models from the same
+table in `imagegate worker` processes and runs each through `run_claimed`, under the same lease
+rules.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ class QueueSettings:
     poll_seconds: float
     max_attempts: int
     callback_max_attempts: int
+    exclude_models: frozenset[str] = frozenset()
+    """Models whose tasks this process never claims: local models that `imagegate worker`
+    processes run (IMAGEGATE_LOCAL_EXECUTION=workers)."""
 
 
 class _Progress:
@@ -149,14 +152,20 @@ class InProcessQueue:
             if task is None:
                 await _wait(self._wake, self.settings.poll_seconds)
                 continue
-            # The task's lines (its generation's included) carry its id as their request id.
-            token = logs.request_id.set(task.id)
-            try:
-                await self._run(task)
-            except Exception:  # the loop must outlive any one task
-                logger.exception("task %s: the worker failed; its lease will expire", task.id)
-            finally:
-                logs.request_id.reset(token)
+            await self.run_claimed(task)
+
+    async def run_claimed(self, task: Task) -> None:
+        """Run a task claimed under this queue's `worker_id` to its end (a worker of the worker
+        tier claims tasks itself and runs them here). Cancelled by a shutdown, it hands the
+        task back to the queue."""
+        # The task's lines (its generation's included) carry its id as their request id.
+        token = logs.request_id.set(task.id)
+        try:
+            await self._run(task)
+        except Exception:  # the loop must outlive any one task
+            logger.exception("task %s: the worker failed; its lease will expire", task.id)
+        finally:
+            logs.request_id.reset(token)
 
     async def _claim(self) -> Task | None:
         """The next task, claimed under our lease. A claim that a shutdown interrupts is
@@ -174,7 +183,10 @@ class InProcessQueue:
         try:
             async with self.sessions() as session:
                 return await task_store.claim_next(
-                    session, self.worker_id, self.settings.lease_seconds
+                    session,
+                    self.worker_id,
+                    self.settings.lease_seconds,
+                    self.settings.exclude_models,
                 )
         except Exception:
             logger.exception("could not claim a task; trying again")
@@ -190,7 +202,9 @@ class InProcessQueue:
         )
         job = asyncio.create_task(self.executor.run(task, reporter, self._started(task)))
         self._running[task.id] = job
-        keeper = asyncio.create_task(self._keep_lease(task.id, reporter, job))
+        keeper = asyncio.create_task(
+            keep_lease(self.sessions, task.id, self.worker_id, self.settings, reporter, job)
+        )
         try:
             outcome = await job
         except asyncio.CancelledError:
@@ -273,36 +287,6 @@ class InProcessQueue:
                 usage=usage,
             )
 
-    async def _keep_lease(
-        self, task_id: str, progress: TaskReporter | _Progress, job: asyncio.Task[Outcome]
-    ) -> None:
-        """Renew the lease and record progress until the job ends; stop the job when the task
-        is no longer ours (cancelled by its owner, or taken over after a stall)."""
-        interval = min(0.5, self.settings.lease_seconds / 3)
-        loop = asyncio.get_running_loop()
-        renewed = loop.time()
-        while not job.done():
-            await asyncio.sleep(interval)
-            try:
-                async with self.sessions() as session:
-                    ours = await task_store.renew(
-                        session,
-                        task_id,
-                        self.worker_id,
-                        self.settings.lease_seconds,
-                        progress.percent,
-                    )
-                renewed = loop.time()
-            except Exception:
-                logger.exception("task %s: could not renew the lease", task_id)
-                # Past the lease another process may take the task over: stop before it does,
-                # so the task is not generated (and charged) twice.
-                ours = loop.time() - renewed < self.settings.lease_seconds * 0.8
-            if not ours:
-                if not job.cancelling():
-                    job.cancel()
-                return
-
     async def _release(self, task_id: str, wait_seconds: float = 0.0) -> None:
         try:
             async with self.sessions() as session:
@@ -352,6 +336,43 @@ class InProcessQueue:
             await task_store.record_callback(
                 session, task.id, delivered=delivered, retry_in=retry_in
             )
+
+
+class _Percent(Protocol):
+    @property
+    def percent(self) -> int: ...
+
+
+async def keep_lease(
+    sessions: async_sessionmaker[AsyncSession],
+    task_id: str,
+    worker_id: str,
+    settings: QueueSettings,
+    progress: _Percent,
+    job: asyncio.Task[Any],
+) -> None:
+    """Renew the lease and record progress until the job ends; stop the job when the task
+    is no longer ours (cancelled by its owner, or taken over after a stall)."""
+    interval = min(0.5, settings.lease_seconds / 3)
+    loop = asyncio.get_running_loop()
+    renewed = loop.time()
+    while not job.done():
+        await asyncio.sleep(interval)
+        try:
+            async with sessions() as session:
+                ours = await task_store.renew(
+                    session, task_id, worker_id, settings.lease_seconds, progress.percent
+                )
+            renewed = loop.time()
+        except Exception:
+            logger.exception("task %s: could not renew the lease", task_id)
+            # Past the lease another process may take the task over: stop before it does,
+            # so the task is not generated (and charged) twice.
+            ours = loop.time() - renewed < settings.lease_seconds * 0.8
+        if not ours:
+            if not job.cancelling():
+                job.cancel()
+            return
 
 
 def _detached(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
