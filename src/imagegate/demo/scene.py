@@ -138,6 +138,8 @@ def normalise(prompt: str) -> tuple[list[str], list[str]]:
     text = re.sub(r"\bcolor", "colour", prompt.lower())
     text = re.sub(r"\bon top of\b", "over", text)
     text = re.sub(r"\bin front of\b", "over", text)
+    # "right in the middle": an intensifier, not the right-hand side.
+    text = re.sub(r"(?<!the )\bright (?=(?:in|at) the (?:middle|centre|center)\b)", "", text)
     # Sentence punctuation ends a phrase ("... in purple. background: pink"); commas and colons
     # do not ("red, large circle", "background: pink").
     words = re.findall(r"[a-z0-9]+|[.;!?,:]", text)
