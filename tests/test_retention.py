@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from imagegate.cli import main
+from imagegate.storage.base import Storage
 from imagegate.storage.local import LocalStorage
 from imagegate.storage.s3 import S3Storage
 from imagegate.storage.sweep import Sweeper
-from tests.conftest import FAKE_MODELS, make_settings, png_bytes, start_api
+from tests.conftest import FAKE_MODELS, Api, make_settings, png_bytes, start_api
 from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Server, moto_server
 
 DAY = 24 * 3600
@@ -90,22 +91,31 @@ async def test_the_server_sweeps_expired_images_in_the_background(tmp_path: Path
         sweep_interval_seconds=0.2,
     )
     async for api in start_api(settings, FAKE_MODELS):
-        response = await api.client.post(
-            "/v1/images/generations",
-            json={"model": "fake-model", "prompt": "blue"},
-            headers={"Authorization": f"Bearer {await api.key()}"},
-        )
-        url = response.json()["data"]["data"][0]["url"]
+        url = await _generated(api)
         assert (await api.client.get(url)).status_code == 200
         key = url.split("/files/", 1)[1].split("?")[0]
-        storage = api.app.state.delivery.storage
-        for _ in range(50):  # TTL 1 s, a sweep every ~0.2 s
-            await asyncio.sleep(0.1)
-            if await storage.read(key) is None:
-                break
+        await _until_swept(api.app.state.delivery.storage, key, 50)  # TTL 1 s
         gone = await api.client.get(url)  # a link still signed, to an image swept
         assert gone.status_code == 404, "the image outlived its TTL"
         assert "no longer exists" in gone.json()["msg"]
+
+
+async def _generated(api: Api) -> str:
+    """The link to an image generated through the API."""
+    response = await api.client.post(
+        "/v1/images/generations",
+        json={"model": "fake-model", "prompt": "blue"},
+        headers={"Authorization": f"Bearer {await api.key()}"},
+    )
+    return str(response.json()["data"]["data"][0]["url"])
+
+
+async def _until_swept(storage: Storage, key: str, tries: int) -> None:
+    """Wait until the background sweep (every ~0.2 s) deletes the image, `tries` reads at most."""
+    for _ in range(tries):
+        await asyncio.sleep(0.1)
+        if await storage.read(key) is None:
+            return
 
 
 async def test_no_sweep_when_retention_is_off(tmp_path: Path) -> None:
@@ -211,17 +221,8 @@ async def test_the_server_sweeps_expired_images_from_the_bucket(
         sweep_interval_seconds=0.2,
     )
     async for api in start_api(settings, FAKE_MODELS):
-        response = await api.client.post(
-            "/v1/images/generations",
-            json={"model": "fake-model", "prompt": "blue"},
-            headers={"Authorization": f"Bearer {await api.key()}"},
-        )
-        url = response.json()["data"]["data"][0]["url"]
-        key = url.split("/images/", 1)[1].split("?")[0]
+        key = (await _generated(api)).split("/images/", 1)[1].split("?")[0]
         storage = api.app.state.delivery.storage
         assert await storage.read(key) == png_bytes(16, 16)
-        for _ in range(60):  # TTL 1 s on second-resolution times, a sweep every ~0.2 s
-            await asyncio.sleep(0.1)
-            if await storage.read(key) is None:
-                break
+        await _until_swept(storage, key, 60)  # TTL 1 s on second-resolution times
         assert await storage.read(key) is None, "the image outlived its TTL in the bucket"

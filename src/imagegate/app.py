@@ -106,23 +106,8 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         loader = ImageLoader(settings, fetcher)
         billing = Billing(sessions, settings.credits_per_unit, lease_rules(settings))
         usage = UsageWriter(engine)
-        limiter = (
-            RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
-            if settings.redis_url
-            else MemoryLimiter()
-        )
-        auth = Authenticator(
-            sessions=sessions,
-            tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
-            logins=LoginThrottle.create(
-                settings.redis_url,
-                prefix=f"{settings.redis_prefix}login:",
-                max_failures=settings.login_max_failures,
-                window_seconds=settings.login_window_seconds,
-            ),
-            key_cache_seconds=settings.key_cache_seconds,
-            forget_account=billing.forget,
-        )
+        limiter = rate_limiter(settings)
+        auth = authenticator(settings, sessions, billing)
         delivery = Delivery(storage)
         sweeper = Sweeper(
             storage,
@@ -346,6 +331,31 @@ def lease_rules(settings: Settings) -> LeaseRules | None:
         return None
     return LeaseRules(
         max_age=seconds, idle=min(1.0, seconds), timeout=settings.credit_lease_timeout_seconds
+    )
+
+
+def rate_limiter(settings: Settings) -> RateLimiter:
+    """Shared by every process through Redis when it is set, else this process's own."""
+    if settings.redis_url:
+        return RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
+    return MemoryLimiter()
+
+
+def authenticator(
+    settings: Settings, sessions: async_sessionmaker[AsyncSession], billing: Billing
+) -> Authenticator:
+    """The authenticator of a gateway or a worker, from the settings."""
+    return Authenticator(
+        sessions=sessions,
+        tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
+        logins=LoginThrottle.create(
+            settings.redis_url,
+            prefix=f"{settings.redis_prefix}login:",
+            max_failures=settings.login_max_failures,
+            window_seconds=settings.login_window_seconds,
+        ),
+        key_cache_seconds=settings.key_cache_seconds,
+        forget_account=billing.forget,
     )
 
 

@@ -32,11 +32,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from sqlalchemy import String, case, func, insert, literal, select, text
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from imagegate.events.model import FINAL, EventType, TaskEvent
+from imagegate.store.listen import asyncpg_dsn, listen
 from imagegate.store.models import TaskEventRow, utcnow
 
 logger = logging.getLogger(__name__)
@@ -329,41 +329,14 @@ class EventLog:
     # -- listeners ---------------------------------------------------------------------------
 
     async def _listen_postgres(self) -> None:
-        import asyncpg  # type: ignore[import-untyped]
-
-        url = make_url(self.engine.url).set(drivername="postgresql")
-        dsn = url.render_as_string(hide_password=False)
-        delay = 0.5
-        while True:
-            connection = None
-            try:
-                connection = await asyncpg.connect(dsn, timeout=10)
-                lost = asyncio.Event()
-                connection.add_termination_listener(lambda _c, lost=lost: lost.set())
-                await connection.add_listener(
-                    CHANNEL, lambda _c, _pid, _channel, payload: self._told(payload)
-                )
-                self._listening.set()
-                self._all_stale()
-                delay = 0.5
-                while not lost.is_set():  # a dead peer is noticed by a query, not by waiting
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self.reread_seconds * 6):
-                            await lost.wait()
-                    if not lost.is_set():
-                        await connection.fetchval("SELECT 1", timeout=10)
-                logger.warning("task events: the LISTEN connection closed; reconnecting")
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("task events: LISTEN failed; retrying in %.1f s", delay)
-                self._listening.set()  # start() does not wait for a database that is down
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-            finally:
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(connection.close(timeout=2))
+        await listen(
+            asyncpg_dsn(self.engine.url),
+            {CHANNEL: self._told},
+            on_connect=self._all_stale,
+            listening=self._listening,  # start() does not wait for a database that is down
+            check_seconds=self.reread_seconds * 6,
+            name="task events",
+        )
 
     async def _listen_redis(self) -> None:
         delay = 0.5

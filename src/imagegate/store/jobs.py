@@ -31,7 +31,7 @@ from sqlalchemy import delete, func, insert, select, update
 from imagegate.store import notices
 from imagegate.store.db import AsyncSession
 from imagegate.store.models import Task, TaskEventRow, utcnow
-from imagegate.store.tasks import FINAL, IN_PROGRESS, JOB, QUEUED, claimable
+from imagegate.store.tasks import FINAL, IN_PROGRESS, JOB, QUEUED, claimable, end_held
 
 KEEP_ENDED_JOBS = timedelta(hours=1)
 """An ended job nobody took (its gateway died while waiting) is deleted after this long."""
@@ -126,19 +126,9 @@ async def finish_job(
 ) -> bool:
     """End a job we hold and tell its gateway; False (nothing written) when the lease was lost
     (the job was cancelled, or taken over by another worker)."""
-    done = await session.execute(
-        update(Task)
-        .where(Task.id == job_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
-        .values(
-            status=status,
-            result=result,
-            error=error,
-            finished_at=utcnow(),
-            lease_owner=None,
-            lease_expires_at=None,
-        )
-        .returning(func.pg_notify(notices.JOB_DONE, Task.id), _NO_FSYNC)
-    )
+    end = end_held(job_id, worker, status=status, result=result, error=error, now=utcnow())
+    tell = func.pg_notify(notices.JOB_DONE, Task.id)
+    done = await session.execute(end.returning(tell, _NO_FSYNC))
     ended = len(done.all()) == 1
     await session.commit()
     return ended

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Update, and_, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -180,13 +181,18 @@ async def claim_next(
     return None
 
 
+def held(task_id: str, worker: str) -> ColumnElement[bool]:
+    """The task (or job) runs under `worker`'s lease: no longer once the lease is lost."""
+    return and_(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
+
+
 async def renew(
     session: AsyncSession, task_id: str, worker: str, lease_seconds: float, progress: int
 ) -> bool:
     """Extend the lease and record progress; False when the task is no longer ours."""
     renewed = await session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
+        .where(held(task_id, worker))
         .values(
             lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
             progress=progress,
@@ -194,6 +200,31 @@ async def renew(
     )
     await session.commit()
     return _rowcount(renewed) == 1
+
+
+def end_held(
+    task_id: str,
+    worker: str,
+    *,
+    status: str,
+    result: dict[str, Any] | None,
+    error: dict[str, Any] | None,
+    now: datetime,
+) -> Update:
+    """The UPDATE that ends a task or job `worker` holds, letting go of the lease; it matches
+    no row when the lease was lost."""
+    return (
+        update(Task)
+        .where(held(task_id, worker))
+        .values(
+            status=status,
+            result=result,
+            error=error,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
 
 
 async def finish(
@@ -205,29 +236,20 @@ async def finish(
     result: dict[str, Any] | None,
     error: dict[str, Any] | None,
     usage: dict[str, Any] | None,
+    also: Callable[[AsyncSession], Awaitable[None]] | None = None,
 ) -> bool:
     """End a task we hold and write its one usage row in the same transaction (`usage` None:
-    no row; the caller could not write it and logged it instead).
+    no row; the caller could not write it and logged it instead), with what `also` writes
+    (the task's charge).
 
     False (and nothing written) when the lease was lost: someone else owns the outcome.
     A usage row too large for its columns (a huge `n`) is stored clamped, and logged.
     """
     now = utcnow()
-    values: dict[str, Any] = {
-        "status": status,
-        "result": result,
-        "error": error,
-        "finished_at": now,
-        "lease_owner": None,
-        "lease_expires_at": None,
-    }
+    statement = end_held(task_id, worker, status=status, result=result, error=error, now=now)
     if status == SUCCEEDED:
-        values["progress"] = 100
-    done = await session.execute(
-        update(Task)
-        .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
-        .values(**values)
-    )
+        statement = statement.values(progress=100)
+    done = await session.execute(statement)
     if _rowcount(done) != 1:
         await session.rollback()
         return False
@@ -240,6 +262,8 @@ async def finish(
                 ", ".join(changed),
             )
         await session.execute(insert(Usage), [row])
+    if also is not None:
+        await also(session)
     await session.commit()
     return True
 
@@ -254,7 +278,7 @@ async def release(
         later = {"run_after": utcnow() + timedelta(seconds=wait_seconds), "started_at": None}
     released = await session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.lease_owner == worker, Task.status == IN_PROGRESS)
+        .where(held(task_id, worker))
         .values(
             status=QUEUED,
             lease_owner=None,

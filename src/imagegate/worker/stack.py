@@ -15,11 +15,16 @@ from functools import partial
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from imagegate.accounting.billing import Billing
-from imagegate.accounting.limits import MemoryLimiter, RateLimiter, RedisLimiter
-from imagegate.app import image_service, lease_rules, task_data, task_queue
+from imagegate.accounting.limits import RateLimiter
+from imagegate.app import (
+    authenticator,
+    image_service,
+    lease_rules,
+    rate_limiter,
+    task_data,
+    task_queue,
+)
 from imagegate.auth.service import Authenticator
-from imagegate.auth.throttle import LoginThrottle
-from imagegate.auth.tokens import TokenIssuer
 from imagegate.catalog import Catalog
 from imagegate.config import ModelConfig, Settings
 from imagegate.delivery import Delivery
@@ -80,14 +85,10 @@ def build(settings: Settings, models: list[ModelConfig], worker_id: str) -> Stac
     catalog.check_all()
     fetcher = Fetcher.from_settings(settings)
     billing = Billing(sessions, settings.credits_per_unit, lease_rules(settings))
-    limiter: RateLimiter = (
-        RedisLimiter(settings.redis_url, f"{settings.redis_prefix}rl:")
-        if settings.redis_url
-        else MemoryLimiter()
-    )
+    limiter = rate_limiter(settings)
     signer = UrlSigner(settings.signing_key(), settings.url_ttl_seconds)
     delivery = Delivery(storage_from_settings(settings, signer))
-    auth = _authenticator(settings, sessions, billing)
+    auth = authenticator(settings, sessions, billing)
     usage = UsageWriter(engine)
     service = image_service(
         settings, catalog, billing, ImageLoader(settings, fetcher), usage, limiter
@@ -122,21 +123,4 @@ def build(settings: Settings, models: list[ModelConfig], worker_id: str) -> Stac
         task_events,
         queue,
         webhooks,
-    )
-
-
-def _authenticator(
-    settings: Settings, sessions: async_sessionmaker[AsyncSession], billing: Billing
-) -> Authenticator:
-    return Authenticator(
-        sessions=sessions,
-        tokens=TokenIssuer(settings.signing_key(), settings.jwt_ttl_seconds),
-        logins=LoginThrottle.create(
-            settings.redis_url,
-            prefix=f"{settings.redis_prefix}login:",
-            max_failures=settings.login_max_failures,
-            window_seconds=settings.login_window_seconds,
-        ),
-        key_cache_seconds=settings.key_cache_seconds,
-        forget_account=billing.forget,
     )
