@@ -9,9 +9,10 @@ limit the two gateways share through Redis, which lets exactly its limit through
 succeeded; the killed worker died holding at least one synchronous request's job and one async
 task, and the other worker finished both after their leases expired; every image is
 downloadable from its presigned S3 URL (checked against SigV4 too); each request has one
-usage row; no image was charged twice, and every image was charged once except the async tasks
-the killed worker had finished within its open credit lease, which the lease design forgives
-(the dead lease is refunded whole); no job row is left over; the gateways never loaded torch.
+usage row; every image was charged exactly once and no reservation is left open (async tasks
+charge in the transaction recording their outcome, so the killed worker's finished tasks stay
+charged and its unfinished one is refunded by the next attempt); no job row is left over; the
+gateways never loaded torch.
 """
 
 from __future__ import annotations
@@ -265,12 +266,10 @@ async def _check_takeover(db: str, orphans: list[dict[str, Any]]) -> None:
 
 
 async def _check_charged_once(db: str, key_id: int) -> None:
-    """Never charged twice, and charged once but for what the killed worker had settled in its
-    credit lease: once every lease has closed (the dead one refunded whole by a live process,
-    as accounting/leases.py designs: "the requests a dead process served in its last seconds
-    go uncharged in the ledger; their usage rows still hold the charge"), each image of the
-    usage log has at most one ledger charge, the only ones without are async tasks (a gateway
-    never died), and the balance is exactly what the ledger charged."""
+    """Charged exactly once each: once every credit lease has closed (the killed worker's
+    included: its tasks charge in the transaction recording them, never from a lease), each
+    image of the usage log has one ledger charge, no reservation is left open (the killed
+    attempt's was refunded by the next one), and the balance is exactly what was charged."""
     usage = await workers.rows(
         db, "SELECT request_id, task_id, charge FROM usage WHERE status = 200"
     )
@@ -282,9 +281,9 @@ async def _check_charged_once(db: str, key_id: int) -> None:
             break
         assert time.monotonic() < deadline, state
         await asyncio.sleep(0.2)
-    assert max(state["charges"].values()) == 1, state  # never twice
-    assert all(ident.startswith("task_") for ident in state["uncharged"]), state
-    assert state["balance"] == BALANCE - PRICE * (IPM - len(state["uncharged"])), state
+    assert set(state["charges"].values()) == {1}, state
+    assert state["open"] == [], state
+    assert state["balance"] == BALANCE - PRICE * IPM, state
 
 
 async def _ledger_state(db: str, key_id: int, usage: list[dict[str, Any]]) -> dict[str, Any]:
@@ -292,8 +291,15 @@ async def _ledger_state(db: str, key_id: int, usage: list[dict[str, Any]]) -> di
     (account,) = await workers.rows(db, "SELECT balance FROM api_keys WHERE id = $1", key_id)
     charged = await workers.rows(
         db,
-        "SELECT request_id FROM ledger WHERE account = $1 AND kind = 'charge' AND charge > 0",
+        "SELECT request_id FROM ledger WHERE account = $1 AND kind IN ('charge', 'settle')"
+        " AND charge > 0",
         f"key:{key_id}",
+    )
+    open_ = await workers.rows(
+        db,
+        "SELECT request_id FROM ledger r WHERE kind = 'reserve' AND NOT EXISTS (SELECT 1"
+        " FROM ledger c WHERE c.request_id = r.request_id AND c.kind IN ('settle', 'refund'))"
+        " AND NOT EXISTS (SELECT 1 FROM credit_leases l WHERE l.id = r.request_id)",
     )
     idents = [row["task_id"] or row["request_id"] for row in usage]
     # A ledger id is the request's id (a task's: "<task id>.<attempt>") and a serial.
@@ -302,5 +308,5 @@ async def _ledger_state(db: str, key_id: int, usage: list[dict[str, Any]]) -> di
         "settled": not leases,
         "balance": account["balance"],
         "charges": charges,
-        "uncharged": [ident for ident, count in charges.items() if count == 0],
+        "open": [row["request_id"] for row in open_],
     }

@@ -2,14 +2,24 @@
 
 Accounts without a balance (None) are unlimited: nothing is reserved, but the charge is still
 computed and written to the usage row. Free models (no prices) cost no database work at all.
+
+A task's calls run under `held_back()`: they reserve in the database (never from a credit
+lease) and their settlements wait to be written in the transaction that records the task's
+outcome (tasks/queue.py). So a task is charged exactly when its outcome is recorded, once,
+whichever process ran it: a process killed after generating but before recording charges
+nothing, and the next attempt refunds the reservation it left (`refund_earlier`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -20,6 +30,8 @@ from imagegate.config import PricingConfig
 from imagegate.errors import PermissionDenied
 from imagegate.store import ledger
 from imagegate.types import GenerationResult, ImageRequest, Img
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +51,52 @@ class Hold:
 
 
 _CACHED_PRICE_LISTS = 256
+
+
+@dataclass
+class Settlements:
+    """The settlements of one task's calls, held back for the transaction recording it."""
+
+    pending: list[tuple[Hold, int, str]] = field(default_factory=list)
+
+    async def write(self, session: AsyncSession) -> None:
+        """Write them in the caller's transaction (the one recording the task's outcome)."""
+        for hold, charge, detail in self.pending:
+            if hold.account is not None:
+                await ledger.settle(
+                    session,
+                    hold.account,
+                    reserved=hold.credits,
+                    charge=charge,
+                    request_id=hold.request_id,
+                    detail=detail,
+                    commit=False,
+                )
+
+    async def give_back(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        """Refund what they reserved and nothing closed yet, in a transaction of their own: the
+        task stopped without recording this outcome (a later attempt may refund it first)."""
+        holds = [hold for hold, _, _ in self.pending if hold.account is not None]
+        if not holds:
+            return
+        async with sessions() as session:
+            for hold in holds:
+                await ledger.refund_open(session, hold.request_id, "task outcome not recorded")
+            await session.commit()
+
+
+_HELD_BACK: ContextVar[Settlements | None] = ContextVar("imagegate_settlements", default=None)
+
+
+@contextmanager
+def held_back() -> Iterator[Settlements]:
+    """Settlements of the calls made inside are collected, not written (see the module)."""
+    settlements = Settlements()
+    token = _HELD_BACK.set(settlements)
+    try:
+        yield settlements
+    finally:
+        _HELD_BACK.reset(token)
 
 
 class Billing:
@@ -82,7 +140,7 @@ class Billing:
         credits = prices.maximum(request).credits
         if payer is None:
             return True, Hold(None, credits, request_id, prices)
-        if self.leases is None:
+        if self.leases is None or _HELD_BACK.get() is not None:
             return False, None
         account = ledger.Account.of(payer)
         lease = self.leases.take_now(account, credits)
@@ -106,7 +164,7 @@ class Billing:
             return Hold(None, quote.credits, request_id, prices)
         account = ledger.Account.of(payer)
         ledger_id = _ledger_id(request_id)
-        if self.leases is not None:
+        if self.leases is not None and _HELD_BACK.get() is None:
             lease = await self.leases.take(account, quote.credits)
             if lease is not None:
                 return Hold(account, quote.credits, ledger_id, prices, lease)
@@ -137,6 +195,10 @@ class Billing:
                 hold.lease, hold.credits, quote.credits, hold.request_id, quote.detail
             )
             return quote.credits
+        held = _HELD_BACK.get()
+        if held is not None:
+            held.pending.append((hold, quote.credits, quote.detail))
+            return quote.credits
         await asyncio.shield(self._close(hold, hold.account, quote.credits, quote.detail))
         return quote.credits
 
@@ -146,8 +208,25 @@ class Billing:
             return
         if hold.lease is not None and self.leases is not None:
             self.leases.spend(hold.lease, hold.credits, 0, hold.request_id, "failed")
+        elif (held := _HELD_BACK.get()) is not None:
+            held.pending.append((hold, 0, "failed"))
         else:
             await asyncio.shield(self._close(hold, hold.account, 0, "failed"))
+
+    async def refund_earlier(self, task_id: str, attempt: int) -> None:
+        """Refund what earlier attempts of a task left reserved (their process stopped before
+        recording the outcome, so they charged nothing)."""
+        if attempt <= 1:
+            return
+        async with self.sessions() as session:
+            refunded = await ledger.refund_open(
+                session, f"{task_id}.", "an earlier attempt stopped unrecorded", prefix=True
+            )
+            await session.commit()
+        if refunded:
+            logger.info(
+                "task %s: refunded %d reservation(s) of earlier attempts", task_id, refunded
+            )
 
     def forget(self, account: ledger.Account) -> None:
         """The account's balance changed: stop serving it from an old lease."""

@@ -18,7 +18,9 @@ owner renews every third of `timeout` while the lease is open. Every process loo
 whose heartbeat is older than `timeout` (their process died) and refunds them in full (the
 requests a dead process served in its last seconds go uncharged in the ledger; their usage
 rows still hold the charge). Deleting the row decides who settles a lease, so it is settled
-once even if its owner was only stalled.
+once even if its owner was only stalled. Async tasks never use a lease: they are charged in the
+transaction that records their outcome (accounting/billing.py), so a dead process forgives
+nothing there.
 
 A balance set by an admin replaces what open leases hold: when such a lease closes, its
 unused credits do not come back on top of the new balance (see `ledger.close_lease`).

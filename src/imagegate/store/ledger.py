@@ -242,6 +242,48 @@ async def stale_leases(session: AsyncSession, before: datetime, *, not_owner: st
     return list(found)
 
 
+async def refund_open(
+    session: AsyncSession, request_id: str, detail: str, *, prefix: bool = False
+) -> int:
+    """Refund the reservation `request_id` (with `prefix`: every one whose id starts so) if
+    nothing settled or refunded it yet (a task attempt that stopped unrecorded); how many. Each
+    account row is locked first, so two processes never refund one reservation twice. The
+    caller commits."""
+    match = (
+        LedgerEntry.request_id.startswith(request_id, autoescape=True)
+        if prefix
+        else LedgerEntry.request_id == request_id
+    )
+    reserves = list(
+        await session.scalars(select(LedgerEntry).where(LedgerEntry.kind == RESERVE, match))
+    )
+    refunded = 0
+    for entry in reserves:
+        account = Account.of(entry.account)
+        await _lock(session, account)
+        closed = await session.scalar(
+            select(func.count())
+            .select_from(LedgerEntry)
+            .where(
+                LedgerEntry.request_id == entry.request_id,
+                LedgerEntry.kind.in_((SETTLE, REFUND)),
+            )
+        )
+        if closed:
+            continue
+        await settle(
+            session,
+            account,
+            reserved=-entry.amount,
+            charge=0,
+            request_id=entry.request_id,
+            detail=detail,
+            commit=False,
+        )
+        refunded += 1
+    return refunded
+
+
 async def open_leases(session: AsyncSession) -> dict[str, CreditLease]:
     return {row.id: row for row in await session.scalars(select(CreditLease))}
 

@@ -9,6 +9,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from imagegate.accounting.billing import Settlements, held_back
 from imagegate.accounting.limits import Subject
 from imagegate.auth.principal import Principal
 from imagegate.auth.service import Authenticator
@@ -40,6 +43,8 @@ class Outcome:
     """The service's record of the generation; None when it never started (a revoked key)."""
     wait_seconds: float = 0.0
     """DEFERRED: back to the queue for this long."""
+    settlements: Settlements | None = None
+    """What the task's calls charge, written with the outcome (accounting/billing.py)."""
 
     def usage(self, task: Task) -> UsageRecord:
         """The task's one usage record, written in the transaction that finishes it: under
@@ -107,7 +112,19 @@ class TaskExecutor:
     async def _generate(self, task: Task, submitter: Principal, report: Reporter) -> Outcome:
         records: list[UsageRecord] = []
         principal = submitter.limited_to(per_minute=False, concurrency=False)
+        with held_back() as settlements:
+            try:
+                outcome = await self._call(task, principal, report, records)
+            except asyncio.CancelledError:  # no outcome will be recorded by this attempt
+                await asyncio.shield(refund(task, settlements, self.service.billing.sessions))
+                raise
+        return replace(outcome, settlements=settlements)
+
+    async def _call(
+        self, task: Task, principal: Principal, report: Reporter, records: list[UsageRecord]
+    ) -> Outcome:
         try:
+            await self.service.billing.refund_earlier(task.id, task.attempts)
             model, translate = self.parse(task)
             with reporting_to(report):
                 _, result = await self.service.generate(
@@ -129,6 +146,16 @@ class TaskExecutor:
             return Outcome(FAILED, None, _internal_error(task), _last(records))
         body = {"images": kept, "created": int(time.time()), "channel": result.channel}
         return Outcome(SUCCEEDED, body, None, _last(records))
+
+
+async def refund(
+    task: Task, settlements: Settlements, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """Give back what an attempt reserved when its outcome is not recorded as it was."""
+    try:
+        await settlements.give_back(sessions)
+    except Exception:  # `imagegate usage reconcile --fix` refunds it later
+        logger.exception("task %s: could not refund its reservation", task.id)
 
 
 def _last(records: list[UsageRecord]) -> UsageRecord | None:

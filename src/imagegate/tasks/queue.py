@@ -31,7 +31,7 @@ from imagegate.store import tasks as task_store
 from imagegate.store.models import Task, utcnow
 from imagegate.tasks.callbacks import CallbackSender
 from imagegate.tasks.events import TaskEvents, TaskReporter
-from imagegate.tasks.execute import DEFERRED, Outcome, TaskExecutor
+from imagegate.tasks.execute import DEFERRED, Outcome, TaskExecutor, refund
 
 logger = logging.getLogger(__name__)
 RenderTask = Callable[[Task], Awaitable[bytes]]
@@ -242,6 +242,7 @@ class InProcessQueue:
         and failing that, record the task as failed: an error here is never left to the lease
         to expire, which would run the task again and take it for a crash of its worker."""
         usage = outcome.usage(task).row()
+        first = outcome
         try:
             done = await self._record(task, outcome, usage)
         except Exception:
@@ -255,6 +256,9 @@ class InProcessQueue:
                 done = await self._record(task, outcome, None)
             if done:
                 logger.error("task %s: its usage row was dropped: %s", task.id, usage)
+        if first.settlements is not None and not (done and outcome is first):
+            # This outcome was not recorded as it was: what it reserved goes back.
+            await refund(task, first.settlements, self.sessions)
         if done:
             logger.info("task %s: %s", task.id, outcome.status)
             self._wake_callbacks.set()
@@ -285,6 +289,8 @@ class InProcessQueue:
                 result=outcome.result,
                 error=outcome.error,
                 usage=usage,
+                # The task's charge commits with its outcome, or not at all.
+                also=None if outcome.settlements is None else outcome.settlements.write,
             )
 
     async def _release(self, task_id: str, wait_seconds: float = 0.0) -> None:

@@ -1,0 +1,123 @@
+"""A task is charged in the transaction that records its outcome (accounting/billing.py): never
+from a credit lease, an attempt that stopped unrecorded charges nothing, the next attempt
+refunds what it left reserved, and a cancelled task gives its reservation back. SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from imagegate.config import ModelConfig, PricingConfig
+from imagegate.store import ledger
+from imagegate.store.db import create_engine, session_factory
+from imagegate.store.models import LedgerEntry, utcnow
+from imagegate.store.tasks import NewTask
+from tests.conftest import QUICK_TASKS, Api, make_settings, start_api
+from tests.test_quotas import MODELS as PRICED_MODELS
+from tests.test_quotas import PER_IMAGE, make_key, read
+from tests.test_tasks import get_task, submit, wait_for
+
+BALANCE = 1_000_000  # large: an ordinary request would be served from a credit lease
+MODELS = [
+    *PRICED_MODELS,
+    ModelConfig(
+        name="priced-slow",
+        provider="fake",
+        options={"delay_seconds": 3},
+        pricing=PricingConfig(per_image=0.001),
+    ),
+]
+
+
+@pytest.fixture
+async def api(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
+    settings = make_settings(tmp_path, db_url, **QUICK_TASKS)
+    assert settings.credit_lease_seconds > 0  # leases are on; tasks must not use them
+    async for value in start_api(settings, MODELS):
+        yield value
+
+
+def _task(entries: list[LedgerEntry], task_id: str) -> list[LedgerEntry]:
+    return [e for e in entries if e.request_id.startswith(f"{task_id}.")]
+
+
+async def test_a_task_is_charged_with_its_outcome_not_from_a_lease(api: Api) -> None:
+    key, key_id = await make_key(api, BALANCE)
+    body = {"model": "priced", "prompt": "red", "async": True}
+    task_id = (await submit(api, key, body)).json()["data"]["task_id"]
+    await wait_for(api, key, task_id, "succeeded")
+    balance, total, entries = await read(api, key_id)
+    assert balance == total == BALANCE - PER_IMAGE
+    mine = _task(entries, task_id)
+    assert [(e.kind, e.charge) for e in mine] == [("reserve", None), ("settle", PER_IMAGE)]
+    assert mine[0].request_id == mine[1].request_id
+    assert not [e for e in entries if e.kind == "charge"]  # nothing went through a lease
+
+
+async def test_an_attempt_that_died_is_refunded_and_the_task_charged_once(api: Api) -> None:
+    key, key_id = await make_key(api, BALANCE)
+    # A worker died while running attempt 1: its lease runs out in a moment, and it left the
+    # reservation it took before generating (it never recorded an outcome, so never charged).
+    task_id = await api.insert_task(
+        NewTask(
+            owner=f"key:{key_id}",
+            key_id=key_id,
+            user_id=None,
+            dialect="v1",
+            endpoint="v1.images.generations",
+            model="priced",
+            request={"model": "priced", "prompt": "red", "response_format": "url"},
+            base_url="http://testserver/",
+        ),
+        status="in_progress",
+        lease_owner="dead-worker",
+        lease_expires_at=utcnow() + timedelta(seconds=1),
+        attempts=1,
+    )
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine)() as session:
+            account = ledger.Account("key", key_id)
+            assert await ledger.reserve(session, account, 7 * PER_IMAGE, f"{task_id}.1.dead0", "")
+    finally:
+        await engine.dispose()
+    done = await wait_for(api, key, task_id, "succeeded", "failed")
+    assert done["status"] == "succeeded"
+    balance, total, entries = await read(api, key_id)
+    assert balance == total == BALANCE - PER_IMAGE
+    kinds = {(e.request_id.split(".")[1], e.kind, e.charge) for e in _task(entries, task_id)}
+    assert kinds == {
+        ("1", "reserve", None),
+        ("1", "refund", 0),
+        ("2", "reserve", None),
+        ("2", "settle", PER_IMAGE),
+    }
+
+
+async def test_a_cancelled_running_task_gives_its_reservation_back(api: Api) -> None:
+    key, key_id = await make_key(api, BALANCE)
+    body = {"model": "priced-slow", "prompt": "red", "async": True}
+    task_id = (await submit(api, key, body)).json()["data"]["task_id"]
+    await wait_for(api, key, task_id, "in_progress")
+    for _ in range(100):  # until the attempt has reserved
+        if _task((await read(api, key_id))[2], task_id):
+            break
+        await asyncio.sleep(0.05)
+    cancel = await api.client.delete(
+        f"/v1/images/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert cancel.status_code == 200, cancel.text
+    for _ in range(100):
+        balance, total, entries = await read(api, key_id)
+        if balance == BALANCE:
+            break
+        await asyncio.sleep(0.05)
+    assert balance == total == BALANCE
+    assert [e.kind for e in _task(entries, task_id)] == ["reserve", "refund"]
+    data = (await get_task(api, key, task_id)).json()["data"]
+    assert data["status"] == "cancelled"
