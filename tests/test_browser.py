@@ -301,6 +301,12 @@ def test_generate_with_the_demo_model_and_see_the_image(
     ).to_be_visible()
     generate(page, prompt, size="256x256")
     expect_image(page, prompt)
+    # What the demo model says it drew, in its own words, under the image.
+    expect(
+        results(page).get_by_text(
+            re.compile(r"^Drawn as: a (large|small) \w+ \w+ .* on a \w+ background")
+        )
+    ).to_be_visible()
     expect(
         results(page).get_by_text(re.compile(r"It cost [\d,]+ credits; your balance is now"))
     ).to_be_visible()

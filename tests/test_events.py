@@ -319,7 +319,9 @@ async def test_b64_tasks_carry_their_images_inline(app_api: Api) -> None:
     task_id = response.json()["data"]["task_id"]
     events = await collect(app_api.app.state.events.subscribe(task_id))
     (image,) = [e.data for e in events if e.type == "image"]
-    assert set(image) == {"index", "b64_json"} and image["b64_json"]
+    # revised_prompt: what the model says it drew (the fake says "fake: <prompt>").
+    assert set(image) == {"index", "b64_json", "revised_prompt"} and image["b64_json"]
+    assert image["revised_prompt"] == "fake: red"
 
 
 async def test_a_failed_task_ends_its_stream_with_the_error(app_api: Api) -> None:

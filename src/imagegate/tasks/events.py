@@ -84,6 +84,8 @@ class TaskEvents:
             for index, item in enumerate(task.result.get("images", [])):
                 (image,) = await self.delivery.deliver_kept([item], fmt, task.base_url)
                 shown = {"b64_json": image.b64_json} if image.b64_json else {"url": image.url}
+                if image.revised_prompt:  # what the model says it drew (the demo model does)
+                    shown["revised_prompt"] = image.revised_prompt
                 await self.log.emit(task.id, "image", {"index": index, **shown})
         except Exception:
             logger.exception("task %s: could not write its image events", task.id)

@@ -154,6 +154,7 @@ SCRIPT_MESSAGES = (
     "status_step",
     "status_percent",
     "status_succeeded",
+    "drawn_as",
     "status_failed",
     "status_cancelled",
     "status_lost",

@@ -452,7 +452,11 @@
     });
     on("image", function (d) {
       var src = d.url || "data:image/png;base64," + d.b64_json;
-      images.appendChild(imageFigure(src, d.index || 0, sent, job));
+      var figure = imageFigure(src, d.index || 0, sent, job);
+      if (d.revised_prompt) {
+        figure.insertBefore(el("figcaption", { class: "pg-hint" }, t("drawn_as", { text: d.revised_prompt })), figure.children[1]);
+      }
+      images.appendChild(figure);
     });
     on("succeeded", function () {
       end(t("status_succeeded"));
