@@ -27,6 +27,8 @@ DEFERRED = "deferred"
 """Not run: the owner's concurrency limit is reached; the task waits in the queue."""
 
 logger = logging.getLogger(__name__)
+REFUND_SECONDS = 10.0
+"""The most a refund of an unrecorded attempt waits for the database (then reconcile does it)."""
 
 Parse = Callable[[Task], tuple[str, Translate]]
 """A stored task -> (model name, how to translate its body into the request)."""
@@ -151,9 +153,11 @@ class TaskExecutor:
 async def refund(
     task: Task, settlements: Settlements, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    """Give back what an attempt reserved when its outcome is not recorded as it was."""
+    """Give back what an attempt reserved when its outcome is not recorded as it was. Bounded:
+    it runs shielded while its process shuts down, and must not wait on a row lock forever."""
     try:
-        await settlements.give_back(sessions)
+        async with asyncio.timeout(REFUND_SECONDS):
+            await settlements.give_back(sessions)
     except Exception:  # `imagegate usage reconcile --fix` refunds it later
         logger.exception("task %s: could not refund its reservation", task.id)
 

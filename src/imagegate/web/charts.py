@@ -130,7 +130,8 @@ def _grid(top: float, unit: str, y: Callable[[float], float]) -> str:
         )
     if unit:
         lines.append(
-            f'<text class="chart-axis chart-unit" x="2" y="{_TOP - 6}">{_text(unit)}</text>'
+            f'<text class="chart-axis chart-unit" x="{_LEFT - 6}" y="{_TOP - 6}" text-anchor="end">'
+            f"{_text(unit)}</text>"
         )
     return "".join(lines)
 
