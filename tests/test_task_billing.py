@@ -15,7 +15,7 @@ import pytest
 from imagegate.config import ModelConfig, PricingConfig
 from imagegate.store import ledger
 from imagegate.store.db import create_engine, session_factory
-from imagegate.store.models import LedgerEntry, utcnow
+from imagegate.store.models import LedgerEntry, Task, utcnow
 from imagegate.store.tasks import NewTask
 from tests.conftest import QUICK_TASKS, Api, make_settings, start_api
 from tests.test_quotas import MODELS as PRICED_MODELS
@@ -121,3 +121,31 @@ async def test_a_cancelled_running_task_gives_its_reservation_back(api: Api) -> 
     assert [e.kind for e in _task(entries, task_id)] == ["reserve", "refund"]
     data = (await get_task(api, key, task_id)).json()["data"]
     assert data["status"] == "cancelled"
+
+
+async def test_a_task_running_at_shutdown_is_refunded_before_the_process_goes(
+    tmp_path: Path, db_url: str
+) -> None:
+    """The process stops mid-generation: the task goes back to the queue, and what its attempt
+    reserved is refunded by the time shutdown returns."""
+    server = start_api(make_settings(tmp_path, db_url, **QUICK_TASKS), MODELS)
+    api = await anext(server)
+    key, key_id = await make_key(api, BALANCE)
+    body = {"model": "priced-slow", "prompt": "red", "async": True}
+    task_id = (await submit(api, key, body)).json()["data"]["task_id"]
+    await wait_for(api, key, task_id, "in_progress")
+    for _ in range(100):  # until the attempt has reserved
+        if _task((await read(api, key_id))[2], task_id):
+            break
+        await asyncio.sleep(0.05)
+    await server.aclose()  # shutdown: the lifespan ends, the engine is disposed
+    balance, total, entries = await read(api, key_id)
+    assert balance == total == BALANCE
+    assert [e.kind for e in _task(entries, task_id)] == ["reserve", "refund"]
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine)() as session:
+            task = await session.get(Task, task_id)
+            assert task is not None and (task.status, task.lease_owner) == ("queued", None)
+    finally:
+        await engine.dispose()

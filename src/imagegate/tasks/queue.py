@@ -31,7 +31,7 @@ from imagegate.store import tasks as task_store
 from imagegate.store.models import Task, utcnow
 from imagegate.tasks.callbacks import CallbackSender
 from imagegate.tasks.events import TaskEvents, TaskReporter
-from imagegate.tasks.execute import DEFERRED, Outcome, TaskExecutor, refund
+from imagegate.tasks.execute import DEFERRED, REFUND_SECONDS, Outcome, TaskExecutor, refund
 
 logger = logging.getLogger(__name__)
 RenderTask = Callable[[Task], Awaitable[bytes]]
@@ -211,7 +211,7 @@ class InProcessQueue:
             reporter.abandon()  # cancelled or taken over: this worker writes nothing more
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                await asyncio.shield(self._release(task.id))  # shutting down: hand it back
+                await asyncio.shield(self._hand_back(task.id, job))  # shutting down
                 raise
             logger.info("task %s: stopped (cancelled, or its lease was lost)", task.id)
             return
@@ -292,6 +292,13 @@ class InProcessQueue:
                 # The task's charge commits with its outcome, or not at all.
                 also=None if outcome.settlements is None else outcome.settlements.write,
             )
+
+    async def _hand_back(self, task_id: str, job: asyncio.Task[Outcome]) -> None:
+        """Shutting down: let the cancelled job end its own clean-up first (it refunds what it
+        reserved), so nothing of it outlives this process's database engine; then give the
+        task back to the queue."""
+        await asyncio.wait([job], timeout=REFUND_SECONDS + 1)
+        await self._release(task_id)
 
     async def _release(self, task_id: str, wait_seconds: float = 0.0) -> None:
         try:
