@@ -237,7 +237,11 @@ async def test_deployments_with_their_own_redis_prefix_count_apart(
         settings = make_settings(
             tmp_path / name, db, redis_url=redis_url, redis_prefix=redis_prefix
         )
-        async for api in start_api(settings, FAKE_MODELS):
+        # Shut down before returning: a `return` inside `async for` would leave the app running
+        # until the garbage collector closes it, after this test's event loop is gone.
+        server = start_api(settings, FAKE_MODELS)
+        api = await anext(server)
+        try:
             key = await api.key()
             async with api.app.state.sessions.begin() as session:
                 await session.execute(update(ApiKey).values(rpm=1))
@@ -245,7 +249,8 @@ async def test_deployments_with_their_own_redis_prefix_count_apart(
             headers = {"Authorization": f"Bearer {key}"}
             answer = await api.client.post("/v1/images/generations", json=body, headers=headers)
             return answer.status_code
-        raise AssertionError("the app did not start")
+        finally:
+            await server.aclose()
 
     assert await one_request("first", f"{prefix}a:") == 200
     assert await one_request("second", f"{prefix}b:") == 200  # its own minute

@@ -46,6 +46,18 @@ def _task(entries: list[LedgerEntry], task_id: str) -> list[LedgerEntry]:
     return [e for e in entries if e.request_id.startswith(f"{task_id}.")]
 
 
+async def _running_and_reserved(api: Api, key: str, key_id: int) -> str:
+    """A slow priced task, once it runs and its attempt has reserved; its id."""
+    body = {"model": "priced-slow", "prompt": "red", "async": True}
+    task_id: str = (await submit(api, key, body)).json()["data"]["task_id"]
+    await wait_for(api, key, task_id, "in_progress")
+    for _ in range(100):
+        if _task((await read(api, key_id))[2], task_id):
+            break
+        await asyncio.sleep(0.05)
+    return task_id
+
+
 async def test_a_task_is_charged_with_its_outcome_not_from_a_lease(api: Api) -> None:
     key, key_id = await make_key(api, BALANCE)
     body = {"model": "priced", "prompt": "red", "async": True}
@@ -101,13 +113,7 @@ async def test_an_attempt_that_died_is_refunded_and_the_task_charged_once(api: A
 
 async def test_a_cancelled_running_task_gives_its_reservation_back(api: Api) -> None:
     key, key_id = await make_key(api, BALANCE)
-    body = {"model": "priced-slow", "prompt": "red", "async": True}
-    task_id = (await submit(api, key, body)).json()["data"]["task_id"]
-    await wait_for(api, key, task_id, "in_progress")
-    for _ in range(100):  # until the attempt has reserved
-        if _task((await read(api, key_id))[2], task_id):
-            break
-        await asyncio.sleep(0.05)
+    task_id = await _running_and_reserved(api, key, key_id)
     cancel = await api.client.delete(
         f"/v1/images/tasks/{task_id}", headers={"Authorization": f"Bearer {key}"}
     )
@@ -131,13 +137,7 @@ async def test_a_task_running_at_shutdown_is_refunded_before_the_process_goes(
     server = start_api(make_settings(tmp_path, db_url, **QUICK_TASKS), MODELS)
     api = await anext(server)
     key, key_id = await make_key(api, BALANCE)
-    body = {"model": "priced-slow", "prompt": "red", "async": True}
-    task_id = (await submit(api, key, body)).json()["data"]["task_id"]
-    await wait_for(api, key, task_id, "in_progress")
-    for _ in range(100):  # until the attempt has reserved
-        if _task((await read(api, key_id))[2], task_id):
-            break
-        await asyncio.sleep(0.05)
+    task_id = await _running_and_reserved(api, key, key_id)
     await server.aclose()  # shutdown: the lifespan ends, the engine is disposed
     balance, total, entries = await read(api, key_id)
     assert balance == total == BALANCE

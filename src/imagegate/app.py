@@ -119,14 +119,7 @@ def create_app(settings: Settings, models: list[ModelConfig] | None = None) -> F
         task_events = TaskEvents(events, delivery, partial(task_data, delivery=delivery))
         events.settle = task_events.settle  # a task that ended without its final event
         queue = task_queue(settings, sessions, service, auth, delivery, fetcher, task_events)
-        webhooks = WebhookDispatcher(
-            sessions,
-            queue.callbacks,
-            queue.render,
-            poll_seconds=max(5.0, settings.task_poll_seconds),
-            hold_seconds=2 * settings.fetch_timeout_seconds + 5,
-        )
-        events.add_hook(webhooks.hook)
+        webhooks = webhook_dispatcher(settings, sessions, queue, events)
         app.state.settings = settings
         app.state.sessions = sessions
         app.state.loader = loader
@@ -323,6 +316,24 @@ def _check_scraper(token: SecretStr | None, request: Request) -> None:
             "GET /metrics needs 'Authorization: Bearer <token>' with the token set in "
             "IMAGEGATE_METRICS_TOKEN."
         )
+
+
+def webhook_dispatcher(
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    queue: InProcessQueue,
+    events: EventLog,
+) -> WebhookDispatcher:
+    """The task webhooks' dispatcher, hooked onto the event log (app and worker alike)."""
+    webhooks = WebhookDispatcher(
+        sessions,
+        queue.callbacks,
+        queue.render,
+        poll_seconds=max(5.0, settings.task_poll_seconds),
+        hold_seconds=2 * settings.fetch_timeout_seconds + 5,
+    )
+    events.add_hook(webhooks.hook)
+    return webhooks
 
 
 def lease_rules(settings: Settings) -> LeaseRules | None:

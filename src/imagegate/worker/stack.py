@@ -23,6 +23,7 @@ from imagegate.app import (
     rate_limiter,
     task_data,
     task_queue,
+    webhook_dispatcher,
 )
 from imagegate.auth.service import Authenticator
 from imagegate.catalog import Catalog
@@ -100,14 +101,7 @@ def build(settings: Settings, models: list[ModelConfig], worker_id: str) -> Stac
         settings, sessions, service, auth, delivery, fetcher, task_events, in_worker=True
     )
     queue.worker_id = worker_id
-    webhooks = WebhookDispatcher(
-        sessions,
-        queue.callbacks,
-        queue.render,
-        poll_seconds=max(5.0, settings.task_poll_seconds),
-        hold_seconds=2 * settings.fetch_timeout_seconds + 5,
-    )
-    events.add_hook(webhooks.hook)
+    webhooks = webhook_dispatcher(settings, sessions, queue, events)
     return Stack(
         settings,
         engine,
