@@ -60,7 +60,9 @@ def test_two_gateways_and_two_workers_survive_a_killed_worker(
             environ = _environment(tmp_path, db, redis_url, s3.endpoint, s3.bucket())
             log = tmp_path / "processes.log"
             gateways = [stack.enter_context(_gateway(environ, log)) for _ in range(2)]
-            pool = [workers.start_worker(environ, log) for _ in range(2)]
+            # The victim may hold every row at once, so that its first claim surely takes both
+            # kinds of work (with a batch-sized room it could take only jobs, then only tasks).
+            pool = [workers.start_worker(environ, log, *a) for a in (["--concurrency", "64"], [])]
             stack.callback(lambda: [workers.stop(p) for p in pool])
             for url, process in gateways:
                 _wait_ready(url, process)
@@ -124,7 +126,9 @@ async def _scenario(db: str, gateways: list[str], pool: list[subprocess.Popen[by
     victim, survivor = pool
     # The survivor waits (frozen) until the victim dies, so that the victim surely gets both
     # kinds of work to die holding; then it does everything left, the victim's jobs included.
+    # The victim waits (frozen) until both kinds are queued, so that it claims them together.
     survivor.send_signal(signal.SIGSTOP)
+    victim.send_signal(signal.SIGSTOP)
     async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
         killer = asyncio.create_task(_kill_when_busy(db, victim, survivor))
         answers = await asyncio.gather(
@@ -180,9 +184,14 @@ async def _kill_when_busy(
 
     It is frozen (SIGSTOP) before its rows are read, so that nothing it holds then can still
     finish; if they are not a job and a task after all, it runs on (SIGCONT) and is tried again."""
+    queued = "SELECT id, kind FROM tasks WHERE status = 'queued'"
+    deadline = time.monotonic() + 60
+    while not _both(await workers.rows(db, queued)):
+        assert time.monotonic() < deadline, "a job and a task were never queued together"
+        await asyncio.sleep(0.01)
+    victim.send_signal(signal.SIGCONT)
     query = "SELECT id, kind FROM tasks WHERE status = 'in_progress' AND lease_owner LIKE $1"
     mine = f"%:{victim.pid}:%"
-    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if _both(await workers.rows(db, query, mine)):
             victim.send_signal(signal.SIGSTOP)
