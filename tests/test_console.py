@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from imagegate.config import ModelConfig, PriceRule, PricingConfig
+from imagegate.store import audit as audit_store
 from imagegate.store import deliveries as delivery_store
 from imagegate.store.db import create_engine, session_factory
 from imagegate.store.deliveries import NewDelivery
@@ -37,6 +38,8 @@ PAGES = (
     "/console/webhooks",
 )
 HTML = {"accept": "text/html"}
+PAGED_ACTIONS = 150
+"""Audit entries the paging test writes: a page and a half of the console's 100."""
 
 
 @pytest.fixture
@@ -312,3 +315,27 @@ async def test_prices_of_a_priced_model(tmp_path: Path) -> None:
         assert "<td>1024x1024</td>" in page.text and "0.04" in page.text
         bad = await api.client.get("/console/prices?model=priced&size=huge")
         assert bad.status_code == 400 and "Invalid size" in bad.text
+
+
+async def test_the_audit_log_pages_back_to_the_first_action(admin: Console) -> None:
+    engine = create_engine(admin.api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine).begin() as session:
+            for n in range(PAGED_ACTIONS):
+                await audit_store.record(session, "cli:test", "test.step", f"step:{n}", None)
+    finally:
+        await engine.dispose()
+    first = (await admin.get("/console/audit")).text
+    assert "step:149" in first and "step:50" in first and "step:49" not in first
+    more = re.search(r'href="/console/audit\?before=(\d+)"', first)
+    assert more is not None, "no link to the next page"
+    second = (await admin.get(f"/console/audit?before={more.group(1)}")).text
+    assert "step:49" in second and "step:0" in second and "step:50" not in second
+    assert "before=" not in second  # the last page links nowhere
+    headers = {"Authorization": f"Bearer {await admin.api.key(admin=True)}"}
+    api = admin.api.client
+    page = (await api.get("/admin/audit?limit=10", headers=headers)).json()["data"]
+    older = await api.get(f"/admin/audit?limit=10&before={page[-1]['id']}", headers=headers)
+    assert [e["target"] for e in older.json()["data"]] == [f"step:{n}" for n in range(139, 129, -1)]
+    bad = await api.get("/admin/audit?before=0", headers=headers)
+    assert bad.status_code == 400 and "before" in bad.text

@@ -267,10 +267,14 @@ async def usage_totals(
 
 @router.get("/audit")
 async def audit_trail(
-    admin: AdminKey, auth: Auth, limit: int = Query(default=100, ge=1, le=10_000)
+    admin: AdminKey,
+    auth: Auth,
+    limit: int = Query(default=100, ge=1, le=10_000),
+    before: int | None = Query(default=None, ge=1),
 ) -> Response:
+    """Admin actions, newest first; `before=<id>` pages on from an entry's id."""
     async with auth.sessions() as session:
-        return ok(await audit.recent(session, limit))
+        return ok(await audit.recent(session, limit, before))
 
 
 @router.get("/models")

@@ -19,8 +19,15 @@ async def record(
     await session.execute(insert(AuditEntry), [{**row, "created_at": utcnow()}])
 
 
-async def recent(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
-    found = await session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
+async def recent(
+    session: AsyncSession, limit: int, before: int | None = None
+) -> list[dict[str, Any]]:
+    """Up to `limit` entries, newest first; with `before`, those older than that entry's id
+    (the next page starts before the last id of this one)."""
+    query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit)
+    if before is not None:
+        query = query.where(AuditEntry.id < before)
+    found = await session.scalars(query)
     return [
         {
             "id": e.id,

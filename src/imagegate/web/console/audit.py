@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.responses import HTMLResponse
 
 from imagegate.store import audit as audit_store
@@ -11,11 +11,14 @@ from imagegate.web.session import AdminUser
 
 router = APIRouter()
 
-SHOWN = 200
+PAGE = 100
 
 
 @router.get("/audit")
-async def audit(request: Request, user: AdminUser) -> HTMLResponse:
+async def audit(
+    request: Request, user: AdminUser, before: int | None = Query(default=None, ge=1)
+) -> HTMLResponse:
     async with sessions_of(request)() as session:
-        entries = await audit_store.recent(session, SHOWN)
-    return page(request, "audit", {"entries": entries})
+        entries = await audit_store.recent(session, PAGE, before)
+    next_before = entries[-1]["id"] if len(entries) == PAGE else None
+    return page(request, "audit", {"entries": entries, "next_before": next_before})
