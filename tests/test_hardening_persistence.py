@@ -120,6 +120,21 @@ async def test_one_bad_usage_row_does_not_cost_the_good_ones(
         assert "bad-text" in errors
 
 
+async def test_a_flush_writes_at_once_instead_of_waiting_the_interval(engine: AsyncEngine) -> None:
+    """A flush (shutdown, an admin's usage query) does not wait out the batching interval:
+    with an hour's interval it would hang; rows recorded after the flush wait for it again."""
+    writer = UsageWriter(engine, interval=3600)
+    writer.record(good_record("first"))
+    writer.record(good_record("second"))
+    await asyncio.wait_for(writer.flush(), 10)
+    assert set(await usage_by_request(engine)) == {"first", "second"}
+    writer.record(good_record("later"))
+    await asyncio.sleep(0.2)
+    assert "later" not in await usage_by_request(engine)  # batched, not written one by one
+    await asyncio.wait_for(writer.close(), 10)
+    assert "later" in await usage_by_request(engine)
+
+
 async def test_a_row_that_cannot_be_made_valid_is_dropped_alone(
     engine: AsyncEngine, logged: Records
 ) -> None:
@@ -153,7 +168,9 @@ async def test_rows_wait_out_a_short_database_outage(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def tasks_api(tmp_path: Path, db_url: str) -> AsyncIterator[Api]:
-    settings = make_settings(tmp_path, db_url, task_poll_seconds=0.1, task_lease_seconds=1.5)
+    # A lease long enough that a pause of the test process (a full garbage collection late in
+    # the suite) cannot expire it: these tests count attempts, and a second one is their failure.
+    settings = make_settings(tmp_path, db_url, task_poll_seconds=0.1, task_lease_seconds=10)
     async for value in start_api(settings, FAKE_MODELS):
         yield value
 

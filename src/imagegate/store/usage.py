@@ -33,7 +33,8 @@ class UsageWriter:
     A response never waits for its usage row: the row is queued and written within
     `interval` seconds, with the rows that came meanwhile in one transaction (a write
     transaction per request would contend with every other writer of the database).
-    `flush()` waits until everything queued so far is written; `close()` flushes and stops.
+    `flush()` writes everything queued so far at once (it does not wait out the interval) and
+    returns when it is stored; `close()` flushes and stops.
     Rows still queued when the process is killed outright are lost (at most one batch);
     billing-grade accounting does not rely on this log. A row the database refuses costs
     only itself (see `_write`); a short outage of the database is waited out.
@@ -54,6 +55,8 @@ class UsageWriter:
         """Waits before a batch the database could not take (down, unreachable) is retried."""
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._hurry = asyncio.Event()
+        """Set by `flush()`: the writer writes what is queued now instead of at the interval."""
 
     def record(self, record: UsageRecord) -> None:
         """Queue `record`'s row, stamped with the time it was queued."""
@@ -66,6 +69,7 @@ class UsageWriter:
             )
 
     async def flush(self) -> None:
+        self._hurry.set()
         await self._queue.join()
 
     async def close(self) -> None:
@@ -78,9 +82,12 @@ class UsageWriter:
         while True:
             rows = [await self._queue.get()]
             if self._queue.qsize() < self._batch:
-                await asyncio.sleep(self._interval)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._hurry.wait(), self._interval)
             while len(rows) < self._batch and not self._queue.empty():
                 rows.append(self._queue.get_nowait())
+            if self._queue.empty():  # a flush asked for no more than what this batch holds
+                self._hurry.clear()
             try:
                 await self._write_soon(rows)
             finally:
