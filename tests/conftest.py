@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from imagegate.app import create_app
 from imagegate.config import ModelConfig, Settings
 from imagegate.providers import registry
 from imagegate.store import keys as key_store
-from imagegate.store.db import create_engine, session_factory
+from imagegate.store.db import create_engine, session_factory, upgrade_sync
 from imagegate.store.models import Task
 from imagegate.store.tasks import NewTask, create_task
 
@@ -40,7 +43,8 @@ def _fake_provider() -> Iterator[None]:
     registry.unregister("fake")
 
 
-async def create_pg_database() -> str:
+async def create_pg_database(template: str | None = None) -> str:
+    """A new database: empty, or a copy of `template`."""
     import asyncpg
 
     name = f"imagegate_{uuid.uuid4().hex[:12]}"
@@ -51,7 +55,8 @@ async def create_pg_database() -> str:
             raise RuntimeError(f"PostgreSQL is required in CI but unreachable: {exc}") from exc
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_DSN}: {exc}")
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        copied = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{copied}')
     finally:
         await conn.close()
     return name
@@ -67,15 +72,61 @@ async def drop_pg_database(name: str) -> None:
         await conn.close()
 
 
+def pg_url(name: str) -> str:
+    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+    return f"{base}/{name}"
+
+
+class _Templates:
+    """A database of each kind migrated once per test session; each test gets a copy (a file
+    copy, or PostgreSQL's CREATE DATABASE ... TEMPLATE), which is what the app's own upgrade
+    at start then finds at head: a quarter second less per test than migrating anew."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="imagegate-template-"))
+        self.sqlite: Path | None = None
+        self.postgres: str | None = None
+
+    async def sqlite_file(self) -> Path:
+        if self.sqlite is None:  # fixtures set up one at a time: no lock needed
+            path = self.folder / "template.db"
+            await asyncio.to_thread(upgrade_sync, f"sqlite+aiosqlite:///{path}")
+            self.sqlite = path
+        return self.sqlite
+
+    async def postgres_name(self) -> str:
+        if self.postgres is None:
+            name = await create_pg_database()  # skips the test where PostgreSQL is absent
+            await asyncio.to_thread(upgrade_sync, pg_url(name))
+            self.postgres = name
+        return self.postgres
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        if self.postgres is not None:
+            asyncio.run(drop_pg_database(self.postgres))
+
+
+_TEMPLATES = _Templates()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _migrated_templates() -> Iterator[None]:
+    yield
+    _TEMPLATES.remove()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh, empty database of each kind."""
+    """A fresh database of each kind, migrated to head (tests that need an empty one make it
+    with create_pg_database() or a file of their own)."""
     if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+        path = tmp_path / "test.db"
+        shutil.copyfile(await _TEMPLATES.sqlite_file(), path)
+        yield f"sqlite+aiosqlite:///{path}"
         return
-    name = await create_pg_database()
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    yield f"{base}/{name}"
+    name = await create_pg_database(template=await _TEMPLATES.postgres_name())
+    yield pg_url(name)
     await drop_pg_database(name)
 
 
