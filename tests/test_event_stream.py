@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
+from tests.conftest import create_pg_database, drop_pg_database, pg_url
 from tests.servers import cli, server_env, serving
 
 pytest.importorskip("diffusers")
@@ -407,11 +407,10 @@ def test_a_lab_task_streams_through_its_v1_task_id(gateway: Gateway) -> None:
 @pytest.mark.postgres
 def test_one_process_streams_a_task_another_process_runs(tmp_path: Path, tiny_sd: Path) -> None:
     name = asyncio.run(create_pg_database())
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
     try:
         common = {
             "HF_HUB_OFFLINE": "1",
-            "IMAGEGATE_DATABASE_URL": f"{base}/{name}",
+            "IMAGEGATE_DATABASE_URL": pg_url(name),
             "IMAGEGATE_SECRET_KEY": "s" * 40,
             "IMAGEGATE_TASK_POLL_SECONDS": "0.2",
             "IMAGEGATE_TEST_STEP_DELAY": "0.05",

@@ -25,11 +25,11 @@ from imagegate.store.db import create_engine, session_factory, upgrade
 from imagegate.store.models import utcnow
 from imagegate.types import GenerationResult, ResolvedRequest
 from tests.conftest import (
-    PG_ADMIN_DSN,
     Api,
     create_pg_database,
     drop_pg_database,
     make_settings,
+    pg_url,
     png_bytes,
     start_api,
 )
@@ -219,8 +219,7 @@ async def cross_process(url: str, redis_url: str | None) -> None:
 async def test_postgres_notifies_other_processes() -> None:
     """LISTEN/NOTIFY is PostgreSQL's: no SQLite variant."""
     name = await create_pg_database()
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    url = f"{base}/{name}"
+    url = pg_url(name)
     try:
         await upgrade(url)
         await cross_process(url, None)

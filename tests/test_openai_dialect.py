@@ -37,10 +37,10 @@ from imagegate.store import keys as key_store
 from imagegate.store.db import create_engine, session_factory
 from tests.conftest import (
     FAKE_MODELS,
-    PG_ADMIN_DSN,
     create_pg_database,
     drop_pg_database,
     make_settings,
+    pg_url,
 )
 from tests.fake_openai import FakeOpenAI
 from tests.loopback import LoopbackServer
@@ -77,11 +77,7 @@ def gateway(
 ) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("gateway")
     pg_name = asyncio.run(create_pg_database()) if request.param == "postgres" else None
-    if pg_name is None:
-        db_url = f"sqlite+aiosqlite:///{root / 'test.db'}"
-    else:
-        base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-        db_url = f"{base}/{pg_name}"
+    db_url = f"sqlite+aiosqlite:///{root / 'test.db'}" if pg_name is None else pg_url(pg_name)
     settings = make_settings(root, db_url, max_image_bytes=MAX_IMAGE_BYTES)
     channel = ChannelConfig(
         name="openai-main",

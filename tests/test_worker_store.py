@@ -53,10 +53,10 @@ from imagegate.worker import codec
 from imagegate.worker.remote import RemoteProvider
 from tests import workers
 from tests.conftest import (
-    PG_ADMIN_DSN,
     create_pg_database,
     drop_pg_database,
     make_settings,
+    pg_url,
     png_bytes,
 )
 
@@ -258,8 +258,7 @@ async def test_gateways_and_workers_may_migrate_a_new_database_at_once() -> None
     """They all start with IMAGEGATE_AUTO_MIGRATE on: migrations take turns (a lock). Separate
     processes, as in production (Alembic's context is one per process)."""
     name = await create_pg_database()
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    environ = {**os.environ, "IMAGEGATE_DATABASE_URL": f"{base}/{name}"}
+    environ = {**os.environ, "IMAGEGATE_DATABASE_URL": pg_url(name)}
     try:
         runs = [
             await asyncio.create_subprocess_exec(

@@ -19,7 +19,7 @@ import asyncpg
 import yaml
 
 from imagegate.config import DEMO_WEIGHTS, ModelConfig
-from tests.conftest import PG_ADMIN_DSN, create_pg_database, drop_pg_database
+from tests.conftest import create_pg_database, drop_pg_database, pg_url
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = "imagegate-demo"
@@ -60,8 +60,7 @@ def database() -> str:
     from imagegate.store.db import upgrade
 
     name = asyncio.run(create_pg_database())
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-    url = f"{base}/{name}"
+    url = pg_url(name)
     asyncio.run(upgrade(url))
     return url
 

@@ -21,10 +21,11 @@ from markupsafe import Markup, escape
 WIDTH = 640
 """The viewBox's width; the SVG scales to its container (charts.css)."""
 LINE_HEIGHT = 220
-_LEFT, _RIGHT, _TOP, _BOTTOM = 52, 12, 30, 26
+_LEFT, _RIGHT, _TOP, _BOTTOM = 52, 12, 40, 26
+"""Margins of a line chart's plot: the title on the first line, the unit on its own below it."""
 _X_LABELS = 6
 """At most this many labels under a line chart's x axis (every point has its tooltip)."""
-_BAR_ROW, _BAR_LABEL, _BAR_LABEL_CHARS = 24, 170, 24
+_BAR_ROW, _BAR_LABEL, _BAR_LABEL_CHARS, _BAR_TOP = 24, 170, 24, 30
 
 
 def line_chart(
@@ -79,12 +80,12 @@ def bar_chart(
     """Horizontal bars, one per labelled value, in the order given (long labels are cut on
     the chart and whole in the tooltip and description)."""
     top = _nice_ceiling(max((v for _, v in items), default=0.0))
-    height = _TOP + max(len(items), 1) * _BAR_ROW + 4
+    height = _BAR_TOP + max(len(items), 1) * _BAR_ROW + 4
     span = WIDTH - _LEFT - _RIGHT - _BAR_LABEL - 60
     parts = [] if items else [_empty(empty, height)]
     label_x, bar_x = _LEFT + _BAR_LABEL - 6, _LEFT + _BAR_LABEL
     for i, (label, value) in enumerate(items):
-        row_y = _TOP + i * _BAR_ROW
+        row_y = _BAR_TOP + i * _BAR_ROW
         width = max(value, 0.0) / top * span
         cut = label if len(label) <= _BAR_LABEL_CHARS else label[: _BAR_LABEL_CHARS - 1] + "…"
         parts.append(
@@ -130,8 +131,8 @@ def _grid(top: float, unit: str, y: Callable[[float], float]) -> str:
         )
     if unit:
         lines.append(
-            f'<text class="chart-axis chart-unit" x="{_LEFT - 6}" y="{_TOP - 6}" text-anchor="end">'
-            f"{_text(unit)}</text>"
+            f'<text class="chart-axis chart-unit" x="{_LEFT - 6}" y="{_TOP - 12}" '
+            f'text-anchor="end">{_text(unit)}</text>'
         )
     return "".join(lines)
 
