@@ -327,6 +327,9 @@ def test_upload_a_reference_and_edit_it_as_a_second_turn(
     first = "now make the circle green"
     generate(page, first)
     image = expect_image(page, first)
+    # An edit is not measured: the model says it drew the change asked for, no more.
+    said = "Drawn as: the reference image, edited: a green circle"
+    expect(results(page).get_by_text(said, exact=True)).to_be_visible()
     # The result becomes the reference of the next turn: a conversation of two turns.
     image.hover()
     results(page).get_by_role("button", name="Use as reference").first.click()

@@ -232,10 +232,12 @@ def test_edit_changes_colour_and_keeps_the_scene(pipe: DemoPipeline) -> None:
     assert read_image(before.resize((32, 32))).colour == "red"
     readings = []
     for seed in range(4):  # a sampled edit: most seeds must do it
-        after = pipe(
+        out = pipe(
             "now make the circle green", image=before, generator=_seed(seed), height=256, width=256
-        ).images[0]
-        got = read_image(after.resize((32, 32)))
+        )
+        # An edit is not measured: its revised prompt says it is the change asked for.
+        assert out.revised_prompts == ["the reference image, edited: a green circle"]
+        got = read_image(out.images[0].resize((32, 32)))
         readings.append((got.background, got.colour, got.position))
     assert readings.count(("blue", "green", "center")) >= 3, readings
 

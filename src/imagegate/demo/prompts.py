@@ -29,6 +29,7 @@ class Request:
     reading: reader.Reading
     caption: str  # what the text encoder reads
     measurable: bool  # one object, drawn from scratch: the result can be checked
+    edit: bool = False  # of a reference image: the revised prompt names the change asked for
 
 
 def understand(prompt: str, edit: bool) -> Request:
@@ -39,7 +40,7 @@ def understand(prompt: str, edit: bool) -> Request:
     # (4 of 6); the reading still gives the revised prompt.
     caption = prompt if edit else reader.describe(reading.scene, model_words=True)
     measurable = not edit and len(reading.scene.objects) == 1
-    return Request(reading, caption, measurable)
+    return Request(reading, caption, measurable, edit)
 
 
 def measure(pixels: torch.Tensor) -> Scene | None:
@@ -68,6 +69,9 @@ def revised(request: Request, drawn: Scene | None) -> str:
     if drawn is None and request.measurable:
         drawn = Scene(request.reading.scene.background, ())
     text = reader.describe(drawn or request.reading.scene) or "the image, redrawn as it was"
+    if request.edit and text != "the image, redrawn as it was":
+        # Not measured (an edited image need not be a demo scene): say it is the change asked.
+        text = f"the reference image, edited: {text}"
     notes = []
     if not request.reading.understood:
         notes.append("a default scene: the prompt names no colour or shape the demo model knows")
