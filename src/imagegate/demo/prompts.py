@@ -68,9 +68,10 @@ def revised(request: Request, drawn: Scene | None) -> str:
     then what it did not use: "... (ignored: cat, sofa)"."""
     if drawn is None and request.measurable:
         drawn = Scene(request.reading.scene.background, ())
-    text = reader.describe(drawn or request.reading.scene) or "the image, redrawn as it was"
-    if request.edit and text != "the image, redrawn as it was":
-        # Not measured (an edited image need not be a demo scene): say it is the change asked.
+    text = reader.describe(drawn or request.reading.scene)
+    if not text:
+        text = "the image, redrawn as it was"
+    elif request.edit:  # not measured (an edited image need not be a demo scene): the change asked
         text = f"the reference image, edited: {text}"
     notes = []
     if not request.reading.understood:
