@@ -201,6 +201,10 @@ async def test_dashboard_and_usage_show_the_usage_rows(admin: Console) -> None:
     assert dashboard.status_code == 200
     assert re.search(r"<dd>4</dd>", dashboard.text), dashboard.text  # requests
     assert "<svg" in dashboard.text and "fake-model" in dashboard.text
+    # Each spend chart is named by its section's heading, which it does not repeat on screen.
+    spend = dashboard.text.split('aria-labelledby="spend-model"')[1].split("</section>")[0]
+    assert 'aria-label="Spend by model"' in spend and ">Spend by model</text>" not in spend
+    assert '<text class="chart-title" x="52" y="16">Credits</text>' in spend
     usage = await admin.get("/console/usage?model=fake-model")
     assert usage.text.count("<tr>") + usage.text.count('<tr class="failed-row">') == 4
     exported = await admin.get("/console/usage.csv?model=fake-model")

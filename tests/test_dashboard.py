@@ -271,4 +271,8 @@ def test_bar_chart_escapes_and_cuts_long_labels() -> None:
     assert f"<title>{long}: 0 cr</title>" in svg and f">{'k' * 23}…</text>" in svg
     widths = [float(w) for w in re.findall(r'class="chart-bar" [^>]*width="([\d.]+)"', svg)]
     assert widths[0] > 0 and widths[1] == 0
+    assert '<text class="chart-title" x="52" y="16">Spend</text>' in svg
     _no_style_or_script(svg)
+    captioned = str(bar_chart([("a", 1)], title="Spend by <key>", unit="cr", caption="<Cr>"))
+    assert 'aria-label="Spend by &lt;key&gt;"' in captioned
+    assert '<text class="chart-title" x="52" y="16">&lt;Cr&gt;</text>' in captioned

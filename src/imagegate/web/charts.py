@@ -75,10 +75,17 @@ def lines_chart(
 
 
 def bar_chart(
-    items: Sequence[tuple[str, float]], *, title: str, unit: str, empty: str = ""
+    items: Sequence[tuple[str, float]],
+    *,
+    title: str,
+    unit: str,
+    empty: str = "",
+    caption: str | None = None,
 ) -> Markup:
     """Horizontal bars, one per labelled value, in the order given (long labels are cut on
-    the chart and whole in the tooltip and description)."""
+    the chart and whole in the tooltip and description). `caption` is the line shown above
+    the bars, the title by default: a page whose heading already names the chart passes what
+    the heading does not say (the unit), and the title stays the chart's accessible name."""
     top = _nice_ceiling(max((v for _, v in items), default=0.0))
     height = _BAR_TOP + max(len(items), 1) * _BAR_ROW + 4
     span = WIDTH - _LEFT - _RIGHT - _BAR_LABEL - 60
@@ -98,7 +105,7 @@ def bar_chart(
             f"{_text(_number(value))}</text></g>"
         )
     desc = "; ".join(_said(label, value, unit) for label, value in items)
-    return _svg("chart-bars", title, desc, height, "".join(parts))
+    return _svg("chart-bars", title, desc, height, "".join(parts), caption=caption)
 
 
 def _text(value: str) -> str:
@@ -106,13 +113,16 @@ def _text(value: str) -> str:
     return str(escape(value))
 
 
-def _svg(kind: str, title: str, desc: str, height: int, body: str) -> Markup:
+def _svg(
+    kind: str, title: str, desc: str, height: int, body: str, *, caption: str | None = None
+) -> Markup:
     named = _text(title)
+    shown = named if caption is None else _text(caption)
     svg = (
         f'<svg class="chart {kind}" viewBox="0 0 {WIDTH} {height}" role="img" '
         f'aria-label="{named}" xmlns="http://www.w3.org/2000/svg">'
         f"<title>{named}</title><desc>{_text(desc)}</desc>"
-        f'<text class="chart-title" x="{_LEFT}" y="16">{named}</text>{body}</svg>'
+        f'<text class="chart-title" x="{_LEFT}" y="16">{shown}</text>{body}</svg>'
     )
     return Markup(svg)  # noqa: S704 -- every caller-given string in it went through _text
 

@@ -51,6 +51,7 @@ async def overview(request: Request, user: AdminUser, period: str = "24h") -> HT
                 title=say(request, f"console.dashboard.spend_by_{by}"),
                 unit=say(request, "console.unit.credits"),
                 empty=say(request, "console.dashboard.no_data"),
+                caption=say(request, "console.dashboard.credits"),
             )
             for by, rows in spend.items()
         },
