@@ -11,10 +11,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Select, text
 
 from imagegate.config import ModelConfig, PricingConfig
 from imagegate.store import ledger
-from imagegate.store.db import create_engine, session_factory
+from imagegate.store.db import AsyncSession, create_engine, session_factory
 from imagegate.store.models import LedgerEntry, Task, utcnow
 from imagegate.store.tasks import NewTask
 from tests.conftest import QUICK_TASKS, Api, make_settings, start_api
@@ -149,3 +150,44 @@ async def test_a_task_running_at_shutdown_is_refunded_before_the_process_goes(
             assert task is not None and (task.status, task.lease_owner) == ("queued", None)
     finally:
         await engine.dispose()
+
+
+async def test_earlier_attempts_are_found_by_their_prefix_through_an_index(api: Api) -> None:
+    _, key_id = await make_key(api, BALANCE)
+    account = ledger.Account("key", key_id)
+    ids = ["t1.1.a", "t1.2.b", "t1.x", "t10.1.c", "T1.1.d", "t1-1.e", "t1", "t0.9.f"]
+    engine = create_engine(api.settings.resolved_database_url)
+    try:
+        async with session_factory(engine)() as session:
+            for request_id in ids:
+                assert await ledger.reserve(session, account, 10, request_id, "")
+            await ledger.settle(
+                session, account, reserved=10, charge=10, request_id="t1.2.b", detail=""
+            )
+            refunded = await ledger.refund_open(session, "t1.", "retry", prefix=True)
+            await session.commit()
+            plan = await _plan(session, ledger.reservations(session, "t1.", prefix=True))
+    finally:
+        await engine.dispose()
+    # Exactly the open reservations whose id starts "t1.", case and all (SQLite's LIKE alone
+    # would take "T1.1.d" too).
+    assert refunded == 2
+    entries = (await read(api, key_id))[2]
+    assert sorted(e.request_id for e in entries if e.kind == "refund") == ["t1.1.a", "t1.x"]
+    name = (
+        "ix_ledger_request_id_prefix"
+        if "postgres" in api.settings.resolved_database_url
+        else "ix_ledger_request_id"
+    )
+    assert name in plan, plan
+
+
+async def _plan(session: AsyncSession, query: Select[LedgerEntry]) -> str:
+    """The database's plan for `query`, with a scan of the table made a last resort."""
+    bind = session.get_bind()
+    sql = str(query.compile(dialect=bind.dialect, compile_kwargs={"literal_binds": True}))
+    if bind.dialect.name == "sqlite":
+        rows = await session.execute(text(f"EXPLAIN QUERY PLAN {sql}"))
+        return " ".join(str(row[-1]) for row in rows)
+    await session.execute(text("SET LOCAL enable_seqscan = off"))
+    return " ".join(str(row[0]) for row in await session.execute(text(f"EXPLAIN {sql}")))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy import Select, Table, delete, func, insert, select, update
 
 from imagegate.store.bulk import insert_many
 from imagegate.store.db import AsyncSession
@@ -242,6 +242,21 @@ async def stale_leases(session: AsyncSession, before: datetime, *, not_owner: st
     return list(found)
 
 
+def reservations(session: AsyncSession, request_id: str, *, prefix: bool) -> Select[LedgerEntry]:
+    """The reservations `request_id` names (with `prefix`: whose id starts so), found by an
+    index: on PostgreSQL the LIKE uses ix_ledger_request_id_prefix (migration 0012); on SQLite,
+    whose LIKE ignores case and so no index, a range of ids in byte order narrows it first."""
+    query = select(LedgerEntry).where(LedgerEntry.kind == RESERVE)
+    column = LedgerEntry.request_id
+    if not prefix:
+        return query.where(column == request_id)
+    query = query.where(column.startswith(request_id, autoescape=True))
+    if request_id and session.get_bind().dialect.name == "sqlite":
+        after = request_id[:-1] + chr(ord(request_id[-1]) + 1)
+        query = query.where(column >= request_id, column < after)
+    return query
+
+
 async def refund_open(
     session: AsyncSession, request_id: str, detail: str, *, prefix: bool = False
 ) -> int:
@@ -249,14 +264,7 @@ async def refund_open(
     nothing settled or refunded it yet (a task attempt that stopped unrecorded); how many. Each
     account row is locked first, so two processes never refund one reservation twice. The
     caller commits."""
-    match = (
-        LedgerEntry.request_id.startswith(request_id, autoescape=True)
-        if prefix
-        else LedgerEntry.request_id == request_id
-    )
-    reserves = list(
-        await session.scalars(select(LedgerEntry).where(LedgerEntry.kind == RESERVE, match))
-    )
+    reserves = list(await session.scalars(reservations(session, request_id, prefix=prefix)))
     refunded = 0
     for entry in reserves:
         account = Account.of(entry.account)

@@ -174,6 +174,14 @@ class LedgerEntry(Base):
     of the reservation comes back, `charge` is what was kept), refund (a failed call), set."""
 
     __tablename__ = "ledger"
+    __table_args__ = (
+        # A task's reservations by the start of their id, under any collation (migration 0012).
+        Index(
+            "ix_ledger_request_id_prefix",
+            "request_id",
+            postgresql_ops={"request_id": "varchar_pattern_ops"},
+        ).ddl_if(dialect="postgresql"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     account: Mapped[str] = mapped_column(String(40), index=True)
