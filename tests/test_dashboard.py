@@ -243,6 +243,8 @@ def test_line_chart_escapes_and_is_an_image() -> None:
     assert "<title>A &lt;i&gt;</title>" in svg and 'aria-label="A &lt;i&gt;"' in svg
     assert "<b>" not in svg and "&lt;b&gt;" in svg and "x&amp;y" in svg and "m&lt;s" in svg
     assert svg.count('class="chart-point"') == 2  # None is a gap, not a point
+    # The unit starts where the plot does, under the title: a long one never runs off the left.
+    assert '<text class="chart-axis chart-unit" x="52" y="28">m&lt;s</text>' in svg
     assert re.search(r'd="M[\d. ]+ M[\d. ]+"', svg)  # the line breaks at the gap
     _no_style_or_script(svg)
 

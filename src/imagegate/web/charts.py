@@ -141,8 +141,8 @@ def _grid(top: float, unit: str, y: Callable[[float], float]) -> str:
         )
     if unit:
         lines.append(
-            f'<text class="chart-axis chart-unit" x="{_LEFT - 6}" y="{_TOP - 12}" '
-            f'text-anchor="end">{_text(unit)}</text>'
+            # Starts where the plot starts: a long unit ("requests") never runs off the left.
+            f'<text class="chart-axis chart-unit" x="{_LEFT}" y="{_TOP - 12}">{_text(unit)}</text>'
         )
     return "".join(lines)
 
