@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from diffusers import StableDiffusionPipeline
 
 
@@ -25,6 +26,8 @@ class StepPipeline(StableDiffusionPipeline):
     prompts: ClassVar[list[list[str]]] = []
     steps: ClassVar[list[int]] = []
     """Denoising steps each finished call ran (an interrupted call runs fewer)."""
+    threads: ClassVar[list[int]] = []
+    """torch's CPU threads at each step, as the thread that computes sees them."""
     hold: ClassVar[threading.Event | None] = None
     """When set to an Event, every call waits for it before starting."""
     after_step: ClassVar[Callable[[int], None] | None] = None
@@ -37,7 +40,7 @@ class StepPipeline(StableDiffusionPipeline):
 
     @classmethod
     def reset(cls) -> None:
-        cls.prompts, cls.steps = [], []
+        cls.prompts, cls.steps, cls.threads = [], [], []
         cls.hold, cls.after_step, cls.step_delay = None, None, 0.0
 
     @functools.wraps(StableDiffusionPipeline.__call__)
@@ -52,6 +55,7 @@ class StepPipeline(StableDiffusionPipeline):
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             nonlocal ran
             ran += 1
+            cls.threads.append(torch.get_num_threads())
             if cls.log is not None:
                 with cls.log.open("a") as out:
                     out.write(f"{step}\n")

@@ -196,6 +196,28 @@ async def test_batches_fill_in_turn_order_too(tiny_sd: Path, steps: type[StepPip
     assert steps.prompts[1] == ["single", "flood 1", "flood 2", "flood 3"]
 
 
+async def test_a_local_model_computes_with_the_cpu_threads_it_is_given(
+    tiny_sd: Path, steps: type[StepPipeline]
+) -> None:
+    """IMAGEGATE_TORCH_THREADS reaches the thread that runs the pipeline (torch keeps the
+    count per thread): processes that share a machine's cores do not outnumber them."""
+    import torch
+
+    default = torch.get_num_threads()
+    wanted = 1 if default > 1 else 2  # not what the thread would have anyway
+    config = tiny_model(tiny_sd)
+    [channel] = config.resolved_channels()
+    settings = Settings(provider_env={}, torch_threads=wanted)
+    provider = DiffusersProvider(provider_context(settings, config, channel, DiffusersProvider))
+    try:
+        await provider.start()
+        await provider.generate(ImageRequest(model="tiny", prompt="lower", owner="key:1"))
+    finally:
+        await provider.close()
+        torch.set_num_threads(default)  # torch's count is the process's: leave it as found
+    assert steps.threads == [wanted, wanted]
+
+
 # -- the deadline ------------------------------------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,39 @@ def _is_async(call: object) -> bool:
     return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(
         getattr(call, "__call__", None)  # noqa: B004
     )
+
+
+def test_the_workers_of_a_server_share_the_cores_between_their_local_models(
+    tmp_path: Path,
+) -> None:
+    """`serve --workers 2` runs two processes that compute at once: each model gets half the
+    cores (threads that outnumber the cores spin waiting for each other, many times slower)."""
+    import os
+    import re
+
+    import httpx
+
+    pytest.importorskip("diffusers")
+    from tests.servers import server_env, serving
+
+    env = server_env(tmp_path, "")  # no models configured: the bundled demo model
+    del env["IMAGEGATE_CONFIG_FILE"]
+    env.pop("OMP_NUM_THREADS", None)
+    env["IMAGEGATE_PRELOAD_MODELS"] = "true"
+    with serving(env, "--workers", "2") as (url, _):
+        # The server migrated its fresh database once, before its workers started.
+        refused = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"})
+        assert refused.status_code == 401, refused.text
+        log = next(tmp_path.glob("serve-*.log"))
+        loaded: list[str] = []
+        for _ in range(600):  # each worker loads its model before it takes requests
+            loaded = re.findall(
+                r"model imagegate-demo: loaded .* \((\d+) CPU threads\)", log.read_text()
+            )
+            if len(loaded) == 2:
+                break
+            time.sleep(0.05)
+    assert loaded == [str(max(1, (os.cpu_count() or 1) // 2))] * 2, log.read_text()[-3000:]
 
 
 def test_metrics_sum_every_worker_of_a_multi_worker_server(tmp_path: Path) -> None:

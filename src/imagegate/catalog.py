@@ -195,6 +195,7 @@ def provider_context(
         max_image_pixels=settings.max_image_pixels,
         fetch_timeout_seconds=settings.fetch_timeout_seconds,
         fetch_allow_networks=tuple(settings.fetch_allow_networks),
+        torch_threads=settings.torch_threads,
     )
 
     def fetcher(timeout: float) -> Fetcher:

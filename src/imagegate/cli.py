@@ -98,7 +98,11 @@ def serve(
     # Worker processes build their own app from the environment: pass the flags on through it.
     if config_file is not None:
         os.environ["IMAGEGATE_CONFIG_FILE"] = str(config_file.resolve())
-    os.environ["IMAGEGATE_AUTO_MIGRATE"] = "false"  # done once above, not racing N times
+    if settings.auto_migrate:  # once here, not N workers racing to
+        asyncio.run(upgrade(settings.resolved_database_url))
+    os.environ["IMAGEGATE_AUTO_MIGRATE"] = "false"
+    if not settings.torch_threads:  # N processes computing at once share the cores
+        os.environ["IMAGEGATE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     _share_metrics(settings)
     uvicorn.run(
         "imagegate.app:app_from_environment",

@@ -188,6 +188,11 @@ class Settings(BaseSettings):
     auto_migrate: bool = True
     bootstrap_admin: bool = True
     preload_models: bool = False
+    torch_threads: int = Field(default=0, ge=0, le=1024)
+    """CPU threads each local model's computation uses in this process; 0: torch's default (one
+    per core), or the cores divided among `serve --workers N`. Processes that run local models
+    side by side on one machine (workers, several `imagegate worker`) must split the cores:
+    threads that outnumber them wait on each other (docs/deploy.md)."""
     # The worker tier (imagegate/worker/): local models in `imagegate worker` processes.
     local_execution: Literal["inline", "workers"] = "inline"
     """inline: this process loads and runs its local models. workers: it loads none (no

@@ -54,6 +54,8 @@ class ProviderLimits:
     fetch_timeout_seconds: float = 15.0
     fetch_allow_networks: tuple[str, ...] = ()
     """CIDRs the SSRF-guarded fetcher may reach although private or loopback."""
+    torch_threads: int = 0
+    """CPU threads a local model's computation uses; 0: torch's default (one per core)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -96,6 +96,7 @@ class DiffusersProvider:
             max_batch=self.options.max_batch,
         )
         self._loading: asyncio.Future[_Loaded] | None = None
+        self._threads = context.limits.torch_threads
 
     async def start(self) -> None:
         await self._ensure_loaded()
@@ -189,6 +190,7 @@ class DiffusersProvider:
 
     def _load(self) -> _Loaded:
         started = time.perf_counter()
+        threads = _use_threads(self._threads)
         path = self._local_path_or_hub_id()
         device = self._device()
         try:
@@ -207,11 +209,12 @@ class DiffusersProvider:
             ) from exc
         _quiet(pipe)
         logger.info(
-            "model %s: loaded %s from %s on %s in %.1fs",
+            "model %s: loaded %s from %s on %s (%d CPU threads) in %.1fs",
             self.name,
             type(pipe).__name__,
             path,
             device,
+            threads,
             time.perf_counter() - started,
         )
         return _Loaded(
@@ -305,9 +308,19 @@ class DiffusersProvider:
 
     def _execute(self, batch: Batch[_Work]) -> list[Images]:
         """Run one batch (runner thread) on the pipeline its kind needs."""
+        _use_threads(self._threads)
         loaded, jobs = batch.jobs[0].loaded, [work.job for work in batch.jobs]
         pipes = {"text": loaded.pipe, "edit": loaded.edit_pipe, "inpaint": loaded.inpaint_pipe}
         return run_batch(pipes[jobs[0].kind], jobs, batch, self.options.preview_every)
+
+
+def _use_threads(threads: int) -> int:
+    """Make torch's CPU work in the calling thread use `threads` threads (0: leave its
+    default); how many it uses. Set in the thread that computes: torch's OpenMP count is kept
+    per thread, and a thread started before a change keeps the old count."""
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return int(torch.get_num_threads())
 
 
 def _import_pipeline_class(name: str, target: str | None) -> Any:
