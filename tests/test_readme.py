@@ -251,3 +251,20 @@ def test_an_answer_that_differs_from_the_documented_one_is_found() -> None:
     ]
     assert all(mismatch(documented, answer) for answer in changed)
     assert mismatch({"result": ANY}, {"result": {"anything": [1]}}) is None
+
+
+def test_every_setting_has_a_line_in_the_readmes_settings_table() -> None:
+    """Each IMAGEGATE_ variable Settings reads is named in the first column of a README table
+    row (provider_env is the providers' own variables, one row for all of them)."""
+    from imagegate.config import Settings
+
+    named = {
+        variable
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("| `IMAGEGATE_")
+        for variable in re.findall(r"`(IMAGEGATE_[A-Z0-9_]+)`", line.split("|")[1])
+    }
+    wanted = {f"IMAGEGATE_{field.upper()}" for field in Settings.model_fields} - {
+        "IMAGEGATE_PROVIDER_ENV"
+    }
+    assert sorted(wanted - named) == []
