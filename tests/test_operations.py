@@ -163,7 +163,8 @@ def test_the_workers_of_a_server_share_the_cores_between_their_local_models(
             if len(loaded) == 2:
                 break
             time.sleep(0.05)
-    assert loaded == [str(max(1, (os.cpu_count() or 1) // 2))] * 2, log.read_text()[-3000:]
+    cores = len(os.sched_getaffinity(0))
+    assert loaded == [str(max(1, cores // 2))] * 2, log.read_text()[-3000:]
 
 
 def test_metrics_sum_every_worker_of_a_multi_worker_server(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def serve(
         asyncio.run(upgrade(settings.resolved_database_url))
     os.environ["IMAGEGATE_AUTO_MIGRATE"] = "false"
     if not settings.torch_threads:  # N processes computing at once share the cores
-        os.environ["IMAGEGATE_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        os.environ["IMAGEGATE_TORCH_THREADS"] = str(max(1, _usable_cores() // workers))
     _share_metrics(settings)
     uvicorn.run(
         "imagegate.app:app_from_environment",
@@ -115,6 +115,13 @@ def serve(
         access_log=settings.access_log,
         log_config=None,
     )
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (a cpuset or `taskset` narrows them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _share_metrics(settings: Settings) -> None:
