@@ -283,6 +283,21 @@ def test_shutdown_waits_out_a_drain_and_a_request() -> None:
         assert pod["terminationGracePeriodSeconds"] >= needed + margin, container["name"]
 
 
+def test_a_workers_torch_threads_are_the_cpus_its_pod_asks_for() -> None:
+    """A pod sees every core of its node; torch would start a thread for each of them."""
+    workers = [
+        container
+        for deployment in of_kind("Deployment")
+        for container in deployment["spec"]["template"]["spec"]["containers"]
+        if container["name"] == "worker"
+    ]
+    assert workers
+    for container in workers:
+        environment = {e["name"]: e["value"] for e in container.get("env", [])}
+        threads = environment.get("IMAGEGATE_TORCH_THREADS")
+        assert threads == container["resources"]["requests"]["cpu"], container["name"]
+
+
 def test_pods_run_unprivileged_without_a_namespace() -> None:
     for where, doc in manifests():
         assert "namespace" not in doc["metadata"], where
