@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ from imagegate.errors import ConfigError
 from imagegate.operator import Operator
 from imagegate.storage import command as storage_command
 from imagegate.store import keys as key_store
-from imagegate.store.db import AsyncSession, upgrade
+from imagegate.store.db import AsyncSession, upgrade_sync
 from imagegate.worker import cli as worker_cli
 
 logger = logging.getLogger(__name__)
@@ -99,7 +98,7 @@ def serve(
     if config_file is not None:
         os.environ["IMAGEGATE_CONFIG_FILE"] = str(config_file.resolve())
     if settings.auto_migrate:  # once here, not N workers racing to
-        asyncio.run(upgrade(settings.resolved_database_url))
+        upgrade_sync(settings.resolved_database_url)
     os.environ["IMAGEGATE_AUTO_MIGRATE"] = "false"
     if not settings.torch_threads:  # N processes computing at once share the cores
         os.environ["IMAGEGATE_TORCH_THREADS"] = str(max(1, _usable_cores() // workers))
@@ -288,7 +287,7 @@ def db() -> None:
 def db_upgrade() -> None:
     """Apply database migrations."""
     settings = _settings()
-    asyncio.run(upgrade(settings.resolved_database_url))
+    upgrade_sync(settings.resolved_database_url)
     click.echo("database is up to date")
 
 
